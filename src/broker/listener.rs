@@ -1,0 +1,206 @@
+//! The accept loop of one listener: TCP, TLS or WebSocket. Handshakes run in the connection's
+//! own task under a deadline, so an idle or half-open socket never holds up anyone else.
+
+use super::handler::{self, ListenerInfo};
+use super::Shared;
+use crate::config::{self, ListenerProtocol};
+use anyhow::{Context, Result};
+use async_tungstenite::tungstenite::handshake::server::{Request, Response};
+use async_tungstenite::tungstenite::http::HeaderValue;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::rustls::{self, server::WebPkiClientVerifier, RootCertStore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A bound listener, ready to accept.
+pub struct Listener {
+    pub local: SocketAddr,
+    tcp: TcpListener,
+    protocol: ListenerProtocol,
+    tls: Option<TlsAcceptor>,
+    info: ListenerInfo,
+}
+
+impl Listener {
+    /// Binds the socket and loads TLS material; errors name the listener and the file.
+    pub async fn bind(index: usize, cfg: &config::Listener) -> Result<Listener> {
+        let name = format!(
+            "broker.listeners[{index}] ({:?} on {})",
+            cfg.protocol, cfg.bind.0
+        )
+        .to_lowercase();
+        let tls = match &cfg.tls {
+            Some(t) => Some(tls_acceptor(t).with_context(|| format!("{name}: TLS setup"))?),
+            None => None,
+        };
+        let tcp = TcpListener::bind(cfg.bind.0)
+            .await
+            .with_context(|| format!("{name}: cannot bind {}", cfg.bind.0))?;
+        let local = tcp.local_addr()?;
+        Ok(Listener {
+            local,
+            tcp,
+            protocol: cfg.protocol,
+            tls,
+            info: ListenerInfo {
+                name,
+                anonymous: cfg.anonymous_allowed(),
+            },
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// Accepts until `stop`; every connection runs on `tracker` so shutdown can wait for them.
+    pub async fn run(self, shared: Arc<Shared>, stop: CancellationToken, tracker: TaskTracker) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = self.tcp.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a little, keep serving.
+                        log::warn!("{}: accept failed: {e}", self.info.name);
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            // Every socket, logged in or not, holds a slot: this bounds what half-open sockets cost.
+            let Ok(slot) = shared.sockets_allowed.clone().try_acquire_owned() else {
+                log::warn!("{}: too many open sockets, dropping {peer}", self.info.name);
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let deadline = Instant::now() + shared.limits.connect_timeout.0;
+            let (shared, stop, info, tls, protocol) = (
+                shared.clone(),
+                stop.clone(),
+                self.info.clone(),
+                self.tls.clone(),
+                self.protocol,
+            );
+            tracker.spawn(async move {
+                accept_one(stream, peer, protocol, tls, info, shared, deadline, stop).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn accept_one(
+    stream: TcpStream,
+    peer: SocketAddr,
+    protocol: ListenerProtocol,
+    tls: Option<TlsAcceptor>,
+    info: ListenerInfo,
+    shared: Arc<Shared>,
+    deadline: Instant,
+    stop: CancellationToken,
+) {
+    let failed = |what: String| {
+        super::metrics::Metrics::inc(&shared.metrics.handshakes_failed);
+        log::info!("{peer} on {}: {what}", info.name);
+    };
+    match protocol {
+        ListenerProtocol::Mqtt => handler::serve(stream, peer, info, shared, deadline, stop).await,
+        ListenerProtocol::Ws => match timeout_at(deadline, ws_accept(stream)).await {
+            Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop).await,
+            Ok(Err(e)) => failed(format!("WebSocket handshake failed: {e}")),
+            Err(_) => failed("WebSocket handshake timed out".into()),
+        },
+        ListenerProtocol::Mqtts | ListenerProtocol::Wss => {
+            let acceptor = tls.expect("TLS listener has an acceptor");
+            let tls_stream = match timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return failed(format!("TLS handshake failed: {e}")),
+                Err(_) => return failed("TLS handshake timed out".into()),
+            };
+            if protocol == ListenerProtocol::Mqtts {
+                return handler::serve(tls_stream, peer, info, shared, deadline, stop).await;
+            }
+            match timeout_at(deadline, ws_accept(tls_stream)).await {
+                Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop).await,
+                Ok(Err(e)) => failed(format!("WebSocket handshake failed: {e}")),
+                Err(_) => failed("WebSocket handshake timed out".into()),
+            }
+        }
+    }
+}
+
+type WsStream<S> = ws_stream_tungstenite::WsStream<async_tungstenite::tokio::TokioAdapter<S>>;
+
+/// Completes the WebSocket upgrade, answering the `mqtt` subprotocol when the client offers it.
+async fn ws_accept<S>(stream: S) -> Result<WsStream<S>, async_tungstenite::tungstenite::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let pick = |req: &Request, mut resp: Response| {
+        let offered = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if let Some(p) = offered
+            .split(',')
+            .map(str::trim)
+            .find(|p| *p == "mqtt" || *p == "mqttv3.1")
+        {
+            resp.headers_mut().insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_str(p).expect("ascii"),
+            );
+        }
+        Ok(resp)
+    };
+    let ws = async_tungstenite::tokio::accept_hdr_async(stream, pick).await?;
+    Ok(ws_stream_tungstenite::WsStream::new(ws))
+}
+
+fn tls_acceptor(t: &config::Tls) -> Result<TlsAcceptor> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert)
+        .with_context(|| format!("reading certificate {}", t.cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing certificate {}", t.cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", t.cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&t.key)
+        .with_context(|| format!("reading private key {}", t.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &t.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("reading client CA {}", ca.display()))?
+            {
+                roots.add(c.with_context(|| format!("parsing client CA {}", ca.display()))?)?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .with_context(|| format!("client CA {}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(certs, key).with_context(|| {
+        format!(
+            "certificate {} does not match key {}",
+            t.cert.display(),
+            t.key.display()
+        )
+    })?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

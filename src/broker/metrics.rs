@@ -1,0 +1,38 @@
+//! The broker's counters: what a user checks when something goes wrong (refusals, denials,
+//! malformed packets). Plain atomics, shared by every connection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default, Debug)]
+pub struct Metrics {
+    /// Clients connected now (after CONNACK).
+    pub connections: AtomicU64,
+    pub connections_total: AtomicU64,
+    /// CONNECTs refused (bad credentials, client id, limits, unsupported protocol).
+    pub connects_refused: AtomicU64,
+    /// Sockets closed before CONNECT: handshake timeouts and failures.
+    pub handshakes_failed: AtomicU64,
+    pub publishes_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub publish_denied: AtomicU64,
+    pub subscribe_denied: AtomicU64,
+    /// Connections closed for a malformed or protocol-violating packet.
+    pub malformed_packets: AtomicU64,
+    /// Connections closed for a packet over `max_packet_size`.
+    pub oversized_packets: AtomicU64,
+    /// Connections closed for exceeding `max_inflight`.
+    pub inflight_exceeded: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,169 @@
+//! The local MQTT broker: outpost's front door (listeners, authentication, ACLs, limits) in
+//! front of the rumqttd engine, which does the routing. Everything in the gateway meets here.
+
+pub mod auth;
+pub mod codec;
+pub mod engine;
+mod handler;
+mod listener;
+pub mod metrics;
+pub mod retained;
+pub mod topics;
+
+use crate::config::{self, Config};
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use auth::Policy;
+use engine::{Engine, EngineLimits};
+use metrics::Metrics;
+use retained::{Retained, RetainedStore};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// State every connection shares.
+pub struct Shared {
+    /// Users and ACL in force; replaced whole on reload.
+    pub policy: ArcSwap<Policy>,
+    pub metrics: Arc<Metrics>,
+    pub engine: Engine,
+    pub retained: RetainedStore,
+    pub limits: config::Limits,
+    /// Filters each client id holds, kept across its connections like the engine's sessions,
+    /// so the front door can answer UNSUBSCRIBEs the engine would leave unanswered.
+    pub subscriptions: Mutex<HashMap<String, HashSet<String>>>,
+    /// Logged-in clients (max_connections).
+    pub sessions_allowed: Arc<Semaphore>,
+    /// Open sockets of any kind, logged in or still handshaking.
+    pub sockets_allowed: Arc<Semaphore>,
+}
+
+/// A running broker.
+pub struct Broker {
+    pub shared: Arc<Shared>,
+    /// Where each configured listener ended up (port 0 picks a free one).
+    pub local_addrs: Vec<SocketAddr>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Broker {
+    /// Starts the engine, restores retained messages, and binds every listener. When this
+    /// returns, the broker serves.
+    pub async fn start(cfg: &Config) -> Result<Broker> {
+        let limits = cfg.broker.limits.clone();
+        let engine = Engine::start(EngineLimits {
+            max_connections: limits.max_connections as usize,
+            max_packet_size: limits.max_packet_size.0 as usize,
+            segment_size: 1 << 20,
+            segments: 8,
+        })
+        .await?;
+        let data_dir = &cfg.gateway.data_dir;
+        let (retained, existing) = RetainedStore::open(&data_dir.join("retained.db"))?;
+        restore_retained(&engine, &existing)
+            .await
+            .context("restoring retained messages")?;
+        if !existing.is_empty() {
+            log::info!("restored {} retained messages", existing.len());
+        }
+        let mut listeners = vec![];
+        for (i, l) in cfg.broker.listeners.iter().enumerate() {
+            listeners.push(listener::Listener::bind(i, l).await?);
+        }
+        let shared = Arc::new(Shared {
+            policy: ArcSwap::from_pointee(Policy::from_config(&cfg.broker)),
+            metrics: Arc::new(Metrics::default()),
+            engine,
+            retained,
+            sessions_allowed: Arc::new(Semaphore::new(limits.max_connections as usize)),
+            sockets_allowed: Arc::new(Semaphore::new(limits.max_connections as usize + 256)),
+            limits,
+            subscriptions: Mutex::new(HashMap::new()),
+        });
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let local_addrs = listeners.iter().map(|l| l.local).collect();
+        for l in listeners {
+            log::info!("{}: listening on {}", l.name(), l.local);
+            tokio::spawn(l.run(shared.clone(), stop.clone(), tracker.clone()));
+        }
+        Ok(Broker {
+            shared,
+            local_addrs,
+            stop,
+            tracker,
+        })
+    }
+
+    /// Puts new users and ACLs in force; connected clients stay connected.
+    pub fn reload(&self, cfg: &Config) {
+        self.shared
+            .policy
+            .store(Arc::new(Policy::from_config(&cfg.broker)));
+    }
+
+    /// Stops accepting, tells clients, and waits up to `grace` for connections to end.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            log::warn!(
+                "{} connections still open after {grace:?}; closing",
+                self.tracker.len()
+            );
+        }
+        self.shared.retained.flush();
+    }
+}
+
+/// An MQTT client of the engine itself, for the gateway's own components.
+pub fn engine_client(engine: &Engine, client_id: &str) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(client_id, engine.v4.ip().to_string(), engine.v4.port());
+    o.set_credentials(engine.user.clone(), engine.secret.clone());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024);
+    o
+}
+
+/// Publishes the stored retained messages into the engine and waits until it has them all.
+async fn restore_retained(engine: &Engine, msgs: &[Retained]) -> Result<()> {
+    if msgs.is_empty() {
+        return Ok(());
+    }
+    let (client, mut events) = rumqttc::AsyncClient::new(
+        engine_client(engine, "outpost-restore"),
+        msgs.len().min(1000) + 10,
+    );
+    let todo = msgs.to_vec();
+    let publisher = tokio::spawn(async move {
+        for m in todo {
+            // QoS 1 so every message is acknowledged before clients are let in.
+            client
+                .publish_bytes(m.topic, rumqttc::QoS::AtLeastOnce, true, m.payload)
+                .await?;
+        }
+        Ok::<_, rumqttc::ClientError>(client)
+    });
+    let mut acked = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while acked < msgs.len() {
+        let ev = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .context("engine did not take the retained messages in 30s")??;
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = ev {
+            acked += 1;
+        }
+    }
+    let client = publisher.await??;
+    client.disconnect().await.ok();
+    let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
+    Ok(())
+}

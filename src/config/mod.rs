@@ -1,0 +1,403 @@
+//! The gateway's one config file: typed, with defaults for everything, and validated in full
+//! before anything starts. A bad file is refused with file, line, key path and reason.
+//!
+//! The types here are the config reference: every field says what it is for.
+
+mod error;
+mod units;
+
+pub use error::ConfigError;
+pub use units::{Bind, Dur, Size};
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The built-in default, compiled in: a broker on loopback, anonymous, everything allowed.
+pub const DEFAULT_YAML: &str = include_str!("../../config/outpost.yaml");
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub gateway: Gateway,
+    pub log: Log,
+    pub broker: Broker,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gateway {
+    /// Names this gateway in its topics (`outpost/<id>/status`) and upstream.
+    pub id: String,
+    /// Retained messages, keys and spools live here. Created if missing.
+    pub data_dir: PathBuf,
+    /// How long to let connections finish on shutdown before closing them.
+    pub shutdown_timeout: Dur,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// error, warn, info, debug or trace. `RUST_LOG` overrides it when set.
+    pub level: LogLevel,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Broker {
+    /// Where devices connect. Each listener speaks MQTT 3.1.1 and 5 on the same port.
+    pub listeners: Vec<Listener>,
+    /// Who may log in. Passwords are argon2 hashes (`outpost passwd` prints one).
+    pub users: Vec<User>,
+    /// Who may publish and subscribe where. A packet is allowed when any matching rule allows it.
+    pub acl: Vec<AclRule>,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub bind: Bind,
+    pub protocol: ListenerProtocol,
+    /// Required for `mqtts` and `wss`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+    /// Let clients in without a username. Defaults to true on loopback addresses and false
+    /// elsewhere; a non-loopback listener with no users configured refuses to start unless
+    /// this says `true` explicitly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<bool>,
+}
+
+impl Listener {
+    pub fn anonymous_allowed(&self) -> bool {
+        self.anonymous.unwrap_or(self.bind.0.ip().is_loopback())
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// MQTT over TCP.
+    Mqtt,
+    /// MQTT over TLS.
+    Mqtts,
+    /// MQTT over WebSocket.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
+}
+
+impl ListenerProtocol {
+    pub fn needs_tls(self) -> bool {
+        matches!(self, ListenerProtocol::Mqtts | ListenerProtocol::Wss)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates: when set, clients must present a certificate signed by one of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    /// An argon2 PHC string (`$argon2id$v=19$...`).
+    pub password_hash: String,
+    /// Client ids this user may connect with (`*` at the end matches any rest; `{username}`
+    /// is replaced). Empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_ids: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclRule {
+    /// `*` everyone, `anonymous`, `user:*` any logged-in user, `user:NAME`, `client:ID`
+    /// (`client:` takes a trailing `*`).
+    pub who: String,
+    pub allow: AclAllow,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclAllow {
+    /// Topic filters the client may publish to; `{username}` and `{client_id}` are replaced.
+    pub publish: Vec<String>,
+    /// Topic filters the client may subscribe to (a subscription must lie inside one).
+    pub subscribe: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connected clients at once, over all listeners; more get CONNACK "server unavailable".
+    pub max_connections: u32,
+    /// Largest MQTT packet a client may send; a larger one closes that connection.
+    pub max_packet_size: Size,
+    /// QoS 1/2 publishes a client may have unacknowledged (MQTT 5 Receive Maximum).
+    pub max_inflight: u16,
+    /// Time for a new socket to finish its TLS/WebSocket handshake and send CONNECT.
+    pub connect_timeout: Dur,
+    /// Longest client id accepted.
+    pub max_client_id_len: usize,
+}
+
+impl Default for Gateway {
+    fn default() -> Self {
+        Gateway {
+            id: "outpost".into(),
+            data_dir: PathBuf::from("/var/lib/outpost"),
+            shutdown_timeout: Dur(std::time::Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: LogLevel::Info,
+        }
+    }
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            listeners: vec![Listener {
+                bind: Bind("127.0.0.1:1883".parse().expect("literal address")),
+                protocol: ListenerProtocol::Mqtt,
+                tls: None,
+                anonymous: None,
+            }],
+            users: vec![],
+            acl: vec![AclRule {
+                who: "*".into(),
+                allow: AclAllow {
+                    publish: vec!["#".into()],
+                    subscribe: vec!["#".into()],
+                },
+            }],
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1000,
+            max_packet_size: Size(256 * 1024),
+            max_inflight: 100,
+            connect_timeout: Dur(std::time::Duration::from_secs(10)),
+            max_client_id_len: 256,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            gateway: Gateway::default(),
+            log: Log::default(),
+            broker: Broker::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The built-in default config.
+    pub fn builtin() -> Config {
+        Config::from_yaml(DEFAULT_YAML, Path::new("<built-in config/outpost.yaml>"))
+            .expect("the built-in default config is valid")
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Config::from_yaml(&text, path)
+    }
+
+    /// Parses and validates YAML text; `file` names it in errors.
+    pub fn from_yaml(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Config = match serde_path_to_error::deserialize(de) {
+            Ok(c) => c,
+            Err(e) => return Err(ConfigError::from_serde(file, text, e)),
+        };
+        config
+            .validate()
+            .map_err(|(key, reason)| ConfigError::invalid(file, text, &key, reason))?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone cannot. Returns the key path and the reason.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |key: String, reason: String| Err((key, reason));
+        if self.gateway.id.is_empty() || self.gateway.id.contains(['/', '+', '#']) {
+            return err(
+                "gateway.id".into(),
+                format!(
+                    "`{}` must be non-empty and hold no `/`, `+` or `#`",
+                    self.gateway.id
+                ),
+            );
+        }
+        if self.gateway.data_dir.as_os_str().is_empty() {
+            return err("gateway.data_dir".into(), "must not be empty".into());
+        }
+        let b = &self.broker;
+        if b.listeners.is_empty() {
+            return err(
+                "broker.listeners".into(),
+                "at least one listener is needed".into(),
+            );
+        }
+        for (i, l) in b.listeners.iter().enumerate() {
+            let key = format!("broker.listeners[{i}]");
+            if l.protocol.needs_tls() && l.tls.is_none() {
+                return err(
+                    format!("{key}.tls"),
+                    format!("protocol {:?} needs `tls: {{ cert, key }}`", l.protocol)
+                        .to_lowercase(),
+                );
+            }
+            if !l.protocol.needs_tls() && l.tls.is_some() {
+                return err(
+                    format!("{key}.tls"),
+                    "TLS settings on a plain listener: use protocol mqtts or wss".into(),
+                );
+            }
+            if let Some(tls) = &l.tls {
+                for (name, path) in [
+                    ("cert", Some(&tls.cert)),
+                    ("key", Some(&tls.key)),
+                    ("client_ca", tls.client_ca.as_ref()),
+                ] {
+                    if let Some(p) = path {
+                        if let Err(e) = std::fs::metadata(p) {
+                            return err(
+                                format!("{key}.tls.{name}"),
+                                format!("cannot read {}: {e}", p.display()),
+                            );
+                        }
+                    }
+                }
+            }
+            if !l.bind.0.ip().is_loopback() && l.anonymous.is_none() && b.users.is_empty() {
+                return err(
+                    format!("{key}.bind"),
+                    format!(
+                        "{} is reachable from the network and no users are configured: add broker.users, \
+                         or set `anonymous: true` on this listener to open it on purpose",
+                        l.bind.0
+                    ),
+                );
+            }
+            if let Some(j) = b.listeners[..i]
+                .iter()
+                .position(|o| o.bind.0 == l.bind.0 && l.bind.0.port() != 0)
+            {
+                return err(
+                    format!("{key}.bind"),
+                    format!("{} is already used by broker.listeners[{j}]", l.bind.0),
+                );
+            }
+        }
+        for (i, u) in b.users.iter().enumerate() {
+            let key = format!("broker.users[{i}]");
+            if u.name.is_empty() {
+                return err(format!("{key}.name"), "must not be empty".into());
+            }
+            if b.users[..i].iter().any(|o| o.name == u.name) {
+                return err(
+                    format!("{key}.name"),
+                    format!("user `{}` is listed twice", u.name),
+                );
+            }
+            if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
+                return err(
+                    format!("{key}.password_hash"),
+                    format!("not an argon2 PHC string ({e}); make one with `outpost passwd`"),
+                );
+            }
+        }
+        for (i, r) in b.acl.iter().enumerate() {
+            let key = format!("broker.acl[{i}]");
+            if let Err(e) = crate::broker::auth::Who::parse(&r.who) {
+                return err(format!("{key}.who"), e);
+            }
+            for (kind, filters) in [
+                ("publish", &r.allow.publish),
+                ("subscribe", &r.allow.subscribe),
+            ] {
+                for (j, f) in filters.iter().enumerate() {
+                    if !crate::broker::topics::valid_filter(f) {
+                        return err(
+                            format!("{key}.allow.{kind}[{j}]"),
+                            format!("`{f}` is not a valid MQTT topic filter"),
+                        );
+                    }
+                }
+            }
+        }
+        let lim = &b.limits;
+        if lim.max_connections == 0 {
+            return err(
+                "broker.limits.max_connections".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if lim.max_packet_size.0 < 64 || lim.max_packet_size.0 > 256 * 1024 * 1024 {
+            return err(
+                "broker.limits.max_packet_size".into(),
+                "must be between 64B and 256MiB (the MQTT maximum)".into(),
+            );
+        }
+        if lim.max_inflight == 0 {
+            return err(
+                "broker.limits.max_inflight".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if lim.connect_timeout.0.is_zero() {
+            return err(
+                "broker.limits.connect_timeout".into(),
+                "must be longer than 0".into(),
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,6 @@
+//! outpost: an IoT edge gateway. See ARCHITECTURE.md for the map of this crate.
+
+pub mod broker;
+pub mod config;
+pub mod gateway;
+pub mod system;

@@ -1,0 +1,5 @@
+//! The daemon's contact with the operating system: logging (journald or stderr), systemd
+//! readiness and watchdog notifications, and signals.
+
+pub mod logging;
+pub mod notify;
