@@ -13,12 +13,8 @@ use tokio::signal::unix::{signal, SignalKind};
 /// Runs the gateway until a stop signal. `config_path` is re-read on SIGHUP.
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let started = std::time::Instant::now();
-    std::fs::create_dir_all(&cfg.gateway.data_dir).with_context(|| {
-        format!(
-            "gateway.data_dir: cannot create {}",
-            cfg.gateway.data_dir.display()
-        )
-    })?;
+    std::fs::create_dir_all(&cfg.gateway.data_dir)
+        .with_context(|| format!("gateway.data_dir: cannot create {}", cfg.gateway.data_dir.display()))?;
     let broker = Broker::start(&cfg).await?;
     let status = StatusTopic::start(&broker, &cfg.gateway.id).await?;
 
@@ -83,13 +79,10 @@ struct StatusTopic {
 impl StatusTopic {
     async fn start(broker: &Broker, id: &str) -> Result<StatusTopic> {
         let topic = format!("outpost/{id}/status");
-        let mut opts =
-            broker::engine_client(&broker.shared.engine, &format!("outpost-status-{id}"));
+        let mut opts = broker::engine_client(&broker.shared.engine, &format!("outpost-status-{id}"));
         opts.set_last_will(LastWill::new(&topic, "offline", QoS::AtLeastOnce, true));
         let (client, mut events) = AsyncClient::new(opts, 16);
-        client
-            .publish(&topic, QoS::AtLeastOnce, true, "online")
-            .await?;
+        client.publish(&topic, QoS::AtLeastOnce, true, "online").await?;
         // Wait for the engine to take `online` before calling the gateway ready.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -112,11 +105,7 @@ impl StatusTopic {
                 }
             }
         });
-        Ok(StatusTopic {
-            client,
-            topic,
-            task,
-        })
+        Ok(StatusTopic { client, topic, task })
     }
 
     async fn offline(self) {

@@ -120,11 +120,7 @@ impl Policy {
             None => (dummy_hash(), false),
         };
         let ok = PasswordHash::new(hash)
-            .map(|h| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &h)
-                    .is_ok()
-            })
+            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
             .unwrap_or(false);
         ok && known
     }
@@ -155,12 +151,7 @@ impl Policy {
         self.allowed(id, |r| &r.subscribe, |f| topics::covers(f, inner))
     }
 
-    fn allowed(
-        &self,
-        id: &Identity,
-        list: impl Fn(&Rule) -> &Vec<String>,
-        check: impl Fn(&str) -> bool,
-    ) -> bool {
+    fn allowed(&self, id: &Identity, list: impl Fn(&Rule) -> &Vec<String>, check: impl Fn(&str) -> bool) -> bool {
         self.rules.iter().filter(|r| r.who.applies(id)).any(|r| {
             list(r).iter().any(|f| match substitute(f, id) {
                 Some(f) => check(&f),
@@ -206,28 +197,30 @@ mod tests {
     use crate::config::{AclAllow, AclRule, Broker, User};
 
     fn policy() -> Policy {
-        let mut b = Broker::default();
-        b.users = vec![User {
-            name: "dev1".into(),
-            password_hash: hash_password("pw"),
-            client_ids: vec!["{username}-*".into()],
-        }];
-        b.acl = vec![
-            AclRule {
-                who: "user:*".into(),
-                allow: AclAllow {
-                    publish: vec!["devices/{username}/#".into()],
-                    subscribe: vec!["devices/{username}/cmd/#".into()],
+        let b = Broker {
+            users: vec![User {
+                name: "dev1".into(),
+                password_hash: hash_password("pw"),
+                client_ids: vec!["{username}-*".into()],
+            }],
+            acl: vec![
+                AclRule {
+                    who: "user:*".into(),
+                    allow: AclAllow {
+                        publish: vec!["devices/{username}/#".into()],
+                        subscribe: vec!["devices/{username}/cmd/#".into()],
+                    },
                 },
-            },
-            AclRule {
-                who: "anonymous".into(),
-                allow: AclAllow {
-                    publish: vec![],
-                    subscribe: vec!["public/#".into()],
+                AclRule {
+                    who: "anonymous".into(),
+                    allow: AclAllow {
+                        publish: vec![],
+                        subscribe: vec!["public/#".into()],
+                    },
                 },
-            },
-        ];
+            ],
+            ..Broker::default()
+        };
         Policy::from_config(&b)
     }
 
@@ -236,10 +229,7 @@ mod tests {
         let p = policy();
         assert!(p.verify_password("dev1", "pw"));
         assert!(!p.verify_password("dev1", "nope") && !p.verify_password("ghost", "pw"));
-        assert!(
-            p.client_id_allowed(Some("dev1"), "dev1-a")
-                && !p.client_id_allowed(Some("dev1"), "other")
-        );
+        assert!(p.client_id_allowed(Some("dev1"), "dev1-a") && !p.client_id_allowed(Some("dev1"), "other"));
         let dev = Identity {
             username: Some("dev1".into()),
             client_id: "dev1-a".into(),
@@ -248,17 +238,11 @@ mod tests {
             username: None,
             client_id: "x".into(),
         };
-        assert!(
-            p.may_publish(&dev, "devices/dev1/temp") && !p.may_publish(&dev, "devices/dev2/temp")
-        );
-        assert!(
-            p.may_subscribe(&dev, "devices/dev1/cmd/#") && !p.may_subscribe(&dev, "devices/dev1/#")
-        );
+        assert!(p.may_publish(&dev, "devices/dev1/temp") && !p.may_publish(&dev, "devices/dev2/temp"));
+        assert!(p.may_subscribe(&dev, "devices/dev1/cmd/#") && !p.may_subscribe(&dev, "devices/dev1/#"));
         assert!(p.may_subscribe(&dev, "$share/g/devices/dev1/cmd/x"));
         assert!(
-            p.may_subscribe(&anon, "public/a")
-                && !p.may_subscribe(&anon, "#")
-                && !p.may_publish(&anon, "public/a")
+            p.may_subscribe(&anon, "public/a") && !p.may_subscribe(&anon, "#") && !p.may_publish(&anon, "public/a")
         );
         let sneaky = Identity {
             username: Some("#".into()),

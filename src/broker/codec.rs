@@ -90,18 +90,10 @@ fn remaining(b: &[u8]) -> Option<usize> {
 
 impl Frame {
     fn v4_header(&self) -> m4::FixedHeader {
-        m4::FixedHeader::new(
-            self.bytes[0],
-            self.header_len - 1,
-            self.bytes.len() - self.header_len,
-        )
+        m4::FixedHeader::new(self.bytes[0], self.header_len - 1, self.bytes.len() - self.header_len)
     }
     fn v5_header(&self) -> v5::FixedHeader {
-        v5::FixedHeader::new(
-            self.bytes[0],
-            self.header_len - 1,
-            self.bytes.len() - self.header_len,
-        )
+        v5::FixedHeader::new(self.bytes[0], self.header_len - 1, self.bytes.len() - self.header_len)
     }
     fn body(&self) -> &[u8] {
         &self.bytes[self.header_len..]
@@ -158,13 +150,9 @@ pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
     let (_, level) = protocol_level(frame).ok_or_else(|| malformed("CONNECT too short"))?;
     match level {
         5 => {
-            let (c, will, login) =
-                v5::Connect::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
+            let (c, will, login) = v5::Connect::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
             let will_topic = match &will {
-                Some(w) => Some(
-                    String::from_utf8(w.topic.to_vec())
-                        .map_err(|_| malformed("will topic is not UTF-8"))?,
-                ),
+                Some(w) => Some(String::from_utf8(w.topic.to_vec()).map_err(|_| malformed("will topic is not UTF-8"))?),
                 None => None,
             };
             Ok(Connect {
@@ -227,15 +215,11 @@ pub fn connack_refusal(proto: Proto, why: Refusal) -> Bytes {
             let code = match why {
                 Refusal::UnsupportedVersion => C::RefusedProtocolVersion,
                 Refusal::BadClientId => C::BadClientId,
-                Refusal::BadCredentials => C::BadUserNamePassword,
-                Refusal::NotAuthorized => C::NotAuthorized,
-                Refusal::ServerUnavailable | Refusal::ServerBusy | Refusal::Malformed => {
-                    C::ServiceUnavailable
-                }
+                // As Mosquitto does: 3.1.1 clients report code 5 as "not authorised".
+                Refusal::BadCredentials | Refusal::NotAuthorized => C::NotAuthorized,
+                Refusal::ServerUnavailable | Refusal::ServerBusy | Refusal::Malformed => C::ServiceUnavailable,
             };
-            v4::ConnAck::new(code, false)
-                .write(&mut out)
-                .expect("encoding CONNACK");
+            v4::ConnAck::new(code, false).write(&mut out).expect("encoding CONNACK");
         }
         Proto::V5 => {
             use v5::ConnectReturnCode as C;
@@ -273,16 +257,11 @@ pub fn engine_connack(
     }
     match proto {
         Proto::V4 => {
-            let ack =
-                v4::ConnAck::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
-            Ok((
-                ack.code == v4::ConnectReturnCode::Success,
-                frame.bytes.clone(),
-            ))
+            let ack = v4::ConnAck::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
+            Ok((ack.code == v4::ConnectReturnCode::Success, frame.bytes.clone()))
         }
         Proto::V5 => {
-            let mut ack =
-                v5::ConnAck::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
+            let mut ack = v5::ConnAck::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
             let ok = ack.code == v5::ConnectReturnCode::Success;
             if ok {
                 let mut props = ack.properties.take().unwrap_or_else(empty_connack_props);
@@ -346,8 +325,7 @@ pub fn decode_publish(proto: Proto, frame: &Frame) -> Result<Publish, FrameError
         }
         Proto::V5 => {
             let p = v5::Publish::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
-            let topic =
-                String::from_utf8(p.topic.to_vec()).map_err(|_| malformed("topic is not UTF-8"))?;
+            let topic = String::from_utf8(p.topic.to_vec()).map_err(|_| malformed("topic is not UTF-8"))?;
             Ok(Publish {
                 topic,
                 alias: p.properties.as_ref().and_then(|pr| pr.topic_alias),
@@ -387,8 +365,7 @@ pub fn decode_subscribe(proto: Proto, frame: &Frame) -> Result<Subscribe, FrameE
     }
     match proto {
         Proto::V4 => {
-            let s =
-                v4::Subscribe::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
+            let s = v4::Subscribe::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
             Ok(Subscribe {
                 pkid: s.pkid,
                 filters: s.filters.iter().map(|f| f.path.clone()).collect(),
@@ -396,8 +373,7 @@ pub fn decode_subscribe(proto: Proto, frame: &Frame) -> Result<Subscribe, FrameE
             })
         }
         Proto::V5 => {
-            let s =
-                v5::Subscribe::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
+            let s = v5::Subscribe::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
             Ok(Subscribe {
                 pkid: s.pkid,
                 filters: s.filters.iter().map(|f| f.path.clone()).collect(),
@@ -414,12 +390,9 @@ impl Subscribe {
         match &self.raw {
             RawSubscribe::V4(s) => {
                 let filters = keep.iter().map(|&i| s.filters[i].clone()).collect();
-                v4::Subscribe {
-                    pkid: s.pkid,
-                    filters,
-                }
-                .write(&mut out)
-                .expect("encoding SUBSCRIBE");
+                v4::Subscribe { pkid: s.pkid, filters }
+                    .write(&mut out)
+                    .expect("encoding SUBSCRIBE");
             }
             RawSubscribe::V5(s) => {
                 let filters = keep.iter().map(|&i| s.filters[i].clone()).collect();
@@ -472,16 +445,13 @@ pub fn merge_suback(
                 })
                 .collect();
             granted.extend(codes.iter().map(|c| matches!(c, R::Success(_))));
-            v4::SubAck::new(pkid, codes)
-                .write(&mut out)
-                .map_err(malformed)?;
+            v4::SubAck::new(pkid, codes).write(&mut out).map_err(malformed)?;
         }
         Proto::V5 => {
             use v5::SubscribeReasonCode as R;
             let (mut from, properties) = match engine {
                 Some(f) => {
-                    let ack =
-                        v5::SubAck::read(f.v5_header(), f.bytes.clone()).map_err(malformed)?;
+                    let ack = v5::SubAck::read(f.v5_header(), f.bytes.clone()).map_err(malformed)?;
                     (ack.return_codes.into_iter(), ack.properties)
                 }
                 None => (Vec::new().into_iter(), None),
@@ -519,13 +489,11 @@ pub fn decode_unsubscribe(proto: Proto, frame: &Frame) -> Result<(u16, Vec<Strin
     }
     match proto {
         Proto::V4 => {
-            let u =
-                v4::Unsubscribe::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
+            let u = v4::Unsubscribe::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
             Ok((u.pkid, u.topics))
         }
         Proto::V5 => {
-            let u =
-                v5::Unsubscribe::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
+            let u = v5::Unsubscribe::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
             Ok((u.pkid, u.filters))
         }
     }
@@ -536,9 +504,7 @@ pub fn unsuback_none(proto: Proto, pkid: u16, count: usize) -> Bytes {
     let mut out = BytesMut::new();
     match proto {
         Proto::V4 => {
-            v4::UnsubAck::new(pkid)
-                .write(&mut out)
-                .expect("encoding ack");
+            v4::UnsubAck::new(pkid).write(&mut out).expect("encoding ack");
         }
         Proto::V5 => {
             let ack = v5::UnsubAck {
@@ -581,14 +547,10 @@ pub fn pubcomp(proto: Proto, pkid: u16) -> Bytes {
     let mut out = BytesMut::new();
     match proto {
         Proto::V4 => {
-            v4::PubComp::new(pkid)
-                .write(&mut out)
-                .expect("encoding ack");
+            v4::PubComp::new(pkid).write(&mut out).expect("encoding ack");
         }
         Proto::V5 => {
-            v5::PubComp::new(pkid, None)
-                .write(&mut out)
-                .expect("encoding ack");
+            v5::PubComp::new(pkid, None).write(&mut out).expect("encoding ack");
         }
     }
     out.freeze()
@@ -631,9 +593,7 @@ pub fn disconnect(proto: Proto, why: Goodbye) -> Option<Bytes> {
         Goodbye::ShuttingDown => D::ServerShuttingDown,
     };
     let mut out = BytesMut::new();
-    v5::Disconnect::new(code)
-        .write(&mut out)
-        .expect("encoding DISCONNECT");
+    v5::Disconnect::new(code).write(&mut out).expect("encoding DISCONNECT");
     Some(out.freeze())
 }
 
@@ -683,10 +643,7 @@ mod tests {
     #[test]
     fn oversized_is_refused_before_it_is_read() {
         let mut buf = BytesMut::from(&publish_v4("t", &[0u8; 300], 0)[..4]);
-        assert!(matches!(
-            next_frame(&mut buf, 100),
-            Err(FrameError::TooLarge(_))
-        ));
+        assert!(matches!(next_frame(&mut buf, 100), Err(FrameError::TooLarge(_))));
     }
 
     proptest! {

@@ -48,14 +48,11 @@ pub async fn serve<S>(
     let mut cbuf = BytesMut::with_capacity(4096);
 
     // CONNECT, within the deadline.
-    let first = match timeout_at(deadline, read_frame(&mut crd, &mut cbuf, max)).await {
+    let first = match timeout_at(deadline, read_connect(&mut crd, &mut cbuf, max)).await {
         Ok(Ok(Some(f))) => f,
         Ok(Ok(None)) | Err(_) => {
             Metrics::inc(&shared.metrics.handshakes_failed);
-            log::debug!(
-                "{peer} on {}: closed or timed out before CONNECT",
-                listener.name
-            );
+            log::debug!("{peer} on {}: closed or timed out before CONNECT", listener.name);
             return;
         }
         Ok(Err(e)) => {
@@ -79,10 +76,7 @@ pub async fn serve<S>(
     let client_id = connect.client_id.clone();
     let refuse = |refusal: Refusal, why: String| {
         Metrics::inc(&shared.metrics.connects_refused);
-        log::info!(
-            "{peer} on {}: client `{client_id}` refused: {why}",
-            listener.name
-        );
+        log::info!("{peer} on {}: client `{client_id}` refused: {why}", listener.name);
         codec::connack_refusal(proto, refusal)
     };
 
@@ -96,11 +90,7 @@ pub async fn serve<S>(
     let policy = shared.policy.load_full();
     match (&connect.username, &connect.password) {
         (Some(user), pass) => {
-            let (p, u, pw) = (
-                policy.clone(),
-                user.clone(),
-                pass.clone().unwrap_or_default(),
-            );
+            let (p, u, pw) = (policy.clone(), user.clone(), pass.clone().unwrap_or_default());
             let ok = tokio::task::spawn_blocking(move || p.verify_password(&u, &pw))
                 .await
                 .unwrap_or(false);
@@ -137,10 +127,7 @@ pub async fn serve<S>(
     }
     if let Some(w) = &connect.will_topic {
         if !topics::valid_topic(w) || !policy.may_publish(&id, w) {
-            let ack = refuse(
-                Refusal::NotAuthorized,
-                format!("will topic `{w}` not allowed"),
-            );
+            let ack = refuse(Refusal::NotAuthorized, format!("will topic `{w}` not allowed"));
             let _ = cwr.write_all(&ack).await;
             return;
         }
@@ -162,30 +149,19 @@ pub async fn serve<S>(
     let opened = open_engine_session(
         &shared,
         engine_addr,
-        connect.for_engine(
-            &engine_id,
-            &shared.engine.user,
-            &shared.engine.secret,
-            keep_alive,
-        ),
+        connect.for_engine(&engine_id, &shared.engine.user, &shared.engine.secret, keep_alive),
         proto,
     )
     .await;
     let (engine, ebuf, connack) = match opened {
         Ok((s, buf, Some(ack))) => (s, buf, ack),
         Ok((_, _, None)) => {
-            let ack = refuse(
-                Refusal::NotAuthorized,
-                "the engine refused the session".into(),
-            );
+            let ack = refuse(Refusal::NotAuthorized, "the engine refused the session".into());
             let _ = cwr.write_all(&ack).await;
             return;
         }
         Err(e) => {
-            let ack = refuse(
-                Refusal::ServerUnavailable,
-                format!("engine unavailable: {e}"),
-            );
+            let ack = refuse(Refusal::ServerUnavailable, format!("engine unavailable: {e}"));
             let _ = cwr.write_all(&ack).await;
             return;
         }
@@ -243,11 +219,7 @@ fn count_bad(m: &Metrics, e: &FrameError) {
 /// Decodes and checks the first packet; a refusal says which CONNACK to send, if any.
 fn check_connect(first: &Frame) -> Result<codec::Connect, (Option<Proto>, Refusal, String)> {
     if first.kind != kind::CONNECT {
-        return Err((
-            None,
-            Refusal::Malformed,
-            "first packet is not CONNECT".into(),
-        ));
+        return Err((None, Refusal::Malformed, "first packet is not CONNECT".into()));
     }
     match codec::protocol_level(first) {
         Some((name, 4)) if name == "MQTT" => {}
@@ -288,13 +260,10 @@ async fn open_engine_session(
     s.set_nodelay(true)?;
     s.write_all(&connect).await?;
     let mut buf = BytesMut::with_capacity(4096);
-    let frame = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame(&mut s, &mut buf, ENGINE_MAX_PACKET),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("no CONNACK from the engine in 10s"))??
-    .ok_or_else(|| anyhow::anyhow!("engine closed the session before CONNACK"))?;
+    let frame = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s, &mut buf, ENGINE_MAX_PACKET))
+        .await
+        .map_err(|_| anyhow::anyhow!("no CONNACK from the engine in 10s"))??
+        .ok_or_else(|| anyhow::anyhow!("engine closed the session before CONNACK"))?;
     let (ok, ack) = codec::engine_connack(
         proto,
         &frame,
@@ -304,12 +273,34 @@ async fn open_engine_session(
     Ok((s, buf, ok.then_some(ack)))
 }
 
+/// Reads the client's first packet, refusing at its first byte if it is not a CONNECT
+/// (rather than waiting for a garbage length to fill).
+async fn read_connect<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<Frame>, FrameError> {
+    while buf.is_empty() {
+        match r.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+    if buf[0] != 0x10 {
+        return Err(FrameError::Malformed(format!(
+            "first byte {:#04x} is not a CONNECT",
+            buf[0]
+        )));
+    }
+    read_frame(r, buf, max).await
+}
+
 /// Reads until one whole frame is buffered. `None` on a clean close.
 async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
     max: usize,
-) -> anyhow::Result<Option<Frame>, FrameError> {
+) -> Result<Option<Frame>, FrameError> {
     loop {
         if let Some(f) = codec::next_frame(buf, max)? {
             return Ok(Some(f));
@@ -365,8 +356,7 @@ impl Relay {
     {
         let (mut erd, mut ewr) = engine.into_split();
         let max = self.shared.limits.max_packet_size.0 as usize;
-        let mut ping =
-            tokio::time::interval(Duration::from_secs(ENGINE_KEEPALIVE_FOR_ZERO as u64 / 2));
+        let mut ping = tokio::time::interval(Duration::from_secs(ENGINE_KEEPALIVE_FOR_ZERO as u64 / 2));
         ping.tick().await;
         let mut to_engine = BytesMut::new();
         let mut to_client = BytesMut::new();
@@ -414,18 +404,11 @@ impl Relay {
                                 Goodbye::Malformed
                             };
                             return self
-                                .close(
-                                    &mut cwr,
-                                    &mut ewr,
-                                    &to_engine,
-                                    &to_client,
-                                    why,
-                                    &e.to_string(),
-                                )
+                                .close(&mut cwr, &mut ewr, &to_engine, &to_client, why, &e.to_string())
                                 .await;
                         }
                     };
-                    match self.from_client(frame) {
+                    match self.on_client_packet(frame) {
                         Step::Forward(b) => to_engine.extend_from_slice(&b),
                         Step::Reply(b) => to_client.extend_from_slice(&b),
                         Step::Nothing => {}
@@ -434,11 +417,7 @@ impl Relay {
                             let _ = flush(&mut cwr, &mut to_client).await;
                             let _ = flush(&mut ewr, &mut to_engine).await;
                             // Let the engine see the DISCONNECT before the socket goes (no will).
-                            let _ = tokio::time::timeout(
-                                Duration::from_secs(1),
-                                erd.read_buf(&mut ebuf),
-                            )
-                            .await;
+                            let _ = tokio::time::timeout(Duration::from_secs(1), erd.read_buf(&mut ebuf)).await;
                             return "client disconnected".into();
                         }
                         Step::Close(why, reason) => {
@@ -457,9 +436,8 @@ impl Relay {
                         Ok(None) => break,
                         Err(e) => return format!("engine sent a bad packet: {e}"),
                     };
-                    match self.from_engine(frame) {
-                        Some(b) => to_client.extend_from_slice(&b),
-                        None => {}
+                    if let Some(b) = self.on_engine_packet(frame) {
+                        to_client.extend_from_slice(&b);
                     }
                 }
             }
@@ -488,15 +466,12 @@ impl Relay {
             let _ = cwr.write_all(&d).await;
         }
         let _ = cwr.shutdown().await;
-        log::info!(
-            "client `{}` closed by the gateway: {reason}",
-            self.id.client_id
-        );
+        log::info!("client `{}` closed by the gateway: {reason}", self.id.client_id);
         format!("closed: {reason}")
     }
 
     /// Decides what a packet from the client does.
-    fn from_client(&mut self, frame: Frame) -> Step {
+    fn on_client_packet(&mut self, frame: Frame) -> Step {
         let m = &self.shared.metrics;
         match frame.kind {
             kind::PUBLISH => {
@@ -524,17 +499,11 @@ impl Relay {
                 };
                 if !topics::valid_topic(&topic) {
                     Metrics::inc(&m.malformed_packets);
-                    return Step::Close(
-                        Goodbye::TopicNameInvalid,
-                        "PUBLISH to an invalid topic name",
-                    );
+                    return Step::Close(Goodbye::TopicNameInvalid, "PUBLISH to an invalid topic name");
                 }
                 if !self.shared.policy.load().may_publish(&self.id, &topic) {
                     Metrics::inc(&m.publish_denied);
-                    log::debug!(
-                        "client `{}`: publish to `{topic}` denied",
-                        self.id.client_id
-                    );
+                    log::debug!("client `{}`: publish to `{topic}` denied", self.id.client_id);
                     return match p.qos {
                         0 => Step::Nothing,
                         q => {
@@ -549,10 +518,7 @@ impl Relay {
                     self.inflight += 1;
                     if self.inflight > self.shared.limits.max_inflight as u32 {
                         Metrics::inc(&m.inflight_exceeded);
-                        return Step::Close(
-                            Goodbye::ReceiveMaximumExceeded,
-                            "too many unacknowledged publishes",
-                        );
+                        return Step::Close(Goodbye::ReceiveMaximumExceeded, "too many unacknowledged publishes");
                     }
                 }
                 // The engine drops its retained message on any empty publish; the store follows it.
@@ -586,10 +552,7 @@ impl Relay {
                             // The engine has no `$` topics and disconnects clients asking for
                             // them; such filters are refused here in SUBACK instead.
                             Metrics::inc(&m.subscribe_denied);
-                            log::debug!(
-                                "client `{}`: subscribe to `{f}` denied",
-                                self.id.client_id
-                            );
+                            log::debug!("client `{}`: subscribe to `{f}` denied", self.id.client_id);
                             SubResult::Denied(SubDenied::NotAuthorized)
                         } else {
                             SubResult::FromEngine
@@ -624,11 +587,7 @@ impl Relay {
                         return Step::Close(Goodbye::Malformed, "malformed UNSUBSCRIBE");
                     }
                 };
-                let mut subs = self
-                    .shared
-                    .subscriptions
-                    .lock()
-                    .expect("subscriptions lock");
+                let mut subs = self.shared.subscriptions.lock().expect("subscriptions lock");
                 let held = subs.entry(self.id.client_id.clone()).or_default();
                 // The engine never answers an UNSUBSCRIBE of filters the client does not hold.
                 if !filters.iter().any(|f| held.contains(f)) {
@@ -640,9 +599,7 @@ impl Relay {
                 Step::Forward(frame.bytes)
             }
             kind::PUBREL => match codec::pubrel_pkid(&frame) {
-                Ok(pkid) if self.denied_qos2.remove(&pkid) => {
-                    Step::Reply(codec::pubcomp(self.proto, pkid))
-                }
+                Ok(pkid) if self.denied_qos2.remove(&pkid) => Step::Reply(codec::pubcomp(self.proto, pkid)),
                 Ok(_) => Step::Forward(frame.bytes),
                 Err(_) => Step::Close(Goodbye::Malformed, "malformed PUBREL"),
             },
@@ -664,7 +621,7 @@ impl Relay {
     }
 
     /// Decides what a packet from the engine does; `None` swallows it.
-    fn from_engine(&mut self, frame: Frame) -> Option<Bytes> {
+    fn on_engine_packet(&mut self, frame: Frame) -> Option<Bytes> {
         match frame.kind {
             kind::PUBACK | kind::PUBCOMP => {
                 self.inflight = self.inflight.saturating_sub(1);
@@ -675,13 +632,8 @@ impl Relay {
                 let Some((filters, plan)) = self.pending_subs.remove(&pkid) else {
                     return Some(frame.bytes);
                 };
-                let (ack, granted) =
-                    codec::merge_suback(self.proto, pkid, &plan, Some(&frame)).ok()?;
-                let mut subs = self
-                    .shared
-                    .subscriptions
-                    .lock()
-                    .expect("subscriptions lock");
+                let (ack, granted) = codec::merge_suback(self.proto, pkid, &plan, Some(&frame)).ok()?;
+                let mut subs = self.shared.subscriptions.lock().expect("subscriptions lock");
                 let held = subs.entry(self.id.client_id.clone()).or_default();
                 for (f, g) in filters.into_iter().zip(granted) {
                     if g {

@@ -30,11 +30,7 @@ pub struct Listener {
 impl Listener {
     /// Binds the socket and loads TLS material; errors name the listener and the file.
     pub async fn bind(index: usize, cfg: &config::Listener) -> Result<Listener> {
-        let name = format!(
-            "broker.listeners[{index}] ({:?} on {})",
-            cfg.protocol, cfg.bind.0
-        )
-        .to_lowercase();
+        let name = format!("broker.listeners[{index}] ({:?} on {})", cfg.protocol, cfg.bind.0).to_lowercase();
         let tls = match &cfg.tls {
             Some(t) => Some(tls_acceptor(t).with_context(|| format!("{name}: TLS setup"))?),
             None => None,
@@ -59,8 +55,15 @@ impl Listener {
         &self.info.name
     }
 
-    /// Accepts until `stop`; every connection runs on `tracker` so shutdown can wait for them.
-    pub async fn run(self, shared: Arc<Shared>, stop: CancellationToken, tracker: TaskTracker) {
+    /// Accepts until `stop`; every connection runs on `tracker` so shutdown can wait for them,
+    /// and ends when `close` is cancelled.
+    pub async fn run(
+        self,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+        close: CancellationToken,
+        tracker: TaskTracker,
+    ) {
         loop {
             let (stream, peer) = tokio::select! {
                 r = self.tcp.accept() => match r {
@@ -84,7 +87,7 @@ impl Listener {
             let deadline = Instant::now() + shared.limits.connect_timeout.0;
             let (shared, stop, info, tls, protocol) = (
                 shared.clone(),
-                stop.clone(),
+                close.clone(),
                 self.info.clone(),
                 self.tls.clone(),
                 self.protocol,
@@ -145,6 +148,8 @@ async fn ws_accept<S>(stream: S) -> Result<WsStream<S>, async_tungstenite::tungs
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // The callback's error type is tungstenite's (large) HTTP response; it is never built here.
+    #[allow(clippy::result_large_err)]
     let pick = |req: &Request, mut resp: Response| {
         let offered = req
             .headers()
@@ -156,10 +161,8 @@ where
             .map(str::trim)
             .find(|p| *p == "mqtt" || *p == "mqttv3.1")
         {
-            resp.headers_mut().insert(
-                "sec-websocket-protocol",
-                HeaderValue::from_str(p).expect("ascii"),
-            );
+            resp.headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_str(p).expect("ascii"));
         }
         Ok(resp)
     };
@@ -175,17 +178,15 @@ fn tls_acceptor(t: &config::Tls) -> Result<TlsAcceptor> {
     if certs.is_empty() {
         anyhow::bail!("{} holds no PEM certificate", t.cert.display());
     }
-    let key = PrivateKeyDer::from_pem_file(&t.key)
-        .with_context(|| format!("reading private key {}", t.key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&t.key).with_context(|| format!("reading private key {}", t.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let builder = match &t.client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca)
-                .with_context(|| format!("reading client CA {}", ca.display()))?
-            {
+            for c in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading client CA {}", ca.display()))? {
                 roots.add(c.with_context(|| format!("parsing client CA {}", ca.display()))?)?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)

@@ -47,9 +47,16 @@ pub struct Broker {
     pub shared: Arc<Shared>,
     /// Where each configured listener ended up (port 0 picks a free one).
     pub local_addrs: Vec<SocketAddr>,
-    stop: CancellationToken,
+    /// Stops the accept loops.
+    stop_accepting: CancellationToken,
+    /// Closes client connections, after the drain window.
+    stop_connections: CancellationToken,
     tracker: TaskTracker,
 }
+
+/// How long connections keep flowing after the listeners close on shutdown, so messages
+/// already routed (the status topic's `offline` among them) still reach their subscribers.
+const DRAIN: Duration = Duration::from_millis(300);
 
 impl Broker {
     /// Starts the engine, restores retained messages, and binds every listener. When this
@@ -85,40 +92,42 @@ impl Broker {
             limits,
             subscriptions: Mutex::new(HashMap::new()),
         });
-        let stop = CancellationToken::new();
+        let stop_accepting = CancellationToken::new();
+        let stop_connections = CancellationToken::new();
         let tracker = TaskTracker::new();
         let local_addrs = listeners.iter().map(|l| l.local).collect();
         for l in listeners {
             log::info!("{}: listening on {}", l.name(), l.local);
-            tokio::spawn(l.run(shared.clone(), stop.clone(), tracker.clone()));
+            tokio::spawn(l.run(
+                shared.clone(),
+                stop_accepting.clone(),
+                stop_connections.clone(),
+                tracker.clone(),
+            ));
         }
         Ok(Broker {
             shared,
             local_addrs,
-            stop,
+            stop_accepting,
+            stop_connections,
             tracker,
         })
     }
 
     /// Puts new users and ACLs in force; connected clients stay connected.
     pub fn reload(&self, cfg: &Config) {
-        self.shared
-            .policy
-            .store(Arc::new(Policy::from_config(&cfg.broker)));
+        self.shared.policy.store(Arc::new(Policy::from_config(&cfg.broker)));
     }
 
-    /// Stops accepting, tells clients, and waits up to `grace` for connections to end.
+    /// Stops accepting, lets routed messages drain, tells clients, and waits up to `grace` for
+    /// connections to end.
     pub async fn shutdown(&self, grace: Duration) {
-        self.stop.cancel();
+        self.stop_accepting.cancel();
+        tokio::time::sleep(DRAIN.min(grace)).await;
+        self.stop_connections.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            log::warn!(
-                "{} connections still open after {grace:?}; closing",
-                self.tracker.len()
-            );
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            log::warn!("{} connections still open after {grace:?}; closing", self.tracker.len());
         }
         self.shared.retained.flush();
     }
@@ -138,10 +147,8 @@ async fn restore_retained(engine: &Engine, msgs: &[Retained]) -> Result<()> {
     if msgs.is_empty() {
         return Ok(());
     }
-    let (client, mut events) = rumqttc::AsyncClient::new(
-        engine_client(engine, "outpost-restore"),
-        msgs.len().min(1000) + 10,
-    );
+    let (client, mut events) =
+        rumqttc::AsyncClient::new(engine_client(engine, "outpost-restore"), msgs.len().min(1000) + 10);
     let todo = msgs.to_vec();
     let publisher = tokio::spawn(async move {
         for m in todo {

@@ -27,11 +27,12 @@ enum Op {
 }
 
 fn open(path: &Path) -> Result<Connection> {
-    let db = Connection::open(path)
-        .with_context(|| format!("opening retained store {}", path.display()))?;
+    let db = Connection::open(path).with_context(|| format!("opening retained store {}", path.display()))?;
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "NORMAL")?;
-    db.execute_batch("CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL)")?;
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL)",
+    )?;
     Ok(db)
 }
 

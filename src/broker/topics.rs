@@ -81,9 +81,7 @@ mod tests {
         assert!(!valid_filter("a/#/b") && !valid_filter("a+") && !valid_filter(""));
         assert!(valid_topic("a/b") && !valid_topic("a/+") && !valid_topic(""));
         assert!(matches("a/b/c", "a/+/c") && matches("a/b/c", "a/#") && matches("a", "a/#"));
-        assert!(
-            !matches("$SYS/x", "#") && !matches("$SYS/x", "+/x") && matches("$SYS/x", "$SYS/#")
-        );
+        assert!(!matches("$SYS/x", "#") && !matches("$SYS/x", "+/x") && matches("$SYS/x", "$SYS/#"));
         assert_eq!(strip_share("$share/g/a/b"), Some("a/b"));
         assert_eq!(strip_share("$share/g"), None);
     }
@@ -118,8 +116,7 @@ mod tests {
     }
 
     fn topic() -> impl Strategy<Value = String> {
-        prop::collection::vec(prop_oneof![Just("a"), Just("b"), Just("$s")], 1..6)
-            .prop_map(|v| v.join("/"))
+        prop::collection::vec(prop_oneof![Just("a"), Just("b"), Just("$s")], 1..6).prop_map(|v| v.join("/"))
     }
 
     proptest! {

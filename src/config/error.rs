@@ -33,17 +33,10 @@ impl fmt::Display for Located<'_> {
 }
 
 impl ConfigError {
-    pub(super) fn from_serde(
-        file: &Path,
-        text: &str,
-        e: serde_path_to_error::Error<serde_yaml::Error>,
-    ) -> Self {
+    pub(super) fn from_serde(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml::Error>) -> Self {
         let key = e.path().to_string();
         let inner = e.into_inner();
-        let line = inner
-            .location()
-            .map(|l| l.line())
-            .or_else(|| locate(text, &key));
+        let line = inner.location().map(|l| l.line()).or_else(|| locate(text, &key));
         let mut reason = inner.to_string();
         if let Some(at) = reason.rfind(" at line ") {
             reason.truncate(at);
@@ -125,9 +118,7 @@ pub(crate) fn locate(text: &str, path: &str) -> Option<usize> {
                     if l.trim_start().starts_with('#') {
                         return false;
                     }
-                    if i > start
-                        && parent_indent.is_some_and(|p| indent(l) <= p && !l.trim().is_empty())
-                    {
+                    if i > start && parent_indent.is_some_and(|p| indent(l) <= p && !l.trim().is_empty()) {
                         return false;
                     }
                     t.starts_with(&pat)

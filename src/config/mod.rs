@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 /// The built-in default, compiled in: a broker on loopback, anonymous, everything allowed.
 pub const DEFAULT_YAML: &str = include_str!("../../config/outpost.yaml");
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub gateway: Gateway,
@@ -184,9 +184,7 @@ impl Default for Gateway {
 
 impl Default for Log {
     fn default() -> Self {
-        Log {
-            level: LogLevel::Info,
-        }
+        Log { level: LogLevel::Info }
     }
 }
 
@@ -220,16 +218,6 @@ impl Default for Limits {
             max_inflight: 100,
             connect_timeout: Dur(std::time::Duration::from_secs(10)),
             max_client_id_len: 256,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            gateway: Gateway::default(),
-            log: Log::default(),
-            broker: Broker::default(),
         }
     }
 }
@@ -269,10 +257,7 @@ impl Config {
         if self.gateway.id.is_empty() || self.gateway.id.contains(['/', '+', '#']) {
             return err(
                 "gateway.id".into(),
-                format!(
-                    "`{}` must be non-empty and hold no `/`, `+` or `#`",
-                    self.gateway.id
-                ),
+                format!("`{}` must be non-empty and hold no `/`, `+` or `#`", self.gateway.id),
             );
         }
         if self.gateway.data_dir.as_os_str().is_empty() {
@@ -280,18 +265,14 @@ impl Config {
         }
         let b = &self.broker;
         if b.listeners.is_empty() {
-            return err(
-                "broker.listeners".into(),
-                "at least one listener is needed".into(),
-            );
+            return err("broker.listeners".into(), "at least one listener is needed".into());
         }
         for (i, l) in b.listeners.iter().enumerate() {
             let key = format!("broker.listeners[{i}]");
             if l.protocol.needs_tls() && l.tls.is_none() {
                 return err(
                     format!("{key}.tls"),
-                    format!("protocol {:?} needs `tls: {{ cert, key }}`", l.protocol)
-                        .to_lowercase(),
+                    format!("protocol {:?} needs `tls: {{ cert, key }}`", l.protocol).to_lowercase(),
                 );
             }
             if !l.protocol.needs_tls() && l.tls.is_some() {
@@ -308,10 +289,7 @@ impl Config {
                 ] {
                     if let Some(p) = path {
                         if let Err(e) = std::fs::metadata(p) {
-                            return err(
-                                format!("{key}.tls.{name}"),
-                                format!("cannot read {}: {e}", p.display()),
-                            );
+                            return err(format!("{key}.tls.{name}"), format!("cannot read {}: {e}", p.display()));
                         }
                     }
                 }
@@ -342,10 +320,7 @@ impl Config {
                 return err(format!("{key}.name"), "must not be empty".into());
             }
             if b.users[..i].iter().any(|o| o.name == u.name) {
-                return err(
-                    format!("{key}.name"),
-                    format!("user `{}` is listed twice", u.name),
-                );
+                return err(format!("{key}.name"), format!("user `{}` is listed twice", u.name));
             }
             if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
                 return err(
@@ -359,10 +334,7 @@ impl Config {
             if let Err(e) = crate::broker::auth::Who::parse(&r.who) {
                 return err(format!("{key}.who"), e);
             }
-            for (kind, filters) in [
-                ("publish", &r.allow.publish),
-                ("subscribe", &r.allow.subscribe),
-            ] {
+            for (kind, filters) in [("publish", &r.allow.publish), ("subscribe", &r.allow.subscribe)] {
                 for (j, f) in filters.iter().enumerate() {
                     if !crate::broker::topics::valid_filter(f) {
                         return err(
@@ -375,10 +347,7 @@ impl Config {
         }
         let lim = &b.limits;
         if lim.max_connections == 0 {
-            return err(
-                "broker.limits.max_connections".into(),
-                "must be at least 1".into(),
-            );
+            return err("broker.limits.max_connections".into(), "must be at least 1".into());
         }
         if lim.max_packet_size.0 < 64 || lim.max_packet_size.0 > 256 * 1024 * 1024 {
             return err(
@@ -387,16 +356,10 @@ impl Config {
             );
         }
         if lim.max_inflight == 0 {
-            return err(
-                "broker.limits.max_inflight".into(),
-                "must be at least 1".into(),
-            );
+            return err("broker.limits.max_inflight".into(), "must be at least 1".into());
         }
         if lim.connect_timeout.0.is_zero() {
-            return err(
-                "broker.limits.connect_timeout".into(),
-                "must be longer than 0".into(),
-            );
+            return err("broker.limits.connect_timeout".into(), "must be longer than 0".into());
         }
         Ok(())
     }

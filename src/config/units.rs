@@ -89,9 +89,10 @@ pub struct Bind(pub SocketAddr);
 impl FromStr for Bind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        s.trim().parse::<SocketAddr>().map(Bind).map_err(|_| {
-            format!("`{s}` is not an address to bind: write IP:PORT, e.g. `0.0.0.0:1883` or `[::]:8883`")
-        })
+        s.trim()
+            .parse::<SocketAddr>()
+            .map(Bind)
+            .map_err(|_| format!("`{s}` is not an address to bind: write IP:PORT, e.g. `0.0.0.0:1883` or `[::]:8883`"))
     }
 }
 
@@ -114,18 +115,9 @@ mod tests {
 
     #[test]
     fn durations_and_sizes_parse_as_users_write_them() {
-        assert_eq!(
-            "500ms".parse::<Dur>().unwrap().0,
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            "7d".parse::<Dur>().unwrap().0,
-            Duration::from_secs(7 * 86400)
-        );
-        assert!("fast"
-            .parse::<Dur>()
-            .unwrap_err()
-            .contains("not a duration"));
+        assert_eq!("500ms".parse::<Dur>().unwrap().0, Duration::from_millis(500));
+        assert_eq!("7d".parse::<Dur>().unwrap().0, Duration::from_secs(7 * 86400));
+        assert!("fast".parse::<Dur>().unwrap_err().contains("not a duration"));
         assert_eq!("512MiB".parse::<Size>().unwrap().0, 512 * 1024 * 1024);
         assert_eq!("256 KiB".parse::<Size>().unwrap().0, 256 * 1024);
         assert!("lots".parse::<Size>().is_err());

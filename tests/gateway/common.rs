@@ -1,0 +1,265 @@
+//! Test harness: runs the real `outpost` binary on free loopback ports with a config written
+//! for the test, waits for its READY=1 on a NOTIFY_SOCKET, and gives MQTT clients to talk to it.
+
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+/// A running gateway process.
+pub struct Gateway {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    notify: UnixDatagram,
+    /// Everything the gateway wrote to its notify socket so far.
+    pub notes: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Gateway {
+    /// Starts outpost with `broker_yaml` as the `broker:` section (indented by the caller as a
+    /// top-level block) and waits until it is ready.
+    pub fn start(broker_yaml: &str) -> Gateway {
+        Gateway::start_with_env(broker_yaml, &[])
+    }
+
+    /// As `start`, with extra environment variables for the process.
+    pub fn start_with_env(broker_yaml: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("outpost.yaml");
+        let yaml = format!(
+            "gateway:\n  id: test-gw\n  data_dir: {}\n  shutdown_timeout: 2s\nlog:\n  level: debug\n{broker_yaml}",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&config, yaml).unwrap();
+        let notify = UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
+        notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut gw = Gateway {
+            child: None,
+            dir,
+            config,
+            notify,
+            notes: vec![],
+            env,
+        };
+        gw.spawn();
+        gw
+    }
+
+    pub fn write_config(&self, broker_yaml: &str) {
+        let yaml = format!(
+            "gateway:\n  id: test-gw\n  data_dir: {}\n  shutdown_timeout: 2s\nlog:\n  level: debug\n{broker_yaml}",
+            self.dir.path().join("data").display()
+        );
+        std::fs::write(&self.config, yaml).unwrap();
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("outpost.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("NOTIFY_SOCKET", self.dir.path().join("notify.sock"))
+            .env_remove("RUST_LOG")
+            .envs(self.env.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_note("READY=1", Duration::from_secs(30));
+    }
+
+    /// Waits until the gateway sends a notification containing `what`.
+    pub fn wait_note(&mut self, what: &str, within: Duration) -> String {
+        let end = Instant::now() + within;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < end {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let note = String::from_utf8_lossy(&buf[..n]).to_string();
+                self.notes.push(note.clone());
+                if note.contains(what) {
+                    return note;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("outpost exited ({status}) before `{what}`; log:\n{}", self.log());
+            }
+        }
+        panic!("no `{what}` from outpost in {within:?}; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("outpost.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id();
+        assert!(Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// SIGTERM and wait for exit; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let pid = child.id();
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.stop(), "outpost did not stop cleanly; log:\n{}", self.log());
+        self.spawn();
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A plain loopback `mqtt` listener section, anonymous allowed.
+pub fn open_broker(port: u16) -> String {
+    format!("broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n")
+}
+
+pub fn opts(port: u16, id: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+/// Connects a 3.1.1 client and waits for its CONNACK; the event loop is returned to poll.
+pub async fn connect(o: MqttOptions) -> Result<(AsyncClient, EventLoop), ConnectionError> {
+    let (c, mut ev) = AsyncClient::new(o, 100);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll())
+            .await
+            .expect("no CONNACK in 10s")?
+        {
+            Event::Incoming(Packet::ConnAck(_)) => return Ok((c, ev)),
+            _ => continue,
+        }
+    }
+}
+
+/// Polls until a packet matching `f` arrives, or `None` after `within`.
+pub async fn wait_for<T>(ev: &mut EventLoop, within: Duration, mut f: impl FnMut(&Packet) -> Option<T>) -> Option<T> {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(end, ev.poll()).await {
+            Err(_) => return None,
+            Ok(Err(e)) => panic!("connection failed while waiting: {e}"),
+            Ok(Ok(Event::Incoming(p))) => {
+                if let Some(t) = f(&p) {
+                    return Some(t);
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// The next PUBLISH as (topic, payload, retain).
+pub async fn next_publish(ev: &mut EventLoop, within: Duration) -> Option<(String, Vec<u8>, bool)> {
+    wait_for(ev, within, |p| match p {
+        Packet::Publish(p) => Some((p.topic.clone(), p.payload.to_vec(), p.retain)),
+        _ => None,
+    })
+    .await
+}
+
+/// Subscribes and waits for the SUBACK codes.
+pub async fn subscribe(
+    c: &AsyncClient,
+    ev: &mut EventLoop,
+    filter: &str,
+    qos: QoS,
+) -> Vec<rumqttc::SubscribeReasonCode> {
+    c.subscribe(filter, qos).await.unwrap();
+    wait_for(ev, Duration::from_secs(10), |p| match p {
+        Packet::SubAck(a) => Some(a.return_codes.clone()),
+        _ => None,
+    })
+    .await
+    .expect("no SUBACK")
+}
+
+/// Keeps an event loop polled in the background (for publishers).
+pub fn drive(mut ev: EventLoop) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while ev.poll().await.is_ok() {} })
+}
+
+/// Reads from a raw socket until it closes; true if it closed within `within`.
+pub fn closes_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 1024];
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// An argon2 hash made by the real `outpost passwd`.
+pub fn passwd(pw: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("passwd")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(pw.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real outpost binary against real MQTT clients on loopback sockets.
+
+mod auth;
+mod cli;
+mod common;
+mod pubsub;
+mod robustness;
