@@ -26,6 +26,11 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Times the engine skipped a slow subscriber past messages no longer in its filter log.
+    pub fn engine_skips(&self) -> u64 {
+        crate::system::logging::engine_skips()
+    }
+
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }

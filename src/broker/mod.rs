@@ -66,7 +66,8 @@ impl Broker {
         let engine = Engine::start(EngineLimits {
             max_connections: limits.max_connections as usize,
             max_packet_size: limits.max_packet_size.0 as usize,
-            segment_size: 1 << 20,
+            // The engine keeps `segments` full segments plus the one being written.
+            segment_size: (limits.filter_log.0 as usize / 9).max(1024),
             segments: 8,
         })
         .await?;

@@ -170,6 +170,10 @@ pub struct Limits {
     pub connect_timeout: Dur,
     /// Longest client id accepted.
     pub max_client_id_len: usize,
+    /// Messages the engine keeps in memory per subscription filter. A subscriber that falls
+    /// further behind loses the oldest (counted as `engine_skips`); memory is bounded by the
+    /// number of distinct filters times this.
+    pub filter_log: Size,
 }
 
 impl Default for Gateway {
@@ -218,6 +222,7 @@ impl Default for Limits {
             max_inflight: 100,
             connect_timeout: Dur(std::time::Duration::from_secs(10)),
             max_client_id_len: 256,
+            filter_log: Size(2 * 1024 * 1024),
         }
     }
 }
@@ -358,9 +363,76 @@ impl Config {
         if lim.max_inflight == 0 {
             return err("broker.limits.max_inflight".into(), "must be at least 1".into());
         }
+        if lim.filter_log.0 < 8 * 1024 || lim.filter_log.0 > 1 << 30 {
+            return err(
+                "broker.limits.filter_log".into(),
+                "must be between 8KiB and 1GiB".into(),
+            );
+        }
         if lim.connect_timeout.0.is_zero() {
             return err("broker.limits.connect_timeout".into(), "must be longer than 0".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, Path::new("t.yaml"))
+    }
+
+    #[test]
+    fn builtin_default_matches_the_typed_defaults() {
+        let builtin = serde_yaml::to_string(&Config::builtin()).unwrap();
+        let typed = serde_yaml::to_string(&Config::default()).unwrap();
+        assert_eq!(builtin, typed);
+    }
+
+    proptest! {
+        // Config is outside input: any text is either a config or an error, never a panic, and
+        // an error always names the file.
+        #[test]
+        fn any_text_parses_or_is_refused_by_name(text in "[ -~\n]{0,200}") {
+            if let Err(e) = parse(&text) {
+                prop_assert!(e.to_string().starts_with("t.yaml"), "{e}");
+            }
+        }
+
+        // What outpost writes (e.g. `snap-config`) it reads back as the same config.
+        #[test]
+        fn written_configs_read_back_the_same(
+            port in 1u16..,
+            conns in 1u32..100_000,
+            packet in 64u64..(1 << 24),
+            inflight in 1u16..,
+            timeout_ms in 1u64..1_000_000,
+            id in "[a-z][a-z0-9-]{0,20}",
+        ) {
+            let mut c = Config::default();
+            c.gateway.id = id;
+            c.broker.listeners[0].bind = Bind(format!("127.0.0.1:{port}").parse().unwrap());
+            c.broker.limits.max_connections = conns;
+            c.broker.limits.max_packet_size = Size(packet);
+            c.broker.limits.max_inflight = inflight;
+            c.broker.limits.connect_timeout = Dur(std::time::Duration::from_millis(timeout_ms));
+            let text = serde_yaml::to_string(&c).unwrap();
+            let back = parse(&text).unwrap();
+            prop_assert_eq!(serde_yaml::to_string(&back).unwrap(), text);
+        }
+
+        // An unknown key anywhere is refused, and the message names it.
+        #[test]
+        fn unknown_keys_are_named(section in prop::sample::select(vec!["gateway", "log", "broker", "broker.limits"]), key in "[a-z]{3,12}x") {
+            let text = match section {
+                "broker.limits" => format!("broker:\n  limits:\n    {key}: 1\n"),
+                s => format!("{s}:\n  {key}: 1\n"),
+            };
+            let e = parse(&text).unwrap_err().to_string();
+            prop_assert!(e.contains(&format!("unknown field `{key}`")) && e.contains(section), "{e}");
+        }
     }
 }

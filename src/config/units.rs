@@ -71,13 +71,18 @@ impl<'de> Deserialize<'de> for Size {
 
 impl Serialize for Size {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&bytesize::ByteSize(self.0).display().iec_short().to_string())
+        s.serialize_str(&self.to_string())
     }
 }
 
+/// Exact, so what is written reads back the same: the largest binary unit that divides it.
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
+        const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        match UNITS.iter().find(|(u, _)| self.0 >= *u && self.0 % u == 0) {
+            Some((u, name)) => write!(f, "{}{name}", self.0 / u),
+            None => write!(f, "{}B", self.0),
+        }
     }
 }
 
@@ -121,6 +126,9 @@ mod tests {
         assert_eq!("512MiB".parse::<Size>().unwrap().0, 512 * 1024 * 1024);
         assert_eq!("256 KiB".parse::<Size>().unwrap().0, 256 * 1024);
         assert!("lots".parse::<Size>().is_err());
+        for n in [0, 1, 1023, 1024, 1536, 2 << 20, 3 << 30, 12345678] {
+            assert_eq!(Size(n).to_string().parse::<Size>().unwrap(), Size(n));
+        }
         assert!("localhost:1883".parse::<Bind>().is_err());
         assert!("0.0.0.0:1883".parse::<Bind>().is_ok());
     }
