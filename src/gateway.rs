@@ -1,12 +1,15 @@
 //! The daemon's life: start the broker, announce readiness, serve until SIGTERM/SIGINT,
 //! reload users and ACLs on SIGHUP, then drain and say goodbye on the status topic.
 
-use crate::broker::{self, Broker};
+use crate::bridge::Bridges;
+use crate::broker::{self, Broker, Bus};
 use crate::config::Config;
 use crate::system::notify;
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, LastWill, QoS};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -17,6 +20,16 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
         .with_context(|| format!("gateway.data_dir: cannot create {}", cfg.gateway.data_dir.display()))?;
     let broker = Broker::start(&cfg).await?;
     let status = StatusTopic::start(&broker, &cfg.gateway.id).await?;
+    let bus = Bus::start(broker.shared.clone());
+    let mut bridges = Bridges::new(broker.shared.clone(), bus, &cfg.gateway);
+    bridges.apply(&cfg.bridges).await?;
+    let status_file = StatusFile {
+        path: cfg.gateway.data_dir.join("status.json"),
+        id: cfg.gateway.id.clone(),
+        started: std::time::SystemTime::now(),
+    };
+    status_file.write(&broker, &bridges);
+    let mut status_tick = tokio::time::interval(Duration::from_secs(2));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -30,17 +43,24 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     );
     notify::ready(&format!("serving MQTT on {}", addrs.join(", ")));
     if let Some(every) = notify::watchdog_interval() {
+        // Only while the engine answers: a stuck engine gets the service restarted.
+        let contact = status.last_contact.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every / 2);
             loop {
                 tick.tick().await;
-                notify::watchdog();
+                if crate::bridge::spool::now_ms() - contact.load(Ordering::Relaxed) < ENGINE_SILENCE_MS {
+                    notify::watchdog();
+                } else {
+                    log::error!("the engine has not answered for {ENGINE_SILENCE_MS} ms; not feeding the watchdog");
+                }
             }
         });
     }
 
     loop {
         tokio::select! {
+            _ = status_tick.tick() => status_file.write(&broker, &bridges),
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
@@ -49,7 +69,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
                     Some(p) => match Config::load(p) {
                         Ok(new) => {
                             broker.reload(&new);
-                            log::info!("reloaded users and ACLs from {}", p.display());
+                            match bridges.apply(&new.bridges).await {
+                                Ok(()) => log::info!("reloaded users, ACLs and bridges from {}", p.display()),
+                                Err(e) => log::error!("reload: bridges: {e:#}"),
+                            }
                         }
                         Err(e) => log::error!("reload refused, keeping the running config: {e}"),
                     },
@@ -63,10 +86,18 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     log::info!("stopping");
     notify::stopping();
     status.offline().await;
+    // Clients go first, while the bridges' taps still spool what they send.
     broker.shutdown(cfg.gateway.shutdown_timeout.0).await;
+    bridges.stop_all().await;
+    status_file.write(&broker, &bridges);
     log::info!("stopped");
     Ok(())
 }
+
+/// The status client pings the engine this often; the watchdog wants an answer within
+/// `ENGINE_SILENCE_MS`.
+const STATUS_KEEPALIVE: Duration = Duration::from_secs(5);
+const ENGINE_SILENCE_MS: i64 = 20_000;
 
 /// `outpost/<id>/status`: retained `online` while the gateway serves, `offline` when it stops
 /// (and as the will, should the link to the engine break).
@@ -74,12 +105,15 @@ struct StatusTopic {
     client: AsyncClient,
     topic: String,
     task: tokio::task::JoinHandle<()>,
+    /// When the engine last answered this client (ms since epoch).
+    last_contact: Arc<AtomicI64>,
 }
 
 impl StatusTopic {
     async fn start(broker: &Broker, id: &str) -> Result<StatusTopic> {
         let topic = format!("outpost/{id}/status");
         let mut opts = broker::engine_client(&broker.shared.engine, &format!("outpost-status-{id}"));
+        opts.set_keep_alive(STATUS_KEEPALIVE);
         opts.set_last_will(LastWill::new(&topic, "offline", QoS::AtLeastOnce, true));
         let (client, mut events) = AsyncClient::new(opts, 16);
         client.publish(&topic, QoS::AtLeastOnce, true, "online").await?;
@@ -93,10 +127,13 @@ impl StatusTopic {
                 Err(_) => anyhow::bail!("status topic: engine did not answer in 10s"),
             }
         }
+        let last_contact = Arc::new(AtomicI64::new(crate::bridge::spool::now_ms()));
+        let contact = last_contact.clone();
         let task = tokio::spawn(async move {
             loop {
                 match events.poll().await {
                     Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(rumqttc::Event::Incoming(_)) => contact.store(crate::bridge::spool::now_ms(), Ordering::Relaxed),
                     Ok(_) => {}
                     Err(e) => {
                         log::warn!("status topic: {e}; reconnecting");
@@ -105,7 +142,12 @@ impl StatusTopic {
                 }
             }
         });
-        Ok(StatusTopic { client, topic, task })
+        Ok(StatusTopic {
+            client,
+            topic,
+            task,
+            last_contact,
+        })
     }
 
     async fn offline(self) {
@@ -115,5 +157,39 @@ impl StatusTopic {
             .await;
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+/// `data_dir/status.json`, rewritten every 2 s: what `outpost status` shows.
+struct StatusFile {
+    path: PathBuf,
+    id: String,
+    started: std::time::SystemTime,
+}
+
+impl StatusFile {
+    fn write(&self, broker: &Broker, bridges: &Bridges) {
+        let now = std::time::SystemTime::now();
+        let secs = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let doc = serde_json::json!({
+            "gateway": self.id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "started": secs(self.started),
+            "written": secs(now),
+            "listeners": broker.local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "broker": broker.shared.metrics.snapshot(),
+            "bridges": bridges.states(),
+        });
+        let tmp = self.path.with_extension("json.tmp");
+        let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+            .and_then(|_| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = res {
+            log::warn!("cannot write {}: {e}", self.path.display());
+        }
     }
 }

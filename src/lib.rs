@@ -1,6 +1,8 @@
 //! outpost: an IoT edge gateway. See ARCHITECTURE.md for the map of this crate.
 
+pub mod bridge;
 pub mod broker;
 pub mod config;
 pub mod gateway;
+pub mod status;
 pub mod system;

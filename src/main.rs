@@ -31,6 +31,17 @@ enum Command {
     },
     /// Check a config file: exit 0 if valid, else print file, line, key and reason.
     CheckConfig { file: PathBuf },
+    /// Show the gateway's clients and each bridge's link state and queue.
+    Status {
+        /// The config the gateway runs with (to find its data_dir).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the built-in default config.
     DefaultConfig,
     /// Read a password from stdin and print its argon2 hash for broker.users[].password_hash.
@@ -79,6 +90,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
+        Command::Status { config, data_dir, json } => {
+            let dir = match (data_dir, config) {
+                (Some(d), _) => d,
+                (None, Some(c)) => Config::load(&c)?.gateway.data_dir,
+                (None, None) => Config::builtin().gateway.data_dir,
+            };
+            let path = dir.join("status.json");
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("{}: {e} (is outpost running with this data_dir?)", path.display()))?;
+            if json {
+                println!("{text}");
+            } else {
+                let doc: serde_json::Value = serde_json::from_str(&text)?;
+                print!("{}", outpost::status::render(&doc, std::time::SystemTime::now()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::DefaultConfig => {
             print!("{}", outpost::config::DEFAULT_YAML);
             Ok(ExitCode::SUCCESS)

@@ -117,9 +117,21 @@ pub struct Connect {
     pub password: Option<String>,
     pub keep_alive: u16,
     pub clean: bool,
-    /// Will topic, if the client set a will.
-    pub will_topic: Option<String>,
+    pub will: Option<Will>,
+    /// MQTT 5 enhanced authentication, which outpost does not offer.
+    pub auth_method: Option<String>,
     raw: RawConnect,
+}
+
+/// A client's last will, as the front door needs it (ACL check, retained store, bridges).
+#[derive(Clone, Debug)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// MQTT 5 will delay: the engine may cancel the will if the client comes back.
+    pub delayed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -138,6 +150,7 @@ pub enum Refusal {
     ServerUnavailable,
     ServerBusy,
     Malformed,
+    BadAuthMethod,
 }
 
 pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
@@ -151,8 +164,14 @@ pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
     match level {
         5 => {
             let (c, will, login) = v5::Connect::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
-            let will_topic = match &will {
-                Some(w) => Some(String::from_utf8(w.topic.to_vec()).map_err(|_| malformed("will topic is not UTF-8"))?),
+            let will_info = match &will {
+                Some(w) => Some(Will {
+                    topic: String::from_utf8(w.topic.to_vec()).map_err(|_| malformed("will topic is not UTF-8"))?,
+                    payload: w.message.clone(),
+                    qos: w.qos as u8,
+                    retain: w.retain,
+                    delayed: w.properties.as_ref().and_then(|p| p.delay_interval).unwrap_or(0) > 0,
+                }),
                 None => None,
             };
             Ok(Connect {
@@ -162,7 +181,8 @@ pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
                 password: login.as_ref().map(|l| l.password.clone()),
                 keep_alive: c.keep_alive,
                 clean: c.clean_start,
-                will_topic,
+                will: will_info,
+                auth_method: c.properties.as_ref().and_then(|p| p.authentication_method.clone()),
                 raw: RawConnect::V5(c, will),
             })
         }
@@ -175,7 +195,14 @@ pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
                 password: c.login.as_ref().map(|l| l.password.clone()),
                 keep_alive: c.keep_alive,
                 clean: c.clean_session,
-                will_topic: c.last_will.as_ref().map(|w| w.topic.clone()),
+                will: c.last_will.as_ref().map(|w| Will {
+                    topic: w.topic.clone(),
+                    payload: w.message.clone(),
+                    qos: w.qos as u8,
+                    retain: w.retain,
+                    delayed: false,
+                }),
+                auth_method: None,
                 raw: RawConnect::V4(c),
             })
         }
@@ -217,7 +244,9 @@ pub fn connack_refusal(proto: Proto, why: Refusal) -> Bytes {
                 Refusal::BadClientId => C::BadClientId,
                 // As Mosquitto does: 3.1.1 clients report code 5 as "not authorised".
                 Refusal::BadCredentials | Refusal::NotAuthorized => C::NotAuthorized,
-                Refusal::ServerUnavailable | Refusal::ServerBusy | Refusal::Malformed => C::ServiceUnavailable,
+                Refusal::ServerUnavailable | Refusal::ServerBusy | Refusal::Malformed | Refusal::BadAuthMethod => {
+                    C::ServiceUnavailable
+                }
             };
             v4::ConnAck::new(code, false).write(&mut out).expect("encoding CONNACK");
         }
@@ -231,6 +260,7 @@ pub fn connack_refusal(proto: Proto, why: Refusal) -> Bytes {
                 Refusal::ServerUnavailable => C::ServerUnavailable,
                 Refusal::ServerBusy => C::ServerBusy,
                 Refusal::Malformed => C::MalformedPacket,
+                Refusal::BadAuthMethod => C::BadAuthenticationMethod,
             };
             v5::ConnAck {
                 session_present: false,
@@ -246,12 +276,16 @@ pub fn connack_refusal(proto: Proto, why: Refusal) -> Bytes {
 
 /// Reads the engine's CONNACK: was the connection accepted? For MQTT 5, the CONNACK is
 /// re-encoded with the front door's own limits (Receive Maximum, Maximum Packet Size).
-pub fn engine_connack(
-    proto: Proto,
-    frame: &Frame,
-    receive_max: u16,
-    max_packet: u32,
-) -> Result<(bool, Bytes), FrameError> {
+/// The MQTT 5 limits the front door announces in CONNACK, replacing the engine's.
+pub struct Announce {
+    pub receive_max: u16,
+    pub max_packet: u32,
+    pub topic_alias_max: u16,
+    /// The client id the front door made for a client that sent none.
+    pub assigned_id: Option<String>,
+}
+
+pub fn engine_connack(proto: Proto, frame: &Frame, a: &Announce) -> Result<(bool, Bytes), FrameError> {
     if frame.kind != kind::CONNACK {
         return Err(malformed("engine did not answer with CONNACK"));
     }
@@ -265,8 +299,10 @@ pub fn engine_connack(
             let ok = ack.code == v5::ConnectReturnCode::Success;
             if ok {
                 let mut props = ack.properties.take().unwrap_or_else(empty_connack_props);
-                props.receive_max = Some(receive_max);
-                props.max_packet_size = Some(max_packet);
+                props.receive_max = Some(a.receive_max);
+                props.max_packet_size = Some(a.max_packet);
+                props.topic_alias_max = Some(a.topic_alias_max);
+                props.assigned_client_identifier = a.assigned_id.clone();
                 ack.properties = Some(props);
             }
             let mut out = BytesMut::new();
@@ -384,18 +420,32 @@ pub fn decode_subscribe(proto: Proto, frame: &Frame) -> Result<Subscribe, FrameE
 }
 
 impl Subscribe {
-    /// The same SUBSCRIBE holding only the filters at `keep`.
-    pub fn subset(&self, keep: &[usize]) -> Bytes {
+    /// The same SUBSCRIBE holding only the filters at `keep`, each under the given name.
+    pub fn subset(&self, keep: &[(usize, String)]) -> Bytes {
         let mut out = BytesMut::new();
         match &self.raw {
             RawSubscribe::V4(s) => {
-                let filters = keep.iter().map(|&i| s.filters[i].clone()).collect();
+                let filters = keep
+                    .iter()
+                    .map(|(i, path)| {
+                        let mut f = s.filters[*i].clone();
+                        f.path = path.clone();
+                        f
+                    })
+                    .collect();
                 v4::Subscribe { pkid: s.pkid, filters }
                     .write(&mut out)
                     .expect("encoding SUBSCRIBE");
             }
             RawSubscribe::V5(s) => {
-                let filters = keep.iter().map(|&i| s.filters[i].clone()).collect();
+                let filters = keep
+                    .iter()
+                    .map(|(i, path)| {
+                        let mut f = s.filters[*i].clone();
+                        f.path = path.clone();
+                        f
+                    })
+                    .collect();
                 v5::Subscribe {
                     pkid: s.pkid,
                     filters,
@@ -477,11 +527,6 @@ pub fn merge_suback(
     Ok((out.freeze(), granted))
 }
 
-pub fn suback_pkid(frame: &Frame) -> Option<u16> {
-    let b = frame.body();
-    Some(u16::from_be_bytes([*b.first()?, *b.get(1)?]))
-}
-
 /// A decoded UNSUBSCRIBE.
 pub fn decode_unsubscribe(proto: Proto, frame: &Frame) -> Result<(u16, Vec<String>), FrameError> {
     if frame.bytes[0] & 0x0f != 0x02 {
@@ -499,23 +544,64 @@ pub fn decode_unsubscribe(proto: Proto, frame: &Frame) -> Result<(u16, Vec<Strin
     }
 }
 
-/// UNSUBACK for filters the client did not hold (the engine never answers those).
-pub fn unsuback_none(proto: Proto, pkid: u16, count: usize) -> Bytes {
+/// An UNSUBSCRIBE of the given filters (the engine's names for them).
+pub fn unsubscribe(proto: Proto, pkid: u16, filters: Vec<String>) -> Bytes {
     let mut out = BytesMut::new();
     match proto {
         Proto::V4 => {
-            v4::UnsubAck::new(pkid).write(&mut out).expect("encoding ack");
+            v4::Unsubscribe { pkid, topics: filters }
+                .write(&mut out)
+                .expect("encoding UNSUBSCRIBE");
         }
         Proto::V5 => {
-            let ack = v5::UnsubAck {
+            v5::Unsubscribe {
                 pkid,
-                reasons: vec![v5::UnsubAckReason::NoSubscriptionExisted; count],
+                filters,
                 properties: None,
-            };
-            ack.write(&mut out).expect("encoding UNSUBACK");
+            }
+            .write(&mut out)
+            .expect("encoding UNSUBSCRIBE");
         }
     }
     out.freeze()
+}
+
+/// The one UNSUBACK a client gets: per filter, whether it held it (the engine sends one
+/// UNSUBACK per removed filter and none for the others, so the front door answers itself).
+pub fn unsuback(proto: Proto, pkid: u16, held: &[bool]) -> Bytes {
+    let mut out = BytesMut::new();
+    match proto {
+        Proto::V4 => {
+            v4::UnsubAck::new(pkid).write(&mut out).expect("encoding UNSUBACK");
+        }
+        Proto::V5 => {
+            use v5::UnsubAckReason as R;
+            let reasons = held
+                .iter()
+                .map(|h| if *h { R::Success } else { R::NoSubscriptionExisted })
+                .collect();
+            v5::UnsubAck {
+                pkid,
+                reasons,
+                properties: None,
+            }
+            .write(&mut out)
+            .expect("encoding UNSUBACK");
+        }
+    }
+    out.freeze()
+}
+
+/// The packet id of a SUBACK or UNSUBACK.
+pub fn ack_pkid(frame: &Frame) -> Option<u16> {
+    let b = frame.body();
+    Some(u16::from_be_bytes([*b.first()?, *b.get(1)?]))
+}
+
+/// A bare PUBREL (the engine ignores PUBRELs that carry MQTT 5 properties).
+pub fn pubrel(pkid: u16) -> Bytes {
+    let [h, l] = pkid.to_be_bytes();
+    Bytes::copy_from_slice(&[0x62, 0x02, h, l])
 }
 
 /// The ack a refused QoS 1/2 PUBLISH gets (PUBACK or PUBREC; "not authorized" in MQTT 5).
@@ -542,7 +628,8 @@ pub fn denied_publish_ack(proto: Proto, qos: u8, pkid: u16) -> Bytes {
     out.freeze()
 }
 
-/// PUBCOMP for a PUBREL the front door answers itself.
+/// PUBCOMP for a PUBREL the front door answers itself (MQTT 5: "packet identifier not found",
+/// since a refused QoS 2 publish ends at its PUBREC).
 pub fn pubcomp(proto: Proto, pkid: u16) -> Bytes {
     let mut out = BytesMut::new();
     match proto {
@@ -550,10 +637,17 @@ pub fn pubcomp(proto: Proto, pkid: u16) -> Bytes {
             v4::PubComp::new(pkid).write(&mut out).expect("encoding ack");
         }
         Proto::V5 => {
-            v5::PubComp::new(pkid, None).write(&mut out).expect("encoding ack");
+            let mut c = v5::PubComp::new(pkid, None);
+            c.reason = v5::PubCompReason::PacketIdentifierNotFound;
+            c.write(&mut out).expect("encoding ack");
         }
     }
     out.freeze()
+}
+
+/// The reason code of an MQTT 5 DISCONNECT (0 when absent).
+pub fn disconnect_reason(frame: &Frame) -> u8 {
+    frame.body().first().copied().unwrap_or(0)
 }
 
 /// The packet id of a PUBREL.
@@ -566,7 +660,7 @@ pub fn pubrel_pkid(frame: &Frame) -> Result<u16, FrameError> {
 }
 
 /// Why the front door closes a connection, told to MQTT 5 clients in a DISCONNECT.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Goodbye {
     Malformed,
     ProtocolError,
@@ -575,6 +669,7 @@ pub enum Goodbye {
     TopicNameInvalid,
     TopicAliasInvalid,
     ShuttingDown,
+    KeepAliveTimeout,
 }
 
 /// The DISCONNECT an MQTT 5 client is sent before the front door closes; none for 3.1.1.
@@ -591,6 +686,7 @@ pub fn disconnect(proto: Proto, why: Goodbye) -> Option<Bytes> {
         Goodbye::TopicNameInvalid => D::TopicNameInvalid,
         Goodbye::TopicAliasInvalid => D::TopicAliasInvalid,
         Goodbye::ShuttingDown => D::ServerShuttingDown,
+        Goodbye::KeepAliveTimeout => D::KeepAliveTimeout,
     };
     let mut out = BytesMut::new();
     v5::Disconnect::new(code).write(&mut out).expect("encoding DISCONNECT");

@@ -13,12 +13,22 @@ use std::net::{SocketAddr, TcpListener as StdListener};
 use std::time::Duration;
 
 /// How to reach the engine.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Engine {
     pub v4: SocketAddr,
     pub v5: SocketAddr,
     pub user: String,
     pub secret: String,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("v4", &self.v4)
+            .field("v5", &self.v5)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct EngineLimits {

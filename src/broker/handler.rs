@@ -1,28 +1,33 @@
 //! One task per client connection: read CONNECT, authenticate, open the client's session on the
 //! engine, then relay packets both ways, checking every PUBLISH and SUBSCRIBE against the ACL.
-//! Whatever goes wrong on this connection ends this connection only.
+//! The two directions run as independent pumps, so neither side can stall the other, and
+//! whatever goes wrong on this connection ends this connection only.
 
 use super::auth::Identity;
-use super::codec::{self, kind, Frame, FrameError, Goodbye, Proto, Refusal, SubDenied, SubResult};
+use super::codec::{self, kind, Announce, Frame, FrameError, Goodbye, Proto, Refusal, SubDenied, SubResult};
 use super::engine::escape_client_id;
 use super::metrics::Metrics;
-use super::retained::Retained;
-use super::{topics, Shared};
+use super::{topics, Incoming, Shared};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::time::{timeout_at, Instant};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// The largest packet the engine may send us (the MQTT maximum).
 const ENGINE_MAX_PACKET: usize = 268_435_455;
-/// Keep-alive the engine gets for a client that asked for none (the engine refuses 0); the
-/// front door pings the engine at half of it on the client's behalf.
+/// Keep-alive the engine gets for a client that asked for none (the engine refuses 0).
 const ENGINE_KEEPALIVE_FOR_ZERO: u16 = 600;
+/// MQTT 5 topic aliases a client may set: bounds what aliases cost.
+const TOPIC_ALIAS_MAX: u16 = 32;
+/// How long a write to the engine may take before the connection is given up.
+const ENGINE_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Per-listener facts a connection needs.
 #[derive(Clone, Debug)]
@@ -31,8 +36,70 @@ pub struct ListenerInfo {
     pub anonymous: bool,
 }
 
+/// The engine's name for a client: user and client id, each escaped, joined by `:`. Clients of
+/// different users never share a session, and no engine id of a client can equal the
+/// gateway's own internal ids (which hold no `:`).
+pub fn engine_client_id(username: Option<&str>, client_id: &str) -> String {
+    let esc = |s: &str| escape_client_id(s).replace(':', "%3A");
+    format!("{}:{}", esc(username.unwrap_or("")), esc(client_id))
+}
+
+/// `$share/G/F` as the engine gets it: the engine keys shared groups by name alone, so the
+/// filter is folded into the name to keep groups of different filters (and users) apart.
+fn engine_filter(f: &str) -> String {
+    match f.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
+        Some((group, filter)) => {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            filter.hash(&mut h);
+            format!("$share/{group}.{:08x}/{filter}", h.finish() as u32)
+        }
+        None => f.to_string(),
+    }
+}
+
+/// How a connection ended.
+enum End {
+    /// The client closed the socket without DISCONNECT.
+    ClientClosed,
+    /// Read or write failure, keep-alive timeout, a client that stopped reading.
+    ClientGone(String),
+    Disconnected,
+    /// MQTT 5 DISCONNECT 0x04: close, and let the will go.
+    DisconnectWithWill,
+    Protocol(&'static str),
+    EngineClosed(String),
+    Shutdown,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::ClientClosed => write!(f, "client closed the connection"),
+            End::ClientGone(why) => write!(f, "client gone: {why}"),
+            End::Disconnected => write!(f, "client disconnected"),
+            End::DisconnectWithWill => write!(f, "client disconnected with its will"),
+            End::Protocol(why) => write!(f, "closed by the gateway: {why}"),
+            End::EngineClosed(why) => write!(f, "{why}"),
+            End::Shutdown => write!(f, "gateway shutting down"),
+        }
+    }
+}
+
+impl End {
+    /// Did the client's side end the connection abnormally (so its will is published)?
+    fn fires_will(&self) -> bool {
+        matches!(
+            self,
+            End::ClientClosed | End::ClientGone(_) | End::DisconnectWithWill | End::Protocol(_)
+        )
+    }
+}
+
 /// Serves one client from its first byte to its close. `deadline` bounds everything before
-/// CONNACK (handshakes included, which the caller started under the same deadline).
+/// CONNACK (handshakes included, which the caller ran under the same deadline); `prelogin`
+/// is held until then.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
@@ -40,6 +107,7 @@ pub async fn serve<S>(
     shared: Arc<Shared>,
     deadline: Instant,
     stop: CancellationToken,
+    prelogin: OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -47,7 +115,6 @@ pub async fn serve<S>(
     let max = shared.limits.max_packet_size.0 as usize;
     let mut cbuf = BytesMut::with_capacity(4096);
 
-    // CONNECT, within the deadline.
     let first = match timeout_at(deadline, read_connect(&mut crd, &mut cbuf, max)).await {
         Ok(Ok(Some(f))) => f,
         Ok(Ok(None)) | Err(_) => {
@@ -73,63 +140,80 @@ pub async fn serve<S>(
         }
     };
     let proto = connect.proto;
-    let client_id = connect.client_id.clone();
+    let shown_id = format!("{:?}", connect.client_id);
     let refuse = |refusal: Refusal, why: String| {
         Metrics::inc(&shared.metrics.connects_refused);
-        log::info!("{peer} on {}: client `{client_id}` refused: {why}", listener.name);
+        log::info!("{peer} on {}: client {shown_id} refused: {why}", listener.name);
         codec::connack_refusal(proto, refusal)
     };
+    macro_rules! refuse {
+        ($r:expr, $why:expr) => {{
+            let ack = refuse($r, $why);
+            let _ = timeout_at(deadline, cwr.write_all(&ack)).await;
+            return;
+        }};
+    }
 
-    let Ok(_permit) = shared.sessions_allowed.clone().try_acquire_owned() else {
-        let ack = refuse(Refusal::ServerBusy, "max_connections reached".into());
-        let _ = cwr.write_all(&ack).await;
-        return;
+    if connect.auth_method.is_some() {
+        refuse!(
+            Refusal::BadAuthMethod,
+            "MQTT 5 enhanced authentication is not offered".into()
+        );
+    }
+    let Ok(_session) = shared.sessions_allowed.clone().try_acquire_owned() else {
+        refuse!(Refusal::ServerBusy, "max_connections reached".into());
     };
 
-    // Authentication.
+    // Authentication: argon2 is slow on purpose, so only a few run at once.
     let policy = shared.policy.load_full();
     match (&connect.username, &connect.password) {
         (Some(user), pass) => {
-            let (p, u, pw) = (policy.clone(), user.clone(), pass.clone().unwrap_or_default());
-            let ok = tokio::task::spawn_blocking(move || p.verify_password(&u, &pw))
-                .await
-                .unwrap_or(false);
+            let ok = match timeout_at(deadline, shared.auth_slots.acquire()).await {
+                Ok(Ok(_slot)) => {
+                    let (p, u, pw) = (policy.clone(), user.clone(), pass.clone().unwrap_or_default());
+                    tokio::task::spawn_blocking(move || p.verify_password(&u, &pw))
+                        .await
+                        .unwrap_or(false)
+                }
+                _ => false,
+            };
             if !ok {
-                let ack = refuse(
+                refuse!(
                     Refusal::BadCredentials,
-                    format!("wrong password or unknown user `{user}`"),
+                    format!("wrong password or unknown user {user:?}")
                 );
-                let _ = cwr.write_all(&ack).await;
-                return;
             }
         }
         (None, _) if !listener.anonymous => {
-            let ack = refuse(
+            refuse!(
                 Refusal::NotAuthorized,
-                "anonymous clients are not allowed on this listener".into(),
+                "anonymous clients are not allowed on this listener".into()
             );
-            let _ = cwr.write_all(&ack).await;
-            return;
         }
         (None, _) => {}
     }
+    // A client without an id gets one (and is told it, in MQTT 5).
+    let (client_id, assigned_id) = if connect.client_id.is_empty() {
+        if !connect.clean {
+            refuse!(Refusal::BadClientId, "an empty client id needs a clean session".into());
+        }
+        let id = format!("outpost-{:016x}", rand::random::<u64>());
+        (id.clone(), Some(id))
+    } else {
+        (connect.client_id.clone(), None)
+    };
     let id = Identity {
         username: connect.username.clone(),
-        client_id: connect.client_id.clone(),
+        client_id,
     };
-    if connect.client_id.len() > shared.limits.max_client_id_len
-        || !policy.client_id_allowed(id.username.as_deref(), &connect.client_id)
-        || (connect.client_id.is_empty() && !connect.clean)
+    if id.client_id.len() > shared.limits.max_client_id_len
+        || !policy.client_id_allowed(id.username.as_deref(), &id.client_id)
     {
-        let ack = refuse(Refusal::BadClientId, "client id not allowed".into());
-        let _ = cwr.write_all(&ack).await;
-        return;
+        refuse!(Refusal::BadClientId, "client id not allowed".into());
     }
-    if let Some(w) = &connect.will_topic {
-        if !topics::valid_topic(w) || !policy.may_publish(&id, w) {
-            let ack = refuse(Refusal::NotAuthorized, format!("will topic `{w}` not allowed"));
-            let _ = cwr.write_all(&ack).await;
-            return;
+    if let Some(w) = &connect.will {
+        if !topics::valid_topic(&w.topic) || !policy.may_publish(&id, &w.topic) {
+            refuse!(Refusal::NotAuthorized, format!("will topic {:?} not allowed", w.topic));
         }
     }
     drop(policy);
@@ -140,73 +224,84 @@ pub async fn serve<S>(
     } else {
         shared.engine.v4
     };
-    let keep_alive = if connect.keep_alive == 0 {
+    let engine_ka = if connect.keep_alive == 0 {
         ENGINE_KEEPALIVE_FOR_ZERO
     } else {
         connect.keep_alive
     };
-    let engine_id = escape_client_id(&connect.client_id);
-    let opened = open_engine_session(
-        &shared,
-        engine_addr,
-        connect.for_engine(&engine_id, &shared.engine.user, &shared.engine.secret, keep_alive),
-        proto,
-    )
-    .await;
-    let (engine, ebuf, connack) = match opened {
-        Ok((s, buf, Some(ack))) => (s, buf, ack),
-        Ok((_, _, None)) => {
-            let ack = refuse(Refusal::NotAuthorized, "the engine refused the session".into());
-            let _ = cwr.write_all(&ack).await;
-            return;
-        }
-        Err(e) => {
-            let ack = refuse(Refusal::ServerUnavailable, format!("engine unavailable: {e}"));
-            let _ = cwr.write_all(&ack).await;
-            return;
-        }
+    let engine_id = engine_client_id(id.username.as_deref(), &id.client_id);
+    let announce = Announce {
+        receive_max: shared.limits.max_inflight,
+        max_packet: shared.limits.max_packet_size.0 as u32,
+        topic_alias_max: TOPIC_ALIAS_MAX,
+        assigned_id,
     };
-    if cwr.write_all(&connack).await.is_err() {
+    let engine_connect = connect.for_engine(&engine_id, &shared.engine.user, &shared.engine.secret, engine_ka);
+    let (engine, ebuf, connack) = match open_engine_session(engine_addr, engine_connect, proto, &announce).await {
+        Ok((s, buf, Some(ack))) => (s, buf, ack),
+        Ok((_, _, None)) => refuse!(Refusal::NotAuthorized, "the engine refused the session".into()),
+        Err(e) => refuse!(Refusal::ServerUnavailable, format!("engine unavailable: {e}")),
+    };
+    if timeout_at(deadline, cwr.write_all(&connack))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
         return;
     }
+    drop(prelogin);
     if connect.clean {
         shared
             .subscriptions
             .lock()
             .expect("subscriptions lock")
-            .remove(&connect.client_id);
+            .remove(&engine_id);
     }
     Metrics::inc(&shared.metrics.connections);
     Metrics::inc(&shared.metrics.connections_total);
     log::debug!(
-        "{peer} on {}: client `{}` connected ({proto:?}, user {:?})",
+        "{peer} on {}: client {:?} connected ({proto:?}, user {:?})",
         listener.name,
-        connect.client_id,
+        id.client_id,
         id.username
     );
 
-    let mut relay = Relay {
+    let ctx = Ctx {
         proto,
         id,
+        engine_id,
+        keep_alive: connect.keep_alive,
         shared: shared.clone(),
-        aliases: HashMap::new(),
-        pending_subs: HashMap::new(),
-        denied_qos2: HashSet::new(),
-        inflight: 0,
-        client_pings: 0,
+        flow: Mutex::new(Flow::default()),
     };
-    let end = relay
-        .run(crd, cwr, cbuf, engine, ebuf, connect.keep_alive == 0, stop)
-        .await;
+    let end = relay(&ctx, crd, cbuf, cwr, engine, ebuf, stop).await;
     shared
         .metrics
         .connections
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    log::debug!(
-        "{peer} on {}: client `{}` closed: {end}",
-        listener.name,
-        relay.id.client_id
-    );
+    if connect.clean {
+        shared
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .remove(&ctx.engine_id);
+    }
+    // The engine publishes the will itself; the retained store and the bridges get their copy here.
+    if let Some(w) = connect.will.as_ref().filter(|w| end.fires_will() && !w.delayed) {
+        let m = Incoming {
+            topic: &w.topic,
+            payload: &w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            origin: None,
+        };
+        shared.ingress(&m, false, &mut vec![]);
+    }
+    match &end {
+        End::Protocol(_) | End::ClientGone(_) => {
+            log::info!("{peer} on {}: client {:?}: {end}", listener.name, ctx.id.client_id)
+        }
+        _ => log::debug!("{peer} on {}: client {:?}: {end}", listener.name, ctx.id.client_id),
+    }
 }
 
 fn count_bad(m: &Metrics, e: &FrameError) {
@@ -218,9 +313,6 @@ fn count_bad(m: &Metrics, e: &FrameError) {
 
 /// Decodes and checks the first packet; a refusal says which CONNACK to send, if any.
 fn check_connect(first: &Frame) -> Result<codec::Connect, (Option<Proto>, Refusal, String)> {
-    if first.kind != kind::CONNECT {
-        return Err((None, Refusal::Malformed, "first packet is not CONNECT".into()));
-    }
     match codec::protocol_level(first) {
         Some((name, 4)) if name == "MQTT" => {}
         Some((name, 5)) if name == "MQTT" => {}
@@ -251,25 +343,20 @@ fn check_connect(first: &Frame) -> Result<codec::Connect, (Option<Proto>, Refusa
 /// Opens the session on the engine and waits for its CONNACK, whatever happens to the client
 /// meanwhile: closing before the engine has written its CONNACK is what poisons rumqttd.
 async fn open_engine_session(
-    shared: &Shared,
     addr: SocketAddr,
     connect: Bytes,
     proto: Proto,
+    announce: &Announce,
 ) -> anyhow::Result<(TcpStream, BytesMut, Option<Bytes>)> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     s.write_all(&connect).await?;
     let mut buf = BytesMut::with_capacity(4096);
-    let frame = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut s, &mut buf, ENGINE_MAX_PACKET))
+    let frame = timeout(Duration::from_secs(10), read_frame(&mut s, &mut buf, ENGINE_MAX_PACKET))
         .await
         .map_err(|_| anyhow::anyhow!("no CONNACK from the engine in 10s"))??
         .ok_or_else(|| anyhow::anyhow!("engine closed the session before CONNACK"))?;
-    let (ok, ack) = codec::engine_connack(
-        proto,
-        &frame,
-        shared.limits.max_inflight,
-        shared.limits.max_packet_size.0 as u32,
-    )?;
+    let (ok, ack) = codec::engine_connack(proto, &frame, announce)?;
     Ok((s, buf, ok.then_some(ack)))
 }
 
@@ -312,354 +399,526 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// The relay's state for one connected client.
-struct Relay {
+/// What one connection shares between its two pumps.
+struct Ctx {
     proto: Proto,
     id: Identity,
+    engine_id: String,
+    /// The client's keep-alive in seconds (0: none).
+    keep_alive: u16,
     shared: Arc<Shared>,
-    /// MQTT 5 topic aliases the client set, to know the topic of an alias-only PUBLISH.
-    aliases: HashMap<u16, String>,
+    flow: Mutex<Flow>,
+}
+
+/// State that packets in one direction set and packets in the other consume.
+#[derive(Default)]
+struct Flow {
     /// SUBSCRIBEs awaiting the engine's SUBACK: the filters and what the ACL decided for each.
     pending_subs: HashMap<u16, (Vec<String>, Vec<SubResult>)>,
-    /// QoS 2 publishes refused (3.1.1): their PUBREL is answered here, not by the engine.
-    denied_qos2: HashSet<u16>,
     /// QoS 1/2 publishes from the client the engine has not yet acknowledged.
     inflight: u32,
     /// PINGREQs from the client still to be answered (the rest are the front door's own).
     client_pings: u32,
+    /// A DISCONNECT went to the engine: its close is the normal end.
+    disconnecting: bool,
+}
+
+/// What the client-to-engine pump hands the client writer.
+enum Out {
+    Bytes(Bytes),
+    /// Send the goodbye (MQTT 5), close, and end the connection so.
+    Close(Goodbye, End),
+}
+
+async fn relay<R, W>(
+    ctx: &Ctx,
+    crd: R,
+    cbuf: BytesMut,
+    cwr: W,
+    engine: TcpStream,
+    ebuf: BytesMut,
+    stop: CancellationToken,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (erd, ewr) = engine.into_split();
+    let (tx, rx) = mpsc::channel(256);
+    tokio::select! {
+        end = up(ctx, crd, cbuf, ewr, tx) => end,
+        end = down(ctx, erd, ebuf, cwr, rx, stop) => end,
+    }
+}
+
+/// Client to engine: read, check, forward; answers the client through `tx`.
+async fn up<R: AsyncRead + Unpin>(
+    ctx: &Ctx,
+    mut crd: R,
+    mut cbuf: BytesMut,
+    mut ewr: OwnedWriteHalf,
+    tx: mpsc::Sender<Out>,
+) -> End {
+    let m = &ctx.shared.metrics;
+    let max = ctx.shared.limits.max_packet_size.0 as usize;
+    // MQTT: no packet from the client for 1.5 x keep-alive means it is gone.
+    let client_silence = (ctx.keep_alive > 0).then(|| Duration::from_millis(ctx.keep_alive as u64 * 1500));
+    let engine_ka = if ctx.keep_alive == 0 {
+        ENGINE_KEEPALIVE_FOR_ZERO
+    } else {
+        ctx.keep_alive
+    };
+    // Packets the front door answers itself never reach the engine: ping it on the client's
+    // behalf so it does not time the client out.
+    let ping_every = Duration::from_secs((engine_ka as u64 / 2).max(1));
+    let mut last_engine_write = Instant::now();
+    let mut st = UpState::default();
+    let mut ready = !cbuf.is_empty();
+    loop {
+        if !ready {
+            let read = async {
+                match client_silence {
+                    Some(t) => timeout(t, crd.read_buf(&mut cbuf)).await.ok(),
+                    None => Some(crd.read_buf(&mut cbuf).await),
+                }
+            };
+            tokio::select! {
+                r = read => match r {
+                    None => return close(&tx, Goodbye::KeepAliveTimeout, End::ClientGone("keep-alive timed out".into())).await,
+                    Some(Ok(0)) => return End::ClientClosed,
+                    Some(Err(e)) => return End::ClientGone(format!("read: {e}")),
+                    Some(Ok(n)) => Metrics::add(&m.bytes_in, n as u64),
+                },
+                _ = tokio::time::sleep_until(last_engine_write + ping_every) => {
+                    if timeout(ENGINE_WRITE_TIMEOUT, ewr.write_all(&codec::PINGREQ)).await.map_or(true, |r| r.is_err()) {
+                        return End::EngineClosed("engine write failed".into());
+                    }
+                    last_engine_write = Instant::now();
+                    continue;
+                }
+            }
+        }
+        ready = false;
+        let mut to_engine = BytesMut::new();
+        let mut after_write: Vec<Bytes> = vec![];
+        let mut finish: Option<End> = None;
+        loop {
+            let frame = match codec::next_frame(&mut cbuf, max) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    count_bad(m, &e);
+                    let why = if matches!(e, FrameError::TooLarge(_)) {
+                        Goodbye::PacketTooLarge
+                    } else {
+                        Goodbye::Malformed
+                    };
+                    let _ = write_engine(&mut ewr, &mut to_engine, &mut st.durable).await;
+                    return close(
+                        &tx,
+                        why,
+                        End::Protocol(if why == Goodbye::PacketTooLarge {
+                            "packet too large"
+                        } else {
+                            "malformed packet"
+                        }),
+                    )
+                    .await;
+                }
+            };
+            match on_client_packet(ctx, &mut st, frame) {
+                Step::Forward(b) => to_engine.extend_from_slice(&b),
+                Step::Reply(b) => {
+                    if tx.send(Out::Bytes(b)).await.is_err() {
+                        return End::ClientGone("writer ended".into());
+                    }
+                }
+                Step::ForwardThenReply(f, r) => {
+                    to_engine.extend_from_slice(&f);
+                    after_write.push(r);
+                }
+                Step::Nothing => {}
+                Step::Disconnect(forward) => {
+                    match forward {
+                        Some(b) => {
+                            to_engine.extend_from_slice(&b);
+                            ctx.flow.lock().expect("flow lock").disconnecting = true;
+                            finish = Some(End::Disconnected);
+                        }
+                        None => finish = Some(End::DisconnectWithWill),
+                    }
+                    break;
+                }
+                Step::Close(why, reason) => {
+                    let _ = write_engine(&mut ewr, &mut to_engine, &mut st.durable).await;
+                    return close(&tx, why, End::Protocol(reason)).await;
+                }
+            }
+        }
+        if write_engine(&mut ewr, &mut to_engine, &mut st.durable).await.is_err() {
+            return End::EngineClosed("engine write failed".into());
+        }
+        last_engine_write = Instant::now();
+        for r in after_write {
+            if tx.send(Out::Bytes(r)).await.is_err() {
+                return End::ClientGone("writer ended".into());
+            }
+        }
+        match finish {
+            // The engine closes once it has the DISCONNECT; the other pump sees that.
+            Some(End::Disconnected) => {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                return End::Disconnected;
+            }
+            Some(end) => return end,
+            None => {}
+        }
+    }
+}
+
+/// Hands a goodbye to the client writer, which ends the connection.
+async fn close(tx: &mpsc::Sender<Out>, why: Goodbye, end: End) -> End {
+    match tx.send(Out::Close(why, end)).await {
+        Ok(()) => std::future::pending().await,
+        Err(mpsc::error::SendError(Out::Close(_, end))) => end,
+        Err(_) => End::ClientGone("writer ended".into()),
+    }
+}
+
+/// Waits for the durable copies, then writes to the engine.
+async fn write_engine(
+    ewr: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+    durable: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
+) -> std::io::Result<()> {
+    for w in durable.drain(..) {
+        let _ = w.await;
+    }
+    if buf.is_empty() {
+        return Ok(());
+    }
+    match timeout(ENGINE_WRITE_TIMEOUT, ewr.write_all(buf)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "engine did not read")),
+    }?;
+    buf.clear();
+    Ok(())
+}
+
+/// Engine to client: forward, answer for the front door, and write what the other pump sends.
+async fn down<W: AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    mut erd: OwnedReadHalf,
+    mut ebuf: BytesMut,
+    mut cwr: W,
+    mut rx: mpsc::Receiver<Out>,
+    stop: CancellationToken,
+) -> End {
+    let m = &ctx.shared.metrics;
+    // A client that does not read for this long is given up.
+    let write_timeout = Duration::from_secs((ctx.keep_alive as u64 * 3 / 2).max(30));
+    let mut ready = !ebuf.is_empty();
+    let mut to_client = BytesMut::new();
+    loop {
+        let mut closing = None;
+        if !ready {
+            tokio::select! {
+                r = erd.read_buf(&mut ebuf) => match r {
+                    Ok(0) | Err(_) => {
+                        let _ = flush_client(&mut cwr, &mut to_client, write_timeout).await;
+                        return if ctx.flow.lock().expect("flow lock").disconnecting {
+                            End::Disconnected
+                        } else {
+                            End::EngineClosed("engine closed the session".into())
+                        };
+                    }
+                    Ok(_) => {
+                        // rumqttd leaves Nagle on; acking at once keeps its next write from waiting.
+                        let _ = socket2::SockRef::from(erd.as_ref()).set_tcp_quickack(true);
+                        ready = true;
+                    }
+                },
+                out = rx.recv() => match out {
+                    Some(Out::Bytes(b)) => to_client.extend_from_slice(&b),
+                    Some(Out::Close(why, end)) => closing = Some((why, end)),
+                    None => return End::ClientGone("reader ended".into()),
+                },
+                _ = stop.cancelled() => closing = Some((Goodbye::ShuttingDown, End::Shutdown)),
+            }
+        }
+        while closing.is_none() {
+            match rx.try_recv() {
+                Ok(Out::Bytes(b)) => to_client.extend_from_slice(&b),
+                Ok(Out::Close(why, end)) => closing = Some((why, end)),
+                Err(_) => break,
+            }
+        }
+        if let Some((why, end)) = closing {
+            if let Some(d) = codec::disconnect(ctx.proto, why) {
+                to_client.extend_from_slice(&d);
+            }
+            let _ = flush_client(&mut cwr, &mut to_client, write_timeout).await;
+            let _ = timeout(Duration::from_secs(1), cwr.shutdown()).await;
+            return end;
+        }
+        if ready {
+            ready = false;
+            loop {
+                let frame = match codec::next_frame(&mut ebuf, ENGINE_MAX_PACKET) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => return End::EngineClosed(format!("engine sent a bad packet: {e}")),
+                };
+                match on_engine_packet(ctx, frame) {
+                    Ok(Some(b)) => to_client.extend_from_slice(&b),
+                    Ok(None) => {}
+                    Err(why) => {
+                        if let Some(d) = codec::disconnect(ctx.proto, Goodbye::ProtocolError) {
+                            to_client.extend_from_slice(&d);
+                        }
+                        let _ = flush_client(&mut cwr, &mut to_client, write_timeout).await;
+                        return End::EngineClosed(why.into());
+                    }
+                }
+            }
+        }
+        Metrics::add(&m.bytes_out, to_client.len() as u64);
+        if let Err(e) = flush_client(&mut cwr, &mut to_client, write_timeout).await {
+            return End::ClientGone(format!("write: {e}"));
+        }
+    }
+}
+
+async fn flush_client<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut, limit: Duration) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let res = timeout(limit, async {
+        w.write_all(buf).await?;
+        w.flush().await
+    })
+    .await;
+    buf.clear();
+    match res {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client did not read")),
+    }
+}
+
+/// State only the client-to-engine pump uses.
+#[derive(Default)]
+struct UpState {
+    /// MQTT 5 topic aliases the client set, to know the topic of an alias-only PUBLISH.
+    aliases: HashMap<u16, String>,
+    /// Refused QoS 2 publishes: their PUBREL is answered here, not by the engine.
+    denied_qos2: HashSet<u16>,
+    /// Copies (bridge spools) that must be on disk before the engine, and so the publisher's
+    /// ack, sees the publishes read so far.
+    durable: Vec<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What one client packet leads to.
 enum Step {
     Forward(Bytes),
     Reply(Bytes),
+    ForwardThenReply(Bytes, Bytes),
     Nothing,
     Close(Goodbye, &'static str),
-    Disconnect(Bytes),
+    /// DISCONNECT: forward it (normal), or not (MQTT 5 "with will": the engine would drop the will).
+    Disconnect(Option<Bytes>),
 }
 
-impl Relay {
-    #[allow(clippy::too_many_arguments)]
-    async fn run<R, W>(
-        &mut self,
-        mut crd: R,
-        mut cwr: W,
-        mut cbuf: BytesMut,
-        engine: TcpStream,
-        mut ebuf: BytesMut,
-        ping_engine: bool,
-        stop: CancellationToken,
-    ) -> String
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        let (mut erd, mut ewr) = engine.into_split();
-        let max = self.shared.limits.max_packet_size.0 as usize;
-        let mut ping = tokio::time::interval(Duration::from_secs(ENGINE_KEEPALIVE_FOR_ZERO as u64 / 2));
-        ping.tick().await;
-        let mut to_engine = BytesMut::new();
-        let mut to_client = BytesMut::new();
-        // Frames already buffered behind the CONNECT / CONNACK are handled first.
-        let mut client_ready = !cbuf.is_empty();
-        let mut engine_ready = !ebuf.is_empty();
-        loop {
-            if !client_ready && !engine_ready {
-                tokio::select! {
-                    r = crd.read_buf(&mut cbuf) => match r {
-                        Ok(0) => return "client closed the connection".into(),
-                        Err(e) => return format!("client read error: {e}"),
-                        Ok(n) => { Metrics::add(&self.shared.metrics.bytes_in, n as u64); client_ready = true; }
-                    },
-                    r = erd.read_buf(&mut ebuf) => match r {
-                        Ok(0) => return "engine closed the session".into(),
-                        Err(e) => return format!("engine read error: {e}"),
-                        Ok(_) => {
-                            // rumqttd leaves Nagle on; acking at once keeps its next write from waiting.
-                            let _ = socket2::SockRef::from(erd.as_ref()).set_tcp_quickack(true);
-                            engine_ready = true;
-                        }
-                    },
-                    _ = ping.tick(), if ping_engine => {
-                        if ewr.write_all(&codec::PINGREQ).await.is_err() { return "engine write error".into(); }
-                    }
-                    _ = stop.cancelled() => {
-                        if let Some(d) = codec::disconnect(self.proto, Goodbye::ShuttingDown) { let _ = cwr.write_all(&d).await; }
-                        let _ = cwr.shutdown().await;
-                        return "gateway shutting down".into();
-                    }
-                }
-            }
-            if client_ready {
-                client_ready = false;
-                loop {
-                    let frame = match codec::next_frame(&mut cbuf, max) {
-                        Ok(Some(f)) => f,
-                        Ok(None) => break,
-                        Err(e) => {
-                            count_bad(&self.shared.metrics, &e);
-                            let why = if matches!(e, FrameError::TooLarge(_)) {
-                                Goodbye::PacketTooLarge
-                            } else {
-                                Goodbye::Malformed
-                            };
-                            return self
-                                .close(&mut cwr, &mut ewr, &to_engine, &to_client, why, &e.to_string())
-                                .await;
-                        }
-                    };
-                    match self.on_client_packet(frame) {
-                        Step::Forward(b) => to_engine.extend_from_slice(&b),
-                        Step::Reply(b) => to_client.extend_from_slice(&b),
-                        Step::Nothing => {}
-                        Step::Disconnect(b) => {
-                            to_engine.extend_from_slice(&b);
-                            let _ = flush(&mut cwr, &mut to_client).await;
-                            let _ = flush(&mut ewr, &mut to_engine).await;
-                            // Let the engine see the DISCONNECT before the socket goes (no will).
-                            let _ = tokio::time::timeout(Duration::from_secs(1), erd.read_buf(&mut ebuf)).await;
-                            return "client disconnected".into();
-                        }
-                        Step::Close(why, reason) => {
-                            return self
-                                .close(&mut cwr, &mut ewr, &to_engine, &to_client, why, reason)
-                                .await;
-                        }
-                    }
-                }
-            }
-            if engine_ready {
-                engine_ready = false;
-                loop {
-                    let frame = match codec::next_frame(&mut ebuf, ENGINE_MAX_PACKET) {
-                        Ok(Some(f)) => f,
-                        Ok(None) => break,
-                        Err(e) => return format!("engine sent a bad packet: {e}"),
-                    };
-                    if let Some(b) = self.on_engine_packet(frame) {
-                        to_client.extend_from_slice(&b);
-                    }
-                }
-            }
-            Metrics::add(&self.shared.metrics.bytes_out, to_client.len() as u64);
-            if flush(&mut ewr, &mut to_engine).await.is_err() {
-                return "engine write error".into();
-            }
-            if flush(&mut cwr, &mut to_client).await.is_err() {
-                return "client write error".into();
-            }
-        }
-    }
-
-    async fn close<W: AsyncWrite + Unpin>(
-        &self,
-        cwr: &mut W,
-        ewr: &mut tokio::net::tcp::OwnedWriteHalf,
-        to_engine: &BytesMut,
-        to_client: &BytesMut,
-        why: Goodbye,
-        reason: &str,
-    ) -> String {
-        let _ = ewr.write_all(to_engine).await;
-        let _ = cwr.write_all(to_client).await;
-        if let Some(d) = codec::disconnect(self.proto, why) {
-            let _ = cwr.write_all(&d).await;
-        }
-        let _ = cwr.shutdown().await;
-        log::info!("client `{}` closed by the gateway: {reason}", self.id.client_id);
-        format!("closed: {reason}")
-    }
-
-    /// Decides what a packet from the client does.
-    fn on_client_packet(&mut self, frame: Frame) -> Step {
-        let m = &self.shared.metrics;
-        match frame.kind {
-            kind::PUBLISH => {
-                let p = match codec::decode_publish(self.proto, &frame) {
-                    Ok(p) => p,
-                    Err(_) => {
-                        Metrics::inc(&m.malformed_packets);
-                        return Step::Close(Goodbye::Malformed, "malformed PUBLISH");
-                    }
-                };
-                Metrics::inc(&m.publishes_in);
-                let topic = match (p.alias, p.topic.is_empty()) {
-                    (Some(a), false) => {
-                        self.aliases.insert(a, p.topic.clone());
-                        p.topic.clone()
-                    }
-                    (Some(a), true) => match self.aliases.get(&a) {
-                        Some(t) => t.clone(),
-                        None => {
-                            Metrics::inc(&m.malformed_packets);
-                            return Step::Close(Goodbye::TopicAliasInvalid, "unknown topic alias");
-                        }
-                    },
-                    (None, _) => p.topic.clone(),
-                };
-                if !topics::valid_topic(&topic) {
+/// Decides what a packet from the client does.
+fn on_client_packet(ctx: &Ctx, st: &mut UpState, frame: Frame) -> Step {
+    let m = &ctx.shared.metrics;
+    let proto = ctx.proto;
+    match frame.kind {
+        kind::PUBLISH => {
+            let Ok(p) = codec::decode_publish(proto, &frame) else {
+                Metrics::inc(&m.malformed_packets);
+                return Step::Close(Goodbye::Malformed, "malformed PUBLISH");
+            };
+            Metrics::inc(&m.publishes_in);
+            let topic = match (p.alias, p.topic.is_empty()) {
+                (Some(a), _) if a == 0 || a > TOPIC_ALIAS_MAX => {
                     Metrics::inc(&m.malformed_packets);
-                    return Step::Close(Goodbye::TopicNameInvalid, "PUBLISH to an invalid topic name");
+                    return Step::Close(Goodbye::TopicAliasInvalid, "topic alias out of range");
                 }
-                if !self.shared.policy.load().may_publish(&self.id, &topic) {
-                    Metrics::inc(&m.publish_denied);
-                    log::debug!("client `{}`: publish to `{topic}` denied", self.id.client_id);
-                    return match p.qos {
-                        0 => Step::Nothing,
-                        q => {
-                            if q == 2 && self.proto == Proto::V4 {
-                                self.denied_qos2.insert(p.pkid);
-                            }
-                            Step::Reply(codec::denied_publish_ack(self.proto, q, p.pkid))
-                        }
-                    };
+                (Some(a), false) => {
+                    st.aliases.insert(a, p.topic.clone());
+                    p.topic.clone()
                 }
-                if p.qos > 0 {
-                    self.inflight += 1;
-                    if self.inflight > self.shared.limits.max_inflight as u32 {
-                        Metrics::inc(&m.inflight_exceeded);
-                        return Step::Close(Goodbye::ReceiveMaximumExceeded, "too many unacknowledged publishes");
-                    }
-                }
-                // The engine drops its retained message on any empty publish; the store follows it.
-                if p.retain || p.payload.is_empty() {
-                    self.shared.retained.put(Retained {
-                        topic,
-                        payload: p.payload,
-                        qos: p.qos,
-                    });
-                }
-                Step::Forward(frame.bytes)
-            }
-            kind::SUBSCRIBE => {
-                let s = match codec::decode_subscribe(self.proto, &frame) {
-                    Ok(s) => s,
-                    Err(_) => {
+                (Some(a), true) => match st.aliases.get(&a) {
+                    Some(t) => t.clone(),
+                    None => {
                         Metrics::inc(&m.malformed_packets);
-                        return Step::Close(Goodbye::Malformed, "malformed SUBSCRIBE");
+                        return Step::Close(Goodbye::TopicAliasInvalid, "unknown topic alias");
                     }
-                };
-                let policy = self.shared.policy.load();
-                let plan: Vec<SubResult> = s
-                    .filters
-                    .iter()
-                    .map(|f| {
-                        if !topics::strip_share(f).is_some_and(topics::valid_filter) {
-                            SubResult::Denied(SubDenied::InvalidFilter)
-                        } else if (f.starts_with('$') && !f.starts_with("$share/"))
-                            || !policy.may_subscribe(&self.id, f)
-                        {
-                            // The engine has no `$` topics and disconnects clients asking for
-                            // them; such filters are refused here in SUBACK instead.
-                            Metrics::inc(&m.subscribe_denied);
-                            log::debug!("client `{}`: subscribe to `{f}` denied", self.id.client_id);
-                            SubResult::Denied(SubDenied::NotAuthorized)
-                        } else {
-                            SubResult::FromEngine
+                },
+                (None, _) => p.topic.clone(),
+            };
+            if !topics::valid_topic(&topic) {
+                Metrics::inc(&m.malformed_packets);
+                return Step::Close(Goodbye::TopicNameInvalid, "PUBLISH to an invalid topic name");
+            }
+            if !ctx.shared.policy.load().may_publish(&ctx.id, &topic) {
+                Metrics::inc(&m.publish_denied);
+                log::debug!("client {:?}: publish to {topic:?} denied", ctx.id.client_id);
+                return match p.qos {
+                    0 => Step::Nothing,
+                    q => {
+                        if q == 2 {
+                            st.denied_qos2.insert(p.pkid);
                         }
-                    })
-                    .collect();
-                let keep: Vec<usize> = plan
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| matches!(p, SubResult::FromEngine))
-                    .map(|(i, _)| i)
-                    .collect();
-                if keep.is_empty() {
-                    return match codec::merge_suback(self.proto, s.pkid, &plan, None) {
-                        Ok((ack, _)) => Step::Reply(ack),
-                        Err(_) => Step::Close(Goodbye::ProtocolError, "cannot answer SUBSCRIBE"),
-                    };
-                }
-                let out = if keep.len() == plan.len() {
-                    frame.bytes
-                } else {
-                    s.subset(&keep)
-                };
-                self.pending_subs.insert(s.pkid, (s.filters, plan));
-                Step::Forward(out)
-            }
-            kind::UNSUBSCRIBE => {
-                let (pkid, filters) = match codec::decode_unsubscribe(self.proto, &frame) {
-                    Ok(u) => u,
-                    Err(_) => {
-                        Metrics::inc(&m.malformed_packets);
-                        return Step::Close(Goodbye::Malformed, "malformed UNSUBSCRIBE");
+                        Step::Reply(codec::denied_publish_ack(proto, q, p.pkid))
                     }
                 };
-                let mut subs = self.shared.subscriptions.lock().expect("subscriptions lock");
-                let held = subs.entry(self.id.client_id.clone()).or_default();
-                // The engine never answers an UNSUBSCRIBE of filters the client does not hold.
-                if !filters.iter().any(|f| held.contains(f)) {
-                    return Step::Reply(codec::unsuback_none(self.proto, pkid, filters.len()));
+            }
+            if p.qos > 0 {
+                let mut flow = ctx.flow.lock().expect("flow lock");
+                flow.inflight += 1;
+                if flow.inflight > ctx.shared.limits.max_inflight as u32 {
+                    Metrics::inc(&m.inflight_exceeded);
+                    return Step::Close(Goodbye::ReceiveMaximumExceeded, "too many unacknowledged publishes");
                 }
-                for f in &filters {
-                    held.remove(f);
-                }
-                Step::Forward(frame.bytes)
             }
-            kind::PUBREL => match codec::pubrel_pkid(&frame) {
-                Ok(pkid) if self.denied_qos2.remove(&pkid) => Step::Reply(codec::pubcomp(self.proto, pkid)),
-                Ok(_) => Step::Forward(frame.bytes),
-                Err(_) => Step::Close(Goodbye::Malformed, "malformed PUBREL"),
-            },
-            kind::PINGREQ => {
-                self.client_pings += 1;
-                Step::Forward(frame.bytes)
-            }
-            kind::DISCONNECT => Step::Disconnect(frame.bytes),
-            kind::PUBACK | kind::PUBREC | kind::PUBCOMP => Step::Forward(frame.bytes),
-            kind::CONNECT => {
-                Metrics::inc(&m.malformed_packets);
-                Step::Close(Goodbye::ProtocolError, "second CONNECT")
-            }
-            _ => {
-                Metrics::inc(&m.malformed_packets);
-                Step::Close(Goodbye::ProtocolError, "packet type a client may not send")
-            }
+            let msg = Incoming {
+                topic: &topic,
+                payload: &p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                origin: None,
+            };
+            ctx.shared.ingress(&msg, p.qos > 0, &mut st.durable);
+            Step::Forward(frame.bytes)
         }
-    }
-
-    /// Decides what a packet from the engine does; `None` swallows it.
-    fn on_engine_packet(&mut self, frame: Frame) -> Option<Bytes> {
-        match frame.kind {
-            kind::PUBACK | kind::PUBCOMP => {
-                self.inflight = self.inflight.saturating_sub(1);
-                Some(frame.bytes)
-            }
-            kind::SUBACK => {
-                let pkid = codec::suback_pkid(&frame)?;
-                let Some((filters, plan)) = self.pending_subs.remove(&pkid) else {
-                    return Some(frame.bytes);
-                };
-                let (ack, granted) = codec::merge_suback(self.proto, pkid, &plan, Some(&frame)).ok()?;
-                let mut subs = self.shared.subscriptions.lock().expect("subscriptions lock");
-                let held = subs.entry(self.id.client_id.clone()).or_default();
-                for (f, g) in filters.into_iter().zip(granted) {
-                    if g {
-                        held.insert(f);
+        kind::SUBSCRIBE => {
+            let Ok(s) = codec::decode_subscribe(proto, &frame) else {
+                Metrics::inc(&m.malformed_packets);
+                return Step::Close(Goodbye::Malformed, "malformed SUBSCRIBE");
+            };
+            let policy = ctx.shared.policy.load();
+            let plan: Vec<SubResult> = s
+                .filters
+                .iter()
+                .map(|f| {
+                    if !topics::strip_share(f).is_some_and(topics::valid_filter) {
+                        SubResult::Denied(SubDenied::InvalidFilter)
+                    } else if (f.starts_with('$') && !f.starts_with("$share/")) || !policy.may_subscribe(&ctx.id, f) {
+                        // The engine has no `$` topics and disconnects clients asking for
+                        // them; such filters are refused here in SUBACK instead.
+                        Metrics::inc(&m.subscribe_denied);
+                        log::debug!("client {:?}: subscribe to {f:?} denied", ctx.id.client_id);
+                        SubResult::Denied(SubDenied::NotAuthorized)
+                    } else {
+                        SubResult::FromEngine
                     }
-                }
-                Some(ack)
+                })
+                .collect();
+            let keep: Vec<(usize, String)> = plan
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| matches!(p, SubResult::FromEngine))
+                .map(|(i, _)| (i, engine_filter(&s.filters[i])))
+                .collect();
+            if keep.is_empty() {
+                return match codec::merge_suback(proto, s.pkid, &plan, None) {
+                    Ok((ack, _)) => Step::Reply(ack),
+                    Err(_) => Step::Close(Goodbye::ProtocolError, "cannot answer SUBSCRIBE"),
+                };
             }
-            kind::PINGRESP => {
-                if self.client_pings > 0 {
-                    self.client_pings -= 1;
-                    Some(frame.bytes)
-                } else {
-                    None
+            {
+                let mut subs = ctx.shared.subscriptions.lock().expect("subscriptions lock");
+                let held = subs.entry(ctx.engine_id.clone()).or_default();
+                for (i, _) in &keep {
+                    held.insert(s.filters[*i].clone());
                 }
             }
-            _ => Some(frame.bytes),
+            let renamed = keep.iter().any(|(i, name)| *name != s.filters[*i]);
+            let out = if keep.len() == plan.len() && !renamed {
+                frame.bytes
+            } else {
+                s.subset(&keep)
+            };
+            ctx.flow
+                .lock()
+                .expect("flow lock")
+                .pending_subs
+                .insert(s.pkid, (s.filters, plan));
+            Step::Forward(out)
+        }
+        kind::UNSUBSCRIBE => {
+            let Ok((pkid, filters)) = codec::decode_unsubscribe(proto, &frame) else {
+                Metrics::inc(&m.malformed_packets);
+                return Step::Close(Goodbye::Malformed, "malformed UNSUBSCRIBE");
+            };
+            let held: Vec<bool> = {
+                let mut subs = ctx.shared.subscriptions.lock().expect("subscriptions lock");
+                let set = subs.entry(ctx.engine_id.clone()).or_default();
+                filters.iter().map(|f| set.remove(f)).collect()
+            };
+            // The engine answers one UNSUBACK per filter it held and none for others: the front
+            // door answers once, itself, and drops the engine's.
+            let reply = codec::unsuback(proto, pkid, &held);
+            let known: Vec<String> = filters
+                .iter()
+                .zip(&held)
+                .filter(|(_, h)| **h)
+                .map(|(f, _)| engine_filter(f))
+                .collect();
+            if known.is_empty() {
+                return Step::Reply(reply);
+            }
+            // The ack goes out once the engine has the UNSUBSCRIBE.
+            Step::ForwardThenReply(codec::unsubscribe(proto, pkid, known), reply)
+        }
+        kind::PUBREL => match codec::pubrel_pkid(&frame) {
+            Ok(pkid) if st.denied_qos2.remove(&pkid) => Step::Reply(codec::pubcomp(proto, pkid)),
+            Ok(pkid) => Step::Forward(codec::pubrel(pkid)),
+            Err(_) => Step::Close(Goodbye::Malformed, "malformed PUBREL"),
+        },
+        kind::PINGREQ => {
+            ctx.flow.lock().expect("flow lock").client_pings += 1;
+            Step::Forward(frame.bytes)
+        }
+        kind::DISCONNECT if proto == Proto::V5 && codec::disconnect_reason(&frame) == 0x04 => Step::Disconnect(None),
+        kind::DISCONNECT => Step::Disconnect(Some(frame.bytes)),
+        kind::PUBACK | kind::PUBREC | kind::PUBCOMP => Step::Forward(frame.bytes),
+        kind::CONNECT => {
+            Metrics::inc(&m.malformed_packets);
+            Step::Close(Goodbye::ProtocolError, "second CONNECT")
+        }
+        _ => {
+            Metrics::inc(&m.malformed_packets);
+            Step::Close(Goodbye::ProtocolError, "packet type a client may not send")
         }
     }
 }
 
-async fn flush<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut) -> std::io::Result<()> {
-    if !buf.is_empty() {
-        w.write_all(buf).await?;
-        w.flush().await?;
-        buf.clear();
+/// Decides what a packet from the engine does: `Ok(None)` swallows it, `Err` ends the connection.
+fn on_engine_packet(ctx: &Ctx, frame: Frame) -> Result<Option<Bytes>, &'static str> {
+    let mut flow = ctx.flow.lock().expect("flow lock");
+    match frame.kind {
+        kind::PUBACK | kind::PUBCOMP => {
+            flow.inflight = flow.inflight.saturating_sub(1);
+            Ok(Some(frame.bytes))
+        }
+        kind::SUBACK => {
+            let pkid = codec::ack_pkid(&frame).ok_or("engine sent a short SUBACK")?;
+            let Some((_, plan)) = flow.pending_subs.remove(&pkid) else {
+                return Ok(Some(frame.bytes));
+            };
+            let (ack, _) =
+                codec::merge_suback(ctx.proto, pkid, &plan, Some(&frame)).map_err(|_| "engine sent a bad SUBACK")?;
+            Ok(Some(ack))
+        }
+        // The front door answered the UNSUBSCRIBE itself.
+        kind::UNSUBACK => Ok(None),
+        kind::PINGRESP if flow.client_pings > 0 => {
+            flow.client_pings -= 1;
+            Ok(Some(frame.bytes))
+        }
+        kind::PINGRESP => Ok(None),
+        _ => Ok(Some(frame.bytes)),
     }
-    Ok(())
 }

@@ -7,6 +7,7 @@ use crate::config::{self, ListenerProtocol};
 use anyhow::{Context, Result};
 use async_tungstenite::tungstenite::handshake::server::{Request, Response};
 use async_tungstenite::tungstenite::http::HeaderValue;
+use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
@@ -83,6 +84,13 @@ impl Listener {
                 drop(stream);
                 continue;
             };
+            // Sockets not yet logged in have a smaller pool of their own, so silent ones cannot
+            // crowd out clients.
+            let Ok(prelogin) = shared.prelogin_allowed.clone().try_acquire_owned() else {
+                log::warn!("{}: too many sockets still logging in, dropping {peer}", self.info.name);
+                drop(stream);
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let deadline = Instant::now() + shared.limits.connect_timeout.0;
             let (shared, stop, info, tls, protocol) = (
@@ -93,7 +101,7 @@ impl Listener {
                 self.protocol,
             );
             tracker.spawn(async move {
-                accept_one(stream, peer, protocol, tls, info, shared, deadline, stop).await;
+                accept_one(stream, peer, protocol, tls, info, shared, deadline, stop, prelogin).await;
                 drop(slot);
             });
         }
@@ -110,15 +118,17 @@ async fn accept_one(
     shared: Arc<Shared>,
     deadline: Instant,
     stop: CancellationToken,
+    prelogin: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let max_ws = shared.limits.max_packet_size.0 as usize + 64;
     let failed = |what: String| {
         super::metrics::Metrics::inc(&shared.metrics.handshakes_failed);
         log::info!("{peer} on {}: {what}", info.name);
     };
     match protocol {
-        ListenerProtocol::Mqtt => handler::serve(stream, peer, info, shared, deadline, stop).await,
-        ListenerProtocol::Ws => match timeout_at(deadline, ws_accept(stream)).await {
-            Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop).await,
+        ListenerProtocol::Mqtt => handler::serve(stream, peer, info, shared, deadline, stop, prelogin).await,
+        ListenerProtocol::Ws => match timeout_at(deadline, ws_accept(stream, max_ws)).await {
+            Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop, prelogin).await,
             Ok(Err(e)) => failed(format!("WebSocket handshake failed: {e}")),
             Err(_) => failed("WebSocket handshake timed out".into()),
         },
@@ -130,10 +140,10 @@ async fn accept_one(
                 Err(_) => return failed("TLS handshake timed out".into()),
             };
             if protocol == ListenerProtocol::Mqtts {
-                return handler::serve(tls_stream, peer, info, shared, deadline, stop).await;
+                return handler::serve(tls_stream, peer, info, shared, deadline, stop, prelogin).await;
             }
-            match timeout_at(deadline, ws_accept(tls_stream)).await {
-                Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop).await,
+            match timeout_at(deadline, ws_accept(tls_stream, max_ws)).await {
+                Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop, prelogin).await,
                 Ok(Err(e)) => failed(format!("WebSocket handshake failed: {e}")),
                 Err(_) => failed("WebSocket handshake timed out".into()),
             }
@@ -144,7 +154,8 @@ async fn accept_one(
 type WsStream<S> = ws_stream_tungstenite::WsStream<async_tungstenite::tokio::TokioAdapter<S>>;
 
 /// Completes the WebSocket upgrade, answering the `mqtt` subprotocol when the client offers it.
-async fn ws_accept<S>(stream: S) -> Result<WsStream<S>, async_tungstenite::tungstenite::Error>
+/// Messages and frames are limited to the broker's packet limit, before any login.
+async fn ws_accept<S>(stream: S, max: usize) -> Result<WsStream<S>, async_tungstenite::tungstenite::Error>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -166,7 +177,10 @@ where
         }
         Ok(resp)
     };
-    let ws = async_tungstenite::tokio::accept_hdr_async(stream, pick).await?;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let ws = async_tungstenite::tokio::accept_hdr_async_with_config(stream, pick, Some(config)).await?;
     Ok(ws_stream_tungstenite::WsStream::new(ws))
 }
 

@@ -40,4 +40,24 @@ impl Metrics {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+
+    /// All counters as JSON, for `outpost status` (and later /metrics).
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = Metrics::get;
+        serde_json::json!({
+            "connections": g(&self.connections),
+            "connections_total": g(&self.connections_total),
+            "connects_refused": g(&self.connects_refused),
+            "handshakes_failed": g(&self.handshakes_failed),
+            "publishes_in": g(&self.publishes_in),
+            "bytes_in": g(&self.bytes_in),
+            "bytes_out": g(&self.bytes_out),
+            "publish_denied": g(&self.publish_denied),
+            "subscribe_denied": g(&self.subscribe_denied),
+            "malformed_packets": g(&self.malformed_packets),
+            "oversized_packets": g(&self.oversized_packets),
+            "inflight_exceeded": g(&self.inflight_exceeded),
+            "engine_skips": self.engine_skips(),
+        })
+    }
 }

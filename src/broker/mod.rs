@@ -40,6 +40,46 @@ pub struct Shared {
     pub sessions_allowed: Arc<Semaphore>,
     /// Open sockets of any kind, logged in or still handshaking.
     pub sockets_allowed: Arc<Semaphore>,
+    /// Sockets that have not finished logging in.
+    pub prelogin_allowed: Arc<Semaphore>,
+    /// Password checks running at once (argon2 takes ~20 MiB and tens of ms each).
+    pub auth_slots: Semaphore,
+    /// What must see every message entering the broker (the bridges' spools); swapped on reload.
+    pub taps: ArcSwap<Vec<Arc<dyn Tap>>>,
+}
+
+/// A message entering the broker, as a [`Tap`] sees it.
+pub struct Incoming<'a> {
+    pub topic: &'a str,
+    pub payload: &'a bytes::Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// The bridge it came in over, if any (loop prevention).
+    pub origin: Option<&'a str>,
+}
+
+/// Sees every message entering the broker before it is routed. When `durable` is asked for,
+/// the returned receiver fires once the tap's copy is safe; the publisher is acknowledged only
+/// after that.
+pub trait Tap: Send + Sync {
+    fn accept(&self, m: &Incoming, durable: bool) -> Option<tokio::sync::oneshot::Receiver<()>>;
+}
+
+impl Shared {
+    /// Runs a message past the taps and the retained store; returns what to wait for.
+    pub fn ingress(&self, m: &Incoming, durable: bool, waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>) {
+        // The engine drops its retained message on any empty publish; the store follows it.
+        if m.retain || m.payload.is_empty() {
+            self.retained.put(Retained {
+                topic: m.topic.to_string(),
+                payload: m.payload.clone(),
+                qos: m.qos,
+            });
+        }
+        for t in self.taps.load().iter() {
+            waits.extend(t.accept(m, durable));
+        }
+    }
 }
 
 /// A running broker.
@@ -73,11 +113,11 @@ impl Broker {
         .await?;
         let data_dir = &cfg.gateway.data_dir;
         let (retained, existing) = RetainedStore::open(&data_dir.join("retained.db"))?;
-        restore_retained(&engine, &existing)
-            .await
-            .context("restoring retained messages")?;
-        if !existing.is_empty() {
-            log::info!("restored {} retained messages", existing.len());
+        // A store the engine cannot take in time is reported, not fatal: the broker still serves.
+        match restore_retained(&engine, &existing).await {
+            Ok(()) if !existing.is_empty() => log::info!("restored {} retained messages", existing.len()),
+            Ok(()) => {}
+            Err(e) => log::error!("restoring retained messages: {e:#}"),
         }
         let mut listeners = vec![];
         for (i, l) in cfg.broker.listeners.iter().enumerate() {
@@ -90,8 +130,11 @@ impl Broker {
             retained,
             sessions_allowed: Arc::new(Semaphore::new(limits.max_connections as usize)),
             sockets_allowed: Arc::new(Semaphore::new(limits.max_connections as usize + 256)),
+            prelogin_allowed: Arc::new(Semaphore::new(256)),
+            auth_slots: Semaphore::new(2),
             limits,
             subscriptions: Mutex::new(HashMap::new()),
+            taps: ArcSwap::from_pointee(vec![]),
         });
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();
@@ -130,7 +173,8 @@ impl Broker {
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             log::warn!("{} connections still open after {grace:?}; closing", self.tracker.len());
         }
-        self.shared.retained.flush();
+        let retained = self.shared.retained.clone();
+        let _ = tokio::task::spawn_blocking(move || retained.flush()).await;
     }
 }
 
@@ -161,7 +205,7 @@ async fn restore_retained(engine: &Engine, msgs: &[Retained]) -> Result<()> {
         Ok::<_, rumqttc::ClientError>(client)
     });
     let mut acked = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30) + Duration::from_millis(msgs.len() as u64);
     while acked < msgs.len() {
         let ev = tokio::time::timeout_at(deadline, events.poll())
             .await
@@ -174,4 +218,50 @@ async fn restore_retained(engine: &Engine, msgs: &[Retained]) -> Result<()> {
     client.disconnect().await.ok();
     let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
     Ok(())
+}
+
+/// The gateway's own way to publish into the broker (bridged-in messages, state topics): the
+/// same taps and retained store as a client's PUBLISH, then into the engine over one internal
+/// connection.
+#[derive(Clone)]
+pub struct Bus {
+    shared: Arc<Shared>,
+    client: rumqttc::AsyncClient,
+}
+
+impl Bus {
+    pub fn start(shared: Arc<Shared>) -> Bus {
+        let mut opts = engine_client(&shared.engine, "outpost-bus");
+        opts.set_inflight(1000);
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 1000);
+        tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        log::warn!("internal bus: {e}; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        Bus { shared, client }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: bytes::Bytes, qos: u8, retain: bool, origin: Option<&str>) {
+        let mut waits = vec![];
+        let m = Incoming {
+            topic,
+            payload: &payload,
+            qos,
+            retain,
+            origin,
+        };
+        self.shared.ingress(&m, false, &mut waits);
+        let qos = rumqttc::qos(qos.min(2)).unwrap_or(rumqttc::QoS::AtLeastOnce);
+        if let Err(e) = self.client.publish_bytes(topic, qos, retain, payload).await {
+            log::error!("internal bus: cannot publish to {topic}: {e}");
+        }
+    }
 }

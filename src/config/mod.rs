@@ -3,11 +3,13 @@
 //!
 //! The types here are the config reference: every field says what it is for.
 
+mod bridges;
 mod error;
 mod units;
 
+pub use bridges::*;
 pub use error::ConfigError;
-pub use units::{Bind, Dur, Size};
+pub use units::{Bind, Dur, Rate, Size};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -21,6 +23,8 @@ pub struct Config {
     pub gateway: Gateway,
     pub log: Log,
     pub broker: Broker,
+    /// Links to upstream brokers, each with its own durable spool.
+    pub bridges: Vec<Bridge>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -259,10 +263,11 @@ impl Config {
     /// Checks what the types alone cannot. Returns the key path and the reason.
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |key: String, reason: String| Err((key, reason));
-        if self.gateway.id.is_empty() || self.gateway.id.contains(['/', '+', '#']) {
+        let id = &self.gateway.id;
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
             return err(
                 "gateway.id".into(),
-                format!("`{}` must be non-empty and hold no `/`, `+` or `#`", self.gateway.id),
+                format!("`{id}` must be non-empty and use only letters, digits, `.`, `_` and `-`"),
             );
         }
         if self.gateway.data_dir.as_os_str().is_empty() {
@@ -371,6 +376,9 @@ impl Config {
         }
         if lim.connect_timeout.0.is_zero() {
             return err("broker.limits.connect_timeout".into(), "must be longer than 0".into());
+        }
+        for (i, b) in self.bridges.iter().enumerate() {
+            bridges::validate(i, b, &self.bridges[..i]).map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
         }
         Ok(())
     }

@@ -86,6 +86,42 @@ impl fmt::Display for Size {
     }
 }
 
+/// A rate written `500/s`, `30/m` or `1000/h`, in messages per second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate(pub f64);
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a rate; write e.g. `500/s`, `30/m`");
+        let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
+        let n: f64 = n.trim().parse().map_err(|_| bad())?;
+        let secs = match per.trim() {
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        if !(n > 0.0 && n.is_finite()) {
+            return Err(format!("`{s}`: the rate must be above 0"));
+        }
+        Ok(Rate(n / secs))
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}/s", self.0))
+    }
+}
+
 /// A socket address to bind: `127.0.0.1:1883`, `[::]:8883`. Port 0 is allowed (the OS picks)
 /// so tests can run many gateways side by side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +166,8 @@ mod tests {
             assert_eq!(Size(n).to_string().parse::<Size>().unwrap(), Size(n));
         }
         assert!("localhost:1883".parse::<Bind>().is_err());
+        assert_eq!("30/m".parse::<Rate>().unwrap(), Rate(0.5));
+        assert!("fast/s".parse::<Rate>().is_err() && "0/s".parse::<Rate>().is_err());
         assert!("0.0.0.0:1883".parse::<Bind>().is_ok());
     }
 }

@@ -1,0 +1,337 @@
+//! The task that runs one bridge: connect upstream with backoff and jitter, send the spool in
+//! order and delete each message only when the upstream acknowledged it, bring inbound
+//! messages into the local broker, and report state.
+
+use super::rules::Rule;
+use super::spool::{now_ms, Spool};
+use super::upstream::{UpEvent, Upstream};
+use super::LinkStats;
+use crate::broker::Bus;
+use crate::config;
+use bytes::Bytes;
+use rand::Rng;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A live QoS 0 message (not spooled): remote topic, payload, retain.
+pub type Live = (String, Bytes, bool);
+
+pub struct Link {
+    pub cfg: config::Bridge,
+    pub client_id: String,
+    pub status_topic: String,
+    pub state_topic: String,
+    pub rules: Arc<Vec<Rule>>,
+    pub spool: Spool,
+    pub live: mpsc::Receiver<Live>,
+    pub stats: Arc<LinkStats>,
+    pub bus: Bus,
+}
+
+/// What was handed to rumqttc and not yet seen going out.
+enum Submitted {
+    Spooled { id: i64, qos: u8 },
+    Other,
+}
+
+/// Messages this bridge sent upstream recently, to drop them if the upstream echoes them back
+/// (brokers that ignore MQTT 5 No Local, and 3.1.1 which has none).
+#[derive(Default)]
+struct Echoes {
+    sent: HashMap<(String, u64), (u32, Instant)>,
+}
+
+fn digest(b: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
+
+const ECHO_WINDOW: Duration = Duration::from_secs(60);
+
+impl Echoes {
+    fn sent(&mut self, topic: &str, payload: &[u8]) {
+        let e = self
+            .sent
+            .entry((topic.to_string(), digest(payload)))
+            .or_insert((0, Instant::now()));
+        e.0 += 1;
+        e.1 = Instant::now();
+    }
+    fn is_echo(&mut self, topic: &str, payload: &[u8]) -> bool {
+        let key = (topic.to_string(), digest(payload));
+        match self.sent.get_mut(&key) {
+            Some((n, t)) if t.elapsed() < ECHO_WINDOW => {
+                *n -= 1;
+                if *n == 0 {
+                    self.sent.remove(&key);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+    fn prune(&mut self) {
+        self.sent.retain(|_, (_, t)| t.elapsed() < ECHO_WINDOW);
+    }
+}
+
+/// Token bucket for `drain_rate`.
+struct Pace {
+    rate: Option<f64>,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Pace {
+    fn take(&mut self) -> bool {
+        let Some(rate) = self.rate else { return true };
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate.max(1.0));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Link {
+    pub async fn run(mut self, stop: CancellationToken) {
+        let name = self.cfg.name.clone();
+        let inbound: Vec<(String, u8)> = self
+            .rules
+            .iter()
+            .filter_map(|r| r.inbound.as_ref().map(|m| (m.filter().to_string(), r.qos)))
+            .collect();
+        let mut attempt = 0u32;
+        let mut first = true;
+        loop {
+            let mut up = match Upstream::new(&self.cfg, &self.client_id, &self.status_topic) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.failed(&format!("{e:#}"));
+                    if self.backoff(&mut attempt, &stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            // Connect.
+            let connected = loop {
+                tokio::select! {
+                    ev = up.poll() => match ev {
+                        Ok(UpEvent::Connected { session_present }) => break Ok(session_present),
+                        Ok(_) => {}
+                        Err(e) => break Err(e),
+                    },
+                    _ = stop.cancelled() => return,
+                }
+            };
+            let session_present = match connected {
+                Ok(s) => s,
+                Err(e) => {
+                    self.failed(&e);
+                    if self.backoff(&mut attempt, &stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            attempt = 0;
+            if !first {
+                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            first = false;
+            self.stats.connected.store(true, Ordering::Relaxed);
+            self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
+            log::info!(
+                "bridge {name}: connected to {} (session present: {session_present})",
+                self.cfg.url
+            );
+            self.publish_state().await;
+            let end = self.serve(&mut up, &inbound, &stop).await;
+            self.stats.connected.store(false, Ordering::Relaxed);
+            self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
+            match end {
+                Ok(()) => {
+                    // Stopping: say goodbye upstream.
+                    up.publish(&self.status_topic, &Bytes::from_static(b"offline"), 1, true);
+                    up.disconnect().await;
+                    self.publish_state().await;
+                    return;
+                }
+                Err(e) => {
+                    self.failed(&e);
+                    if self.backoff(&mut attempt, &stop).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn failed(&self, e: &str) {
+        log::warn!("bridge {}: {} : {e}", self.cfg.name, self.cfg.url);
+        *self.stats.last_error.lock().expect("stats lock") = Some(format!("{e} ({})", self.cfg.url));
+    }
+
+    /// Sleeps the backoff with full jitter; true when stopped meanwhile.
+    async fn backoff(&mut self, attempt: &mut u32, stop: &CancellationToken) -> bool {
+        self.publish_state().await;
+        let b = &self.cfg.backoff;
+        let cap = b.max.0.min(b.min.0.saturating_mul(1u32 << (*attempt).min(20)));
+        *attempt += 1;
+        let wait = Duration::from_secs_f64(
+            rand::rng()
+                .random_range(0.0..=cap.as_secs_f64())
+                .max(b.min.0.as_secs_f64() / 4.0),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => false,
+            _ = stop.cancelled() => true,
+        }
+    }
+
+    /// Runs one connected session until it breaks (`Err`) or the bridge stops (`Ok`).
+    async fn serve(
+        &mut self,
+        up: &mut Upstream,
+        inbound: &[(String, u8)],
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        let stats = self.stats.clone();
+        let window = self.cfg.inflight as usize;
+        let mut cursor = 0i64; // highest spool id handed over in this session
+        let mut ahead: VecDeque<super::spool::Message> = VecDeque::new();
+        let mut caught_up = false;
+        let mut submitted: VecDeque<Submitted> = VecDeque::new();
+        let mut in_flight: HashMap<u16, i64> = HashMap::new();
+        let mut acks: Vec<i64> = vec![];
+        let mut echoes = Echoes::default();
+        let mut pace = Pace {
+            rate: self.cfg.drain_rate.map(|r| r.0),
+            tokens: 1.0,
+            last: Instant::now(),
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut last_state = Instant::now();
+        let watch_echoes = !inbound.is_empty();
+
+        if !up.subscribe(inbound) {
+            return Err("cannot queue SUBSCRIBE".into());
+        }
+        up.publish(&self.status_topic, &Bytes::from_static(b"online"), 1, true);
+        submitted.push_back(Submitted::Other);
+
+        loop {
+            // Hand over as much as the window, the pace and rumqttc's queue allow.
+            while in_flight.len() + submitted.len() < window {
+                if ahead.is_empty() {
+                    if caught_up {
+                        break;
+                    }
+                    ahead.extend(self.spool.read(cursor, 512).await);
+                    if ahead.is_empty() {
+                        caught_up = true;
+                        break;
+                    }
+                }
+                if !pace.take() {
+                    break;
+                }
+                let m = ahead.front().expect("not empty");
+                if !up.publish(&m.topic, &m.payload, m.qos, m.retain) {
+                    break;
+                }
+                let m = ahead.pop_front().expect("not empty");
+                if watch_echoes {
+                    echoes.sent(&m.topic, &m.payload);
+                }
+                cursor = m.id;
+                submitted.push_back(Submitted::Spooled { id: m.id, qos: m.qos });
+            }
+            self.spool.ack(std::mem::take(&mut acks));
+
+            tokio::select! {
+                ev = up.poll() => match ev? {
+                    UpEvent::Sent(pkid) => match submitted.pop_front() {
+                        Some(Submitted::Spooled { id, qos: 0 }) => {
+                            stats.sent.fetch_add(1, Ordering::Relaxed);
+                            acks.push(id);
+                        }
+                        Some(Submitted::Spooled { id, .. }) => {
+                            stats.sent.fetch_add(1, Ordering::Relaxed);
+                            in_flight.insert(pkid, id);
+                        }
+                        Some(Submitted::Other) | None => {}
+                    },
+                    UpEvent::Acked { pkid, refused } => {
+                        if let Some(id) = in_flight.remove(&pkid) {
+                            if let Some(why) = refused {
+                                stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
+                                log::warn!("bridge {}: upstream refused a message: {why}", self.cfg.name);
+                            }
+                            acks.push(id);
+                        }
+                    }
+                    UpEvent::Message { topic, payload, qos, retain } => {
+                        if watch_echoes && echoes.is_echo(&topic, &payload) {
+                            stats.echoes.fetch_add(1, Ordering::Relaxed);
+                        } else if let Some((local, q)) = self.rules.iter().find_map(|r| r.inbound.as_ref().and_then(|m| m.map(&topic)).map(|t| (t, r.qos))) {
+                            stats.received.fetch_add(1, Ordering::Relaxed);
+                            self.bus.publish(&local, payload, q.min(qos), retain, Some(&self.cfg.name)).await;
+                        }
+                    }
+                    UpEvent::Connected { .. } | UpEvent::Closed | UpEvent::Other => {}
+                },
+                live = self.live.recv() => {
+                    if let Some((topic, payload, retain)) = live {
+                        if up.publish(&topic, &payload, 0, retain) {
+                            if watch_echoes {
+                                echoes.sent(&topic, &payload);
+                            }
+                            submitted.push_back(Submitted::Other);
+                            stats.sent.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                _ = self.spool.appended.notified(), if caught_up => caught_up = false,
+                _ = tick.tick() => {
+                    caught_up = false;
+                    if last_state.elapsed() >= Duration::from_secs(5) {
+                        last_state = Instant::now();
+                        echoes.prune();
+                        self.publish_state().await;
+                    }
+                }
+                _ = stop.cancelled() => {
+                    self.spool.ack(std::mem::take(&mut acks));
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn publish_state(&self) {
+        let state = super::state_json(&self.cfg.name, &self.stats, &self.spool);
+        self.bus
+            .publish(
+                &self.state_topic,
+                Bytes::from(state.to_string()),
+                0,
+                true,
+                Some(&self.cfg.name),
+            )
+            .await;
+    }
+}

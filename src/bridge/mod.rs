@@ -1,0 +1,272 @@
+//! Upstream bridges: each one a client of a cloud broker, fed by a [`Tap`] on the local broker
+//! that maps topics by the bridge's rules and writes outbound messages to the bridge's durable
+//! spool before the local publisher is acknowledged. Bridges are started, changed and removed
+//! on reload without touching the others; a spool outlives its bridge's restarts.
+
+pub mod link;
+pub mod rules;
+pub mod spool;
+mod upstream;
+
+use crate::broker::{Bus, Incoming, Shared, Tap};
+use crate::config;
+use anyhow::Result;
+use link::{Link, Live};
+use rules::Rule;
+use spool::Spool;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// A bridge's counters, shown on its state topic and by `outpost status`.
+#[derive(Default, Debug)]
+pub struct LinkStats {
+    pub connected: AtomicBool,
+    /// When `connected` last changed (ms since epoch).
+    pub since_ms: AtomicI64,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub echoes: AtomicU64,
+    /// Larger than the upstream's max_packet_size: refused at the rule.
+    pub dropped_too_large: AtomicU64,
+    /// QoS 0 messages not spooled while the link was down or busy.
+    pub dropped_qos0: AtomicU64,
+    /// The upstream answered with an MQTT 5 failure reason.
+    pub dropped_refused: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// The bridge's state as JSON, for its local state topic and `outpost status`.
+pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value {
+    let sp = &spool.stats;
+    let oldest = sp.oldest_ms.load(Ordering::Relaxed);
+    let age = if oldest > 0 && sp.queued.load(Ordering::Relaxed) > 0 {
+        serde_json::json!(((spool::now_ms() - oldest).max(0) as f64) / 1000.0)
+    } else {
+        serde_json::Value::Null
+    };
+    serde_json::json!({
+        "name": name,
+        "connected": s.connected.load(Ordering::Relaxed),
+        "since_ms": s.since_ms.load(Ordering::Relaxed),
+        "queued": sp.queued.load(Ordering::Relaxed),
+        "queued_bytes": sp.queued_bytes.load(Ordering::Relaxed),
+        "oldest_age_s": age,
+        "sent": s.sent.load(Ordering::Relaxed),
+        "received": s.received.load(Ordering::Relaxed),
+        "reconnects": s.reconnects.load(Ordering::Relaxed),
+        "echoes_dropped": s.echoes.load(Ordering::Relaxed),
+        "dropped": {
+            "spool_full_oldest": sp.dropped_full.load(Ordering::Relaxed),
+            "spool_full_rejected": sp.dropped_rejected.load(Ordering::Relaxed),
+            "expired": sp.dropped_expired.load(Ordering::Relaxed),
+            "too_large": s.dropped_too_large.load(Ordering::Relaxed),
+            "qos0_not_connected": s.dropped_qos0.load(Ordering::Relaxed),
+            "refused_upstream": s.dropped_refused.load(Ordering::Relaxed),
+        },
+        "spool_write_errors": sp.write_errors.load(Ordering::Relaxed),
+        "last_error": s.last_error.lock().expect("stats lock").clone(),
+    })
+}
+
+/// The bridge's side of the local broker: picks the messages its `out` rules match.
+struct BridgeTap {
+    name: String,
+    rules: Arc<Vec<Rule>>,
+    spool: Spool,
+    live: mpsc::Sender<Live>,
+    stats: Arc<LinkStats>,
+    max_packet: usize,
+    last_too_large_log: Mutex<Option<std::time::Instant>>,
+}
+
+impl Tap for BridgeTap {
+    fn accept(&self, m: &Incoming, durable: bool) -> Option<oneshot::Receiver<()>> {
+        if m.origin == Some(self.name.as_str()) {
+            return None;
+        }
+        // The first rule that matches decides.
+        let (rule, remote) = self
+            .rules
+            .iter()
+            .find_map(|r| r.out.as_ref().and_then(|o| o.map(m.topic)).map(|t| (r, t)))?;
+        // PUBLISH overhead: fixed header (≤5), topic length (2), packet id (2), properties.
+        if remote.len() + m.payload.len() + 16 > self.max_packet {
+            self.stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+            let mut last = self.last_too_large_log.lock().expect("log lock");
+            if last.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+                *last = Some(std::time::Instant::now());
+                log::warn!(
+                    "bridge {}: message on {} ({} bytes) is larger than the upstream's max_packet_size {}; not sent",
+                    self.name,
+                    m.topic,
+                    m.payload.len(),
+                    self.max_packet
+                );
+            }
+            return None;
+        }
+        if rule.qos > 0 || rule.spool_qos0 {
+            return self
+                .spool
+                .append(vec![(remote, m.payload.clone(), rule.qos, m.retain)], durable);
+        }
+        if !self.stats.connected.load(Ordering::Relaxed)
+            || self.live.try_send((remote, m.payload.clone(), m.retain)).is_err()
+        {
+            self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+        }
+        None
+    }
+}
+
+struct Running {
+    cfg: config::Bridge,
+    tap: Arc<BridgeTap>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// All bridges of the gateway.
+pub struct Bridges {
+    shared: Arc<Shared>,
+    bus: Bus,
+    gateway_id: String,
+    dir: PathBuf,
+    running: HashMap<String, Running>,
+    /// Open spools by bridge name, with the settings they were opened with.
+    spools: HashMap<String, (config::Spool, Spool)>,
+}
+
+impl Bridges {
+    pub fn new(shared: Arc<Shared>, bus: Bus, gateway: &config::Gateway) -> Bridges {
+        Bridges {
+            shared,
+            bus,
+            gateway_id: gateway.id.clone(),
+            dir: gateway.data_dir.join("bridges"),
+            running: HashMap::new(),
+            spools: HashMap::new(),
+        }
+    }
+
+    fn spool(&mut self, b: &config::Bridge) -> Result<Spool> {
+        if let Some((cfg, s)) = self.spools.get(&b.name) {
+            if *cfg == b.spool {
+                return Ok(s.clone());
+            }
+        }
+        let s = Spool::open(&self.dir.join(format!("{}.db", b.name)), b.spool.clone(), &b.name)?;
+        self.spools.insert(b.name.clone(), (b.spool.clone(), s.clone()));
+        Ok(s)
+    }
+
+    /// Makes the running bridges match `wanted`: new ones start, changed ones restart with
+    /// their spool kept, removed ones stop (their spool stays on disk for when they return).
+    pub async fn apply(&mut self, wanted: &[config::Bridge]) -> Result<()> {
+        let mut next: HashMap<String, Running> = HashMap::new();
+        let mut stopping = vec![];
+        for b in wanted {
+            match self.running.remove(&b.name) {
+                Some(r) if r.cfg == *b => {
+                    next.insert(b.name.clone(), r);
+                }
+                old => {
+                    stopping.extend(old);
+                    next.insert(b.name.clone(), self.start(b)?);
+                }
+            }
+        }
+        stopping.extend(self.running.drain().map(|(_, r)| r));
+        // Swap the taps first, so no message falls between the old and the new bridge.
+        let taps: Vec<Arc<dyn Tap>> = next.values().map(|r| r.tap.clone() as Arc<dyn Tap>).collect();
+        self.shared.taps.store(Arc::new(taps));
+        self.running = next;
+        for r in stopping {
+            log::info!("bridge {}: stopping", r.cfg.name);
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
+        // Links of restarted bridges were started paused behind their predecessors: go.
+        Ok(())
+    }
+
+    fn start(&mut self, b: &config::Bridge) -> Result<Running> {
+        let spool = self.spool(b)?;
+        let rules: Arc<Vec<Rule>> = Arc::new(
+            b.rules
+                .iter()
+                .map(|r| Rule::compile(r).expect("validated with the config"))
+                .collect(),
+        );
+        let stats = Arc::new(LinkStats::default());
+        let (live_tx, live_rx) = mpsc::channel(1024);
+        let tap = Arc::new(BridgeTap {
+            name: b.name.clone(),
+            rules: rules.clone(),
+            spool: spool.clone(),
+            live: live_tx,
+            stats: stats.clone(),
+            max_packet: b.max_packet_size.0 as usize,
+            last_too_large_log: Mutex::new(None),
+        });
+        let link = Link {
+            client_id: b
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", self.gateway_id, b.name)),
+            status_topic: b
+                .status_topic
+                .clone()
+                .unwrap_or_else(|| format!("outpost/{}/status", self.gateway_id)),
+            state_topic: format!("outpost/{}/bridges/{}/state", self.gateway_id, b.name),
+            cfg: b.clone(),
+            rules,
+            spool,
+            live: live_rx,
+            stats,
+            bus: self.bus.clone(),
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(link.run(stop.clone()));
+        log::info!(
+            "bridge {}: started ({} rules, spool {})",
+            b.name,
+            b.rules.len(),
+            self.dir.join(format!("{}.db", b.name)).display()
+        );
+        Ok(Running {
+            cfg: b.clone(),
+            tap,
+            stop,
+            task,
+        })
+    }
+
+    /// Every bridge's state, for `outpost status`.
+    pub fn states(&self) -> Vec<serde_json::Value> {
+        let mut v: Vec<_> = self
+            .running
+            .values()
+            .map(|r| state_json(&r.cfg.name, &r.tap.stats, &r.tap.spool))
+            .collect();
+        v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        v
+    }
+
+    /// Stops every bridge (each says `offline` upstream) and waits for the spools to be written.
+    pub async fn stop_all(&mut self) {
+        self.shared.taps.store(Arc::new(vec![]));
+        for (_, r) in self.running.drain() {
+            r.stop.cancel();
+            let _ = r.task.await;
+        }
+        for (_, s) in self.spools.values() {
+            s.flush().await;
+        }
+    }
+}

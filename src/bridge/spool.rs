@@ -1,0 +1,430 @@
+//! The durable queue of one bridge: messages bound upstream, on disk (SQLite, WAL, fsync per
+//! batch) before the local publisher is acknowledged, removed only when the upstream acked them.
+//! One thread owns the database; callers send it work and it commits whatever has gathered as
+//! one transaction. Bounded by `max_bytes` and `max_age`; every drop is counted by reason.
+
+use crate::config::{Spool as SpoolConfig, WhenFull};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use rusqlite::{params, Connection};
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{oneshot, Notify};
+
+/// A message for upstream, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub id: i64,
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// When it was accepted, in ms since the epoch.
+    pub ts_ms: i64,
+}
+
+/// What the spool holds and has dropped; read by the bridge's state topic.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub queued: AtomicU64,
+    pub queued_bytes: AtomicU64,
+    /// Accepted time of the oldest queued message (ms since epoch), 0 when empty.
+    pub oldest_ms: AtomicI64,
+    pub dropped_full: AtomicU64,
+    pub dropped_rejected: AtomicU64,
+    pub dropped_expired: AtomicU64,
+    pub write_errors: AtomicU64,
+}
+
+enum Op {
+    Append(Vec<(String, Bytes, u8, bool)>, Option<oneshot::Sender<()>>),
+    Ack(Vec<i64>),
+    Read {
+        after: i64,
+        limit: usize,
+        reply: oneshot::Sender<Vec<Message>>,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to one bridge's spool; cheap to clone.
+#[derive(Clone)]
+pub struct Spool {
+    tx: mpsc::Sender<Op>,
+    pub stats: Arc<Stats>,
+    /// Woken when messages are appended.
+    pub appended: Arc<Notify>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn size_of(topic: &str, payload: &[u8]) -> u64 {
+    (topic.len() + payload.len()) as u64
+}
+
+impl Spool {
+    pub fn open(path: &Path, cfg: SpoolConfig, name: &str) -> Result<Spool> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let db = Connection::open(path).with_context(|| format!("opening spool {}", path.display()))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a committed message survives power loss, not only a crash of outpost.
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS spool (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+                retain INTEGER NOT NULL, ts INTEGER NOT NULL, size INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+             INSERT OR IGNORE INTO meta VALUES ('format', 1);",
+        )
+        .with_context(|| format!("preparing spool {}", path.display()))?;
+        let stats = Arc::new(Stats::default());
+        let (count, bytes): (i64, i64) =
+            db.query_row("SELECT count(*), coalesce(sum(size), 0) FROM spool", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        stats.queued.store(count as u64, Ordering::Relaxed);
+        stats.queued_bytes.store(bytes as u64, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        let appended = Arc::new(Notify::new());
+        let mut w = Writer {
+            db,
+            cfg,
+            stats: stats.clone(),
+            appended: appended.clone(),
+            name: name.to_string(),
+            last_drop_log: None,
+        };
+        w.refresh_oldest();
+        std::thread::Builder::new()
+            .name(format!("spool-{name}"))
+            .spawn(move || w.run(rx))?;
+        Ok(Spool { tx, stats, appended })
+    }
+
+    /// Queues messages; the receiver fires once they are on disk (or dropped by policy).
+    pub fn append(&self, msgs: Vec<(String, Bytes, u8, bool)>, wait: bool) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = if wait {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        let _ = self.tx.send(Op::Append(msgs, tx));
+        rx
+    }
+
+    /// Removes messages the upstream acknowledged.
+    pub fn ack(&self, ids: Vec<i64>) {
+        if !ids.is_empty() {
+            let _ = self.tx.send(Op::Ack(ids));
+        }
+    }
+
+    /// The oldest messages with an id above `after`.
+    pub async fn read(&self, after: i64, limit: usize) -> Vec<Message> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Op::Read { after, limit, reply }).is_err() {
+            return vec![];
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Waits until everything sent so far is done.
+    pub async fn flush(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Op::Flush(reply)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Writer {
+    db: Connection,
+    cfg: SpoolConfig,
+    stats: Arc<Stats>,
+    appended: Arc<Notify>,
+    name: String,
+    last_drop_log: Option<std::time::Instant>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: mpsc::Receiver<Op>) {
+        loop {
+            let first = match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(op) => op,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.expire();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut batch = vec![first];
+            batch.extend(rx.try_iter().take(10_000));
+            self.handle(batch);
+        }
+    }
+
+    fn handle(&mut self, batch: Vec<Op>) {
+        let mut appends = vec![];
+        let mut waiters = vec![];
+        let mut acks = vec![];
+        let mut reads = vec![];
+        let mut flushes = vec![];
+        for op in batch {
+            match op {
+                Op::Append(m, w) => {
+                    appends.extend(m);
+                    waiters.extend(w);
+                }
+                Op::Ack(ids) => acks.extend(ids),
+                Op::Read { after, limit, reply } => reads.push((after, limit, reply)),
+                Op::Flush(r) => flushes.push(r),
+            }
+        }
+        let appended = !appends.is_empty();
+        if let Err(e) = self.write(appends, acks) {
+            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            log::error!("bridge {}: spool write failed: {e}", self.name);
+        }
+        for w in waiters {
+            let _ = w.send(());
+        }
+        if appended {
+            self.appended.notify_waiters();
+            self.appended.notify_one();
+        }
+        for (after, limit, reply) in reads {
+            let _ = reply.send(self.read(after, limit).unwrap_or_else(|e| {
+                log::error!("bridge {}: spool read failed: {e}", self.name);
+                vec![]
+            }));
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+
+    fn write(&mut self, appends: Vec<(String, Bytes, u8, bool)>, acks: Vec<i64>) -> rusqlite::Result<()> {
+        if appends.is_empty() && acks.is_empty() {
+            return Ok(());
+        }
+        let stats = self.stats.clone();
+        let tx = self.db.transaction()?;
+        let mut freed = 0u64;
+        let mut removed = 0u64;
+        if !acks.is_empty() {
+            let mut del = tx.prepare_cached("DELETE FROM spool WHERE id = ?1 RETURNING size")?;
+            for id in &acks {
+                if let Ok(size) = del.query_row(params![id], |r| r.get::<_, i64>(0)) {
+                    freed += size as u64;
+                    removed += 1;
+                }
+            }
+        }
+        let mut queued_bytes = stats.queued_bytes.load(Ordering::Relaxed).saturating_sub(freed);
+        let mut queued = stats.queued.load(Ordering::Relaxed).saturating_sub(removed);
+        let (mut dropped_full, mut rejected) = (0u64, 0u64);
+        if !appends.is_empty() {
+            let now = now_ms();
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO spool (topic, payload, qos, retain, ts, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (topic, payload, qos, retain) in appends {
+                let size = size_of(&topic, &payload);
+                if queued_bytes + size > self.cfg.max_bytes.0 {
+                    match self.cfg.when_full {
+                        WhenFull::RejectNew => {
+                            rejected += 1;
+                            continue;
+                        }
+                        WhenFull::DropOldest => {
+                            let mut oldest = tx.prepare_cached("SELECT id, size FROM spool ORDER BY id LIMIT 64")?;
+                            while queued_bytes + size > self.cfg.max_bytes.0 {
+                                let rows: Vec<(i64, i64)> = oldest
+                                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                                    .collect::<Result<_, _>>()?;
+                                if rows.is_empty() {
+                                    break;
+                                }
+                                for (id, sz) in rows {
+                                    if queued_bytes + size <= self.cfg.max_bytes.0 {
+                                        break;
+                                    }
+                                    tx.execute("DELETE FROM spool WHERE id = ?1", params![id])?;
+                                    queued_bytes = queued_bytes.saturating_sub(sz as u64);
+                                    queued = queued.saturating_sub(1);
+                                    dropped_full += 1;
+                                }
+                            }
+                            if queued_bytes + size > self.cfg.max_bytes.0 {
+                                // Larger than the whole spool: it cannot be kept.
+                                rejected += 1;
+                                continue;
+                            }
+                        }
+                    }
+                }
+                ins.execute(params![topic, &payload[..], qos, retain, now, size as i64])?;
+                queued_bytes += size;
+                queued += 1;
+            }
+        }
+        tx.commit()?;
+        stats.queued.store(queued, Ordering::Relaxed);
+        stats.queued_bytes.store(queued_bytes, Ordering::Relaxed);
+        if dropped_full + rejected > 0 {
+            stats.dropped_full.fetch_add(dropped_full, Ordering::Relaxed);
+            stats.dropped_rejected.fetch_add(rejected, Ordering::Relaxed);
+            self.log_drops();
+        }
+        self.refresh_oldest();
+        Ok(())
+    }
+
+    fn log_drops(&mut self) {
+        if self.last_drop_log.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            self.last_drop_log = Some(std::time::Instant::now());
+            let s = &self.stats;
+            log::warn!(
+                "bridge {}: spool full ({} bytes, when_full {:?}): {} oldest dropped, {} new rejected so far",
+                self.name,
+                self.cfg.max_bytes.0,
+                self.cfg.when_full,
+                s.dropped_full.load(Ordering::Relaxed),
+                s.dropped_rejected.load(Ordering::Relaxed)
+            );
+        }
+    }
+
+    fn refresh_oldest(&mut self) {
+        let oldest: i64 = self
+            .db
+            .query_row(
+                "SELECT coalesce(min(ts), 0) FROM spool WHERE id = (SELECT min(id) FROM spool)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or(0);
+        self.stats.oldest_ms.store(oldest, Ordering::Relaxed);
+    }
+
+    fn expire(&mut self) {
+        let cutoff = now_ms() - self.cfg.max_age.0.as_millis() as i64;
+        let res: rusqlite::Result<(u64, u64)> = (|| {
+            let tx = self.db.transaction()?;
+            let (n, bytes): (i64, i64) = tx.query_row(
+                "SELECT count(*), coalesce(sum(size), 0) FROM spool WHERE ts < ?1",
+                params![cutoff],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if n > 0 {
+                tx.execute("DELETE FROM spool WHERE ts < ?1", params![cutoff])?;
+            }
+            tx.commit()?;
+            Ok((n as u64, bytes as u64))
+        })();
+        match res {
+            Ok((0, _)) => {}
+            Ok((n, bytes)) => {
+                let s = &self.stats;
+                s.dropped_expired.fetch_add(n, Ordering::Relaxed);
+                s.queued
+                    .fetch_sub(n.min(s.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
+                s.queued_bytes
+                    .fetch_sub(bytes.min(s.queued_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+                log::warn!(
+                    "bridge {}: {n} spooled messages older than {} dropped",
+                    self.name,
+                    self.cfg.max_age
+                );
+                self.refresh_oldest();
+            }
+            Err(e) => log::error!("bridge {}: spool expiry failed: {e}", self.name),
+        }
+    }
+
+    fn read(&mut self, after: i64, limit: usize) -> rusqlite::Result<Vec<Message>> {
+        let mut q = self.db.prepare_cached(
+            "SELECT id, topic, payload, qos, retain, ts FROM spool WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = q.query_map(params![after, limit as i64], |r| {
+            Ok(Message {
+                id: r.get(0)?,
+                topic: r.get(1)?,
+                payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                qos: r.get(3)?,
+                retain: r.get(4)?,
+                ts_ms: r.get(5)?,
+            })
+        })?;
+        rows.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Dur, Size};
+
+    fn cfg(max: u64, when: WhenFull) -> SpoolConfig {
+        SpoolConfig {
+            max_bytes: Size(max),
+            max_age: Dur(Duration::from_secs(3600)),
+            when_full: when,
+        }
+    }
+
+    fn msg(i: usize) -> (String, Bytes, u8, bool) {
+        (format!("t/{i:02}"), Bytes::from(vec![b'x'; 96]), 1, false) // 100 bytes each with the topic
+    }
+
+    #[tokio::test]
+    async fn append_read_ack_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.db");
+        let s = Spool::open(&p, cfg(1 << 20, WhenFull::DropOldest), "t").unwrap();
+        s.append((0..5).map(msg).collect(), true).unwrap().await.unwrap();
+        let got = s.read(0, 10).await;
+        assert_eq!(
+            got.iter().map(|m| m.topic.as_str()).collect::<Vec<_>>(),
+            ["t/00", "t/01", "t/02", "t/03", "t/04"]
+        );
+        s.ack(vec![got[0].id, got[1].id]);
+        s.flush().await;
+        assert_eq!(s.stats.queued.load(Ordering::Relaxed), 3);
+        drop(s);
+        let s = Spool::open(&p, cfg(1 << 20, WhenFull::DropOldest), "t").unwrap();
+        assert_eq!(s.stats.queued.load(Ordering::Relaxed), 3);
+        assert_eq!(s.read(0, 10).await[0].topic, "t/02");
+    }
+
+    #[tokio::test]
+    async fn full_spool_applies_the_policy_and_counts_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        for when in [WhenFull::DropOldest, WhenFull::RejectNew] {
+            let s = Spool::open(&dir.path().join(format!("{when:?}.db")), cfg(1000, when), "t").unwrap();
+            for i in 0..25 {
+                s.append(vec![msg(i)], true).unwrap().await.unwrap();
+            }
+            let kept: Vec<String> = s.read(0, 100).await.into_iter().map(|m| m.topic).collect();
+            assert_eq!(kept.len(), 10);
+            let dropped =
+                s.stats.dropped_full.load(Ordering::Relaxed) + s.stats.dropped_rejected.load(Ordering::Relaxed);
+            assert_eq!(dropped, 15);
+            match when {
+                WhenFull::DropOldest => assert_eq!(kept[0], "t/15"),
+                WhenFull::RejectNew => assert_eq!(kept[9], "t/09"),
+            }
+        }
+    }
+}

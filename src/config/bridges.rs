@@ -1,0 +1,329 @@
+//! Config of the upstream bridges (see `crate::bridge`).
+
+use super::{Dur, Rate, Size};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Bridge {
+    /// Names the bridge in topics, logs and its spool file; `[a-z0-9_-]+`.
+    pub name: String,
+    /// `mqtt://host:port`, `mqtts://host:port`, `ws://host:port/path` or `wss://host:port/path`.
+    pub url: String,
+    /// Defaults to `<gateway.id>-<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<BridgeAuth>,
+    /// For mqtts/wss: a custom CA (else the system's roots) and an optional client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BridgeTls>,
+    #[serde(default)]
+    pub protocol: MqttVersion,
+    /// Ask the upstream to keep the session (and queue inbound messages) while the link is down.
+    #[serde(default = "yes")]
+    pub persistent_session: bool,
+    #[serde(default = "keep_alive")]
+    pub keep_alive: Dur,
+    pub rules: Vec<BridgeRule>,
+    #[serde(default)]
+    pub spool: Spool,
+    /// Cap on messages sent upstream per second (e.g. after an outage); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_rate: Option<Rate>,
+    #[serde(default)]
+    pub backoff: Backoff,
+    /// The upstream's largest packet; larger messages are refused at the rule and counted.
+    #[serde(default = "max_packet")]
+    pub max_packet_size: Size,
+    /// QoS 1/2 messages in flight upstream.
+    #[serde(default = "inflight")]
+    pub inflight: u16,
+    /// Retained `online`/`offline` (the latter as will) upstream; default `outpost/<gateway.id>/status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_topic: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn keep_alive() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn max_packet() -> Size {
+    Size(256 * 1024)
+}
+fn inflight() -> u16 {
+    100
+}
+
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeAuth {
+    pub username: String,
+    /// A file holding the password (trailing newline ignored). Preferred over `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for BridgeAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BridgeAuth")
+            .field("username", &self.username)
+            .field("password_file", &self.password_file)
+            .field("password", &self.password.as_ref().map(|_| "(hidden)"))
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeTls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MqttVersion {
+    #[default]
+    V311,
+    V5,
+}
+
+impl Serialize for MqttVersion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            MqttVersion::V311 => "3.1.1",
+            MqttVersion::V5 => "5",
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for MqttVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            F(f64),
+            S(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string(),
+            Raw::F(f) => f.to_string(),
+            Raw::S(s) => s,
+        };
+        match text.as_str() {
+            "3.1.1" | "4" | "311" => Ok(MqttVersion::V311),
+            "5" | "5.0" => Ok(MqttVersion::V5),
+            other => Err(serde::de::Error::custom(format!(
+                "protocol `{other}` is not supported: use 3.1.1 or 5"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Local publishes go upstream.
+    Out,
+    /// Upstream publishes come into the local broker.
+    In,
+    Both,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeRule {
+    pub direction: Direction,
+    /// Local topic filter (source of `out`), or template (target of `in`).
+    pub local: String,
+    /// Remote topic template (target of `out`), or filter (source of `in`). In templates `{1}`
+    /// is what the first `+` matched, `{#}` what `#` matched; a bare `+`/`#` level means the next.
+    pub remote: String,
+    /// QoS used upstream (and locally for `in`).
+    #[serde(default = "qos1")]
+    pub qos: u8,
+    /// QoS 0 rules: also spool while the link is down (default: drop and count).
+    #[serde(default)]
+    pub spool_qos0: bool,
+}
+
+fn qos1() -> u8 {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Spool {
+    /// Disk the spool may use; then `when_full` applies.
+    pub max_bytes: Size,
+    /// Older messages are dropped (and counted).
+    pub max_age: Dur,
+    pub when_full: WhenFull,
+}
+
+impl Default for Spool {
+    fn default() -> Self {
+        Spool {
+            max_bytes: Size(512 << 20),
+            max_age: Dur(Duration::from_secs(7 * 86400)),
+            when_full: WhenFull::DropOldest,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    DropOldest,
+    RejectNew,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backoff {
+    /// First wait after a failed connection; doubles each time, with full jitter.
+    pub min: Dur,
+    pub max: Dur,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            min: Dur(Duration::from_millis(500)),
+            max: Dur(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// A bridge URL, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+    /// The whole URL (WebSocket transports take it as it is).
+    pub url: String,
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        let u = url::Url::parse(s).map_err(|e| format!("`{s}` is not a URL ({e})"))?;
+        let default_port = match u.scheme() {
+            "mqtt" => 1883,
+            "mqtts" => 8883,
+            "ws" => 80,
+            "wss" => 443,
+            other => return Err(format!("scheme `{other}` is not supported: use mqtt, mqtts, ws or wss")),
+        };
+        let host = u
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("`{s}` has no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        Ok(Endpoint {
+            scheme: u.scheme().to_string(),
+            host,
+            port: u.port().unwrap_or(default_port),
+            url: s.to_string(),
+        })
+    }
+
+    pub fn tls(&self) -> bool {
+        self.scheme == "mqtts" || self.scheme == "wss"
+    }
+}
+
+/// Checks one bridge; returns the key below `bridges[i]` and the reason.
+pub(super) fn validate(_i: usize, b: &Bridge, before: &[Bridge]) -> Result<(), (String, String)> {
+    let e = |k: &str, r: String| Err((k.to_string(), r));
+    if b.name.is_empty()
+        || !b
+            .name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        return e(
+            ".name",
+            format!("`{}` must be non-empty and use only a-z, 0-9, - and _", b.name),
+        );
+    }
+    if let Some(j) = before.iter().position(|o| o.name == b.name) {
+        return e(".name", format!("`{}` is already the name of bridges[{j}]", b.name));
+    }
+    let ep = Endpoint::parse(&b.url).map_err(|r| (".url".to_string(), r))?;
+    if b.tls.is_some() && !ep.tls() {
+        return e(
+            ".tls",
+            format!("TLS settings with a `{}://` URL: use mqtts:// or wss://", ep.scheme),
+        );
+    }
+    if let Some(t) = &b.tls {
+        if t.cert.is_some() != t.key.is_some() {
+            return e(".tls", "a client certificate needs both `cert` and `key`".into());
+        }
+        for (k, p) in [(".tls.ca", &t.ca), (".tls.cert", &t.cert), (".tls.key", &t.key)] {
+            if let Some(p) = p {
+                if let Err(err) = std::fs::metadata(p) {
+                    return e(k, format!("cannot read {}: {err}", p.display()));
+                }
+            }
+        }
+    }
+    if let Some(a) = &b.auth {
+        match (&a.password_file, &a.password) {
+            (Some(_), Some(_)) => return e(".auth", "give `password_file` or `password`, not both".into()),
+            (Some(p), None) => {
+                if let Err(err) = std::fs::metadata(p) {
+                    return e(".auth.password_file", format!("cannot read {}: {err}", p.display()));
+                }
+            }
+            _ => {}
+        }
+    }
+    if b.rules.is_empty() {
+        return e(".rules", "a bridge needs at least one rule".into());
+    }
+    for (j, r) in b.rules.iter().enumerate() {
+        if r.qos > 2 {
+            return e(
+                &format!(".rules[{j}].qos"),
+                format!("{} is not a QoS (0, 1 or 2)", r.qos),
+            );
+        }
+        if let Err(reason) = crate::bridge::rules::Rule::compile(r) {
+            return e(&format!(".rules[{j}]"), reason);
+        }
+    }
+    if b.spool.max_bytes.0 < 4096 {
+        return e(".spool.max_bytes", "must be at least 4KiB".into());
+    }
+    if b.spool.max_age.0.is_zero() {
+        return e(".spool.max_age", "must be longer than 0".into());
+    }
+    if b.backoff.min.0.is_zero() || b.backoff.max < b.backoff.min {
+        return e(".backoff", "needs 0 < min <= max".into());
+    }
+    if b.inflight == 0 {
+        return e(".inflight", "must be at least 1".into());
+    }
+    if b.max_packet_size.0 < 64 || b.max_packet_size.0 > 256 << 20 {
+        return e(".max_packet_size", "must be between 64B and 256MiB".into());
+    }
+    if let Some(t) = &b.status_topic {
+        if !crate::broker::topics::valid_topic(t) {
+            return e(".status_topic", format!("`{t}` is not a topic name"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! `outpost status`: the status file the gateway writes, as a table a person reads.
+
+use serde_json::Value;
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn ago(secs: i64) -> String {
+    match secs {
+        s if s < 0 => "-".into(),
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n < 1024 => format!("{n}B"),
+        n if n < 1 << 20 => format!("{:.1}KiB", n as f64 / 1024.0),
+        n if n < 1 << 30 => format!("{:.1}MiB", n as f64 / (1 << 20) as f64),
+        n => format!("{:.1}GiB", n as f64 / (1u64 << 30) as f64),
+    }
+}
+
+pub fn render(doc: &Value, now: SystemTime) -> String {
+    let now_s = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now_ms = now_s * 1000;
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    let mut out = String::new();
+    let written = doc["written"].as_i64().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "outpost {} (gateway {}), pid {}, up {}, status written {} ago{}",
+        doc["version"].as_str().unwrap_or("?"),
+        doc["gateway"].as_str().unwrap_or("?"),
+        u(&doc["pid"]),
+        ago(written - doc["started"].as_i64().unwrap_or(written)),
+        ago(now_s - written),
+        if now_s - written > 10 { " (not running?)" } else { "" }
+    );
+    let listeners: Vec<&str> = doc["listeners"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let _ = writeln!(out, "listeners: {}", listeners.join(", "));
+    let b = &doc["broker"];
+    let _ = writeln!(
+        out,
+        "clients: {} connected, {} since start, {} refused; denied: {} publishes, {} subscribes; closed for bad packets: {}",
+        u(&b["connections"]),
+        u(&b["connections_total"]),
+        u(&b["connects_refused"]),
+        u(&b["publish_denied"]),
+        u(&b["subscribe_denied"]),
+        u(&b["malformed_packets"]) + u(&b["oversized_packets"]),
+    );
+    let bridges = doc["bridges"].as_array().cloned().unwrap_or_default();
+    if bridges.is_empty() {
+        let _ = writeln!(out, "bridges: none");
+        return out;
+    }
+    let mut rows = vec![[
+        "BRIDGE",
+        "LINK",
+        "FOR",
+        "QUEUED",
+        "BYTES",
+        "OLDEST",
+        "SENT",
+        "RECEIVED",
+        "DROPPED",
+        "RECONNECTS",
+        "LAST ERROR",
+    ]
+    .map(String::from)];
+    for br in &bridges {
+        let dropped: u64 = br["dropped"].as_object().map(|o| o.values().map(u).sum()).unwrap_or(0);
+        rows.push([
+            br["name"].as_str().unwrap_or("?").to_string(),
+            if br["connected"].as_bool() == Some(true) {
+                "up".into()
+            } else {
+                "down".into()
+            },
+            ago((now_ms - br["since_ms"].as_i64().unwrap_or(now_ms)) / 1000),
+            u(&br["queued"]).to_string(),
+            bytes(u(&br["queued_bytes"])),
+            br["oldest_age_s"]
+                .as_f64()
+                .map(|s| ago(s as i64))
+                .unwrap_or_else(|| "-".into()),
+            u(&br["sent"]).to_string(),
+            u(&br["received"]).to_string(),
+            dropped.to_string(),
+            u(&br["reconnects"]).to_string(),
+            br["last_error"].as_str().unwrap_or("-").to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..11)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_bridges_as_a_table() {
+        let doc = serde_json::json!({
+            "gateway": "gw", "version": "0.1.0", "pid": 7, "started": 1000, "written": 1100,
+            "listeners": ["127.0.0.1:1883"],
+            "broker": {"connections": 2, "connections_total": 5},
+            "bridges": [{"name": "cloud", "connected": false, "since_ms": 1_050_000, "queued": 3, "queued_bytes": 2048,
+                          "oldest_age_s": 42.0, "sent": 10, "received": 1, "reconnects": 2,
+                          "dropped": {"expired": 1, "too_large": 2}, "last_error": "connection refused"}]
+        });
+        let t = render(&doc, UNIX_EPOCH + std::time::Duration::from_secs(1101));
+        assert!(t.contains("gateway gw") && t.contains("up 100s"), "{t}");
+        let line = t.lines().find(|l| l.starts_with("cloud")).unwrap();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            &cols[..10],
+            ["cloud", "down", "51s", "3", "2.0KiB", "42s", "10", "1", "3", "2"]
+        );
+        assert!(line.ends_with("connection refused"));
+    }
+}
