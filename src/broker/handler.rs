@@ -474,11 +474,12 @@ async fn up<R: AsyncRead + Unpin>(
     let mut last_engine_write = Instant::now();
     let mut st = UpState::default();
     let mut ready = !cbuf.is_empty();
+    let mut last_heard = Instant::now();
     loop {
         if !ready {
             let read = async {
                 match client_silence {
-                    Some(t) => timeout(t, crd.read_buf(&mut cbuf)).await.ok(),
+                    Some(t) => timeout_at(last_heard + t, crd.read_buf(&mut cbuf)).await.ok(),
                     None => Some(crd.read_buf(&mut cbuf).await),
                 }
             };
@@ -487,7 +488,10 @@ async fn up<R: AsyncRead + Unpin>(
                     None => return close(&tx, Goodbye::KeepAliveTimeout, End::ClientGone("keep-alive timed out".into())).await,
                     Some(Ok(0)) => return End::ClientClosed,
                     Some(Err(e)) => return End::ClientGone(format!("read: {e}")),
-                    Some(Ok(n)) => Metrics::add(&m.bytes_in, n as u64),
+                    Some(Ok(n)) => {
+                        Metrics::add(&m.bytes_in, n as u64);
+                        last_heard = Instant::now();
+                    }
                 },
                 _ = tokio::time::sleep_until(last_engine_write + ping_every) => {
                     if timeout(ENGINE_WRITE_TIMEOUT, ewr.write_all(&codec::PINGREQ)).await.map_or(true, |r| r.is_err()) {

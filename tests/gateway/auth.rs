@@ -232,3 +232,116 @@ async fn connection_limit_refuses_with_server_unavailable() {
         Ok(_) => panic!("third client got in over max_connections: 2"),
     }
 }
+
+#[tokio::test]
+async fn the_same_client_id_under_another_user_gets_its_own_session() {
+    let port = free_port();
+    let _gw = Gateway::start(&secured(
+        port,
+        "    - { who: \"user:*\", allow: { publish: [\"shared/#\"], subscribe: [\"shared/#\"] } }\n",
+    ));
+    // alice keeps a persistent session as client "alice-box".
+    let mut o = user(port, "alice-box", "alice", "alice-pw");
+    o.set_clean_session(false);
+    let (a, mut aev) = connect(o).await.unwrap();
+    subscribe(&a, &mut aev, "shared/#", QoS::AtLeastOnce).await;
+    a.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(T, async { while aev.poll().await.is_ok() {} }).await;
+
+    // admin picks the same client id: a session of its own, nothing of alice's.
+    let mut o = user(port, "alice-box", "admin", "admin-pw");
+    o.set_clean_session(false);
+    let (_b, mut bev) = rumqttc::AsyncClient::new(o, 10);
+    let present = wait_for(&mut bev, T, |p| match p {
+        Packet::ConnAck(a) => Some(a.session_present),
+        _ => None,
+    })
+    .await;
+    assert_eq!(present, Some(false));
+    let (p, pev) = connect(user(port, "admin-2", "admin", "admin-pw")).await.unwrap();
+    let _d = drive(pev);
+    p.publish("shared/x", QoS::AtLeastOnce, false, "for alice only")
+        .await
+        .unwrap();
+    assert_eq!(next_publish(&mut bev, Duration::from_secs(1)).await, None);
+}
+
+#[tokio::test]
+async fn clients_cannot_take_the_gateways_internal_client_ids() {
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let (s, mut sev) = connect(opts(port, "ops")).await.unwrap();
+    subscribe(&s, &mut sev, "outpost/test-gw/status", QoS::AtLeastOnce).await;
+    assert_eq!(next_publish(&mut sev, T).await.map(|m| m.1), Some(b"online".to_vec()));
+    for id in ["outpost-status-test-gw", "outpost-bus"] {
+        let (c, ev) = connect(opts(port, id)).await.unwrap();
+        let _d = drive(ev);
+        drop(c);
+    }
+    // The status client was not kicked: no `offline` will.
+    assert_eq!(next_publish(&mut sev, Duration::from_secs(2)).await, None);
+}
+
+#[tokio::test]
+async fn mqtt5_unsubscribe_gets_one_unsuback_with_a_reason_per_filter() {
+    use rumqttc::v5::mqttbytes::v5::UnsubAckReason as U;
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    // rumqttc's v5 client unsubscribes one filter per packet; write one with three by hand.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let port2 = port;
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port2)).unwrap();
+        let mut b = bytes::BytesMut::new();
+        let p = P5::Connect(
+            v5::mqttbytes::v5::Connect {
+                keep_alive: 30,
+                client_id: "raw5".into(),
+                clean_start: true,
+                properties: None,
+            },
+            None,
+            None,
+        );
+        p.write(&mut b, None).unwrap();
+        let mut sub = v5::mqttbytes::v5::Subscribe::new(
+            v5::mqttbytes::v5::Filter::new("x/1", v5::mqttbytes::QoS::AtMostOnce),
+            None,
+        );
+        sub.pkid = 1;
+        sub.filters
+            .push(v5::mqttbytes::v5::Filter::new("x/2", v5::mqttbytes::QoS::AtMostOnce));
+        P5::Subscribe(sub).write(&mut b, None).unwrap();
+        let un = v5::mqttbytes::v5::Unsubscribe {
+            pkid: 2,
+            filters: vec!["x/1".into(), "never".into(), "x/2".into()],
+            properties: None,
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(&b).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut b = bytes::BytesMut::new();
+        P5::Unsubscribe(un).write(&mut b, None).unwrap();
+        s.write_all(&b).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = bytes::BytesMut::new();
+        let mut tmp = [0u8; 4096];
+        let mut unsubacks = vec![];
+        let end = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < end {
+            match s.read(&mut tmp) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+            while let Ok(p) = P5::read(&mut buf, None) {
+                if let P5::UnsubAck(a) = p {
+                    unsubacks.push(a.reasons);
+                }
+            }
+        }
+        tx.send(unsubacks).unwrap();
+    });
+    let got = tokio::task::spawn_blocking(move || rx.recv().unwrap()).await.unwrap();
+    assert_eq!(got, vec![vec![U::Success, U::NoSubscriptionExisted, U::Success]]);
+}

@@ -225,3 +225,81 @@ async fn wildcard_topic_in_publish_closes_the_connection() {
     s.write_all(&[0x30, 7, 0, 3, b'a', b'/', b'+', b'h', b'i']).unwrap();
     assert!(closes_within(&mut s, T));
 }
+
+#[tokio::test]
+async fn a_client_that_floods_its_own_subscription_without_reading_stays_served() {
+    let port = free_port();
+    let _gw = Gateway::start(&format!(
+        "{}  limits: {{ max_packet_size: 64KiB }}\n",
+        open_broker(port)
+    ));
+    let mut s = raw_connect(port, "echo-flood", 60);
+    let mut b = BytesMut::new();
+    let mut sub = v4::Subscribe::new("flood", QoS::AtMostOnce);
+    sub.pkid = 1;
+    sub.write(&mut b).unwrap();
+    s.write_all(&b).unwrap();
+    let mut ack = [0u8; 5];
+    s.read_exact(&mut ack).unwrap();
+    // Write ~8 MB to our own subscription without reading a byte back.
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut b = BytesMut::new();
+            v4::Publish::new("flood", QoS::AtMostOnce, vec![7u8; 8192])
+                .write(&mut b)
+                .unwrap();
+            for _ in 0..1000 {
+                if w.write_all(&b).is_err() {
+                    return false;
+                }
+            }
+            w.write_all(&[0xc0, 0]).is_ok() // PINGREQ
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    // Now read: the PINGRESP must come through behind the deliveries.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = BytesMut::new();
+    let mut tmp = vec![0u8; 1 << 16];
+    let mut pong = false;
+    while !pong {
+        let n = s.read(&mut tmp).expect("connection stays open");
+        assert!(n > 0, "the gateway closed the connection");
+        buf.extend_from_slice(&tmp[..n]);
+        while let Ok(Some(f)) = outpost::broker::codec::next_frame(&mut buf, 1 << 20) {
+            pong |= f.kind == outpost::broker::codec::kind::PINGRESP;
+        }
+    }
+    assert!(writer.join().unwrap(), "the writer was blocked for good");
+}
+
+#[tokio::test]
+async fn a_silent_client_is_dropped_after_one_and_a_half_keepalives_and_its_will_fires() {
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let (w, mut wev) = connect(opts(port, "watcher")).await.unwrap();
+    subscribe(&w, &mut wev, "wills/#", QoS::AtLeastOnce).await;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut c = v4::Connect::new("silent");
+    c.keep_alive = 1;
+    c.last_will = Some(v4::LastWill::new("wills/silent", "timed out", QoS::AtLeastOnce, false));
+    let mut b = BytesMut::new();
+    c.write(&mut b).unwrap();
+    s.write_all(&b).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    let started = std::time::Instant::now();
+    assert!(
+        closes_within(&mut s, Duration::from_secs(5)),
+        "silent client not dropped"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "dropped before 1.5 x keep-alive"
+    );
+    assert_eq!(
+        next_publish(&mut wev, T).await.map(|m| m.1),
+        Some(b"timed out".to_vec())
+    );
+}
