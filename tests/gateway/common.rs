@@ -8,12 +8,24 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A free loopback port for a test's gateway or Mosquitto. Taken from 20000-29999, outside the
+/// kernel's ephemeral range (where outpost picks its engine ports), and never handed out twice
+/// in one test run, so a port freed by a restarting gateway is not taken by another test.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20000 + (std::process::id() % 40) as u16 * 250,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_outpost");
@@ -262,4 +274,237 @@ pub fn passwd(pw: &str) -> String {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A Debian Mosquitto on a free loopback port, standing in for the cloud broker.
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    conf: String,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with `extra` config lines after its listener line.
+    pub fn start(extra: &str) -> Mosquitto {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!("listener {port} 127.0.0.1\n{extra}\n");
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            dir,
+            conf,
+        };
+        m.spawn();
+        m
+    }
+
+    /// A broker that needs a password: users `sub` (always) and `bridge` (when `bridge_allowed`).
+    /// Letting the bridge in later (`allow_bridge`) lets a test's subscriber connect first.
+    pub fn with_users(persistence: bool, bridge_allowed: bool) -> Mosquitto {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("passwd");
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence {persistence}\npersistence_location {}/\nmax_queued_messages 100000\n",
+            pw.display(),
+            dir.path().display()
+        );
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            dir,
+            conf,
+        };
+        m.set_users(bridge_allowed);
+        m.spawn();
+        m
+    }
+
+    pub fn set_users(&self, bridge_allowed: bool) {
+        let pw = self.dir.path().join("passwd");
+        let _ = std::fs::remove_file(&pw);
+        let mut users = vec![("sub", "sub-pw")];
+        if bridge_allowed {
+            users.push(("bridge", "bridge-pw"));
+        }
+        for (u, p) in users {
+            let mut cmd = Command::new("mosquitto_passwd");
+            if !pw.exists() {
+                cmd.arg("-c");
+            }
+            let st = cmd
+                .arg("-b")
+                .arg(&pw)
+                .args([u, p])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success(), "mosquitto_passwd");
+        }
+    }
+
+    /// Lets the `bridge` user in (Mosquitto re-reads its password file on SIGHUP).
+    pub fn allow_bridge(&self) {
+        self.set_users(true);
+        let pid = self.child.as_ref().unwrap().id();
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    pub fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, &self.conf).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))
+            .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto (Debian package mosquitto) must be installed");
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < end,
+                "mosquitto did not start:\n{}",
+                std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (Mosquitto saves its persistence file) and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Messages as (topic, payload), in arrival order.
+pub type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A subscriber on the upstream broker that keeps every message it gets, reconnecting (and
+/// resubscribing) by itself.
+pub struct Collector {
+    pub got: Received,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    pub fn start(port: u16, id: &str, filter: &str, creds: Option<(&str, &str)>, persistent: bool) -> Collector {
+        let mut o = opts(port, id);
+        o.set_clean_session(!persistent);
+        if let Some((u, p)) = creds {
+            o.set_credentials(u, p);
+        }
+        let (c, mut ev) = AsyncClient::new(o, 100);
+        let got: Received = Default::default();
+        let g = got.clone();
+        let filter = filter.to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = c.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        g.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()))
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Collector { got, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    /// Waits until `f` holds for what was collected, or panics after `within`.
+    pub async fn wait(&self, within: Duration, what: &str, f: impl Fn(&[(String, Vec<u8>)]) -> bool) {
+        let end = Instant::now() + within;
+        loop {
+            if f(&self.got.lock().unwrap()) {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; got {} messages",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Gateway {
+    /// `outpost status --json` for this gateway.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The bridge's entry in the status file.
+    pub fn bridge_state(&self, name: &str) -> serde_json::Value {
+        self.status()["bridges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none());
+        self.spawn();
+    }
 }

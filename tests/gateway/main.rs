@@ -1,6 +1,7 @@
 //! Integration tests: the real outpost binary against real MQTT clients on loopback sockets.
 
 mod auth;
+mod bridge;
 mod cli;
 mod common;
 mod pubsub;

@@ -1,0 +1,431 @@
+//! Upstream bridges against a real Mosquitto: remapping both ways, TLS, outages, crashes, a full
+//! spool, loops, reloads. What a user checks is what arrives upstream, and what is counted.
+
+use crate::common::*;
+use rumqttc::QoS;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+
+/// A gateway section with a loopback listener and the given `bridges:` block.
+fn with_bridges(port: u16, bridges: &str) -> String {
+    format!("{}bridges:\n{bridges}", open_broker(port))
+}
+
+fn bridge(name: &str, url: &str, rules: &[&str], extra: &str) -> String {
+    let mut s = format!("  - name: {name}\n    url: \"{url}\"\n    backoff: {{ min: 200ms, max: 1s }}\n    rules:\n");
+    for r in rules {
+        s.push_str(&format!("      - {r}\n"));
+    }
+    for line in extra.lines() {
+        s.push_str(&format!("    {line}\n"));
+    }
+    s
+}
+
+const AUTH: &str = "auth: { username: bridge, password: bridge-pw }";
+
+/// Publishes `n` numbered QoS 1 messages locally, alternating two topics; returns how many the
+/// gateway acknowledged (all, unless the gateway goes away).
+async fn publish_numbered(port: u16, prefix: &str, n: usize, pause_every: Option<(usize, Duration)>) -> usize {
+    let (c, mut ev) = connect(opts(port, "numbered")).await.unwrap();
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = acks.clone();
+    let driver = tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = e {
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    for i in 0..n {
+        let topic = format!("{prefix}/{}", ["a", "b"][i % 2]);
+        // Stop when the gateway is gone (the request queue would never drain).
+        if driver.is_finished()
+            || tokio::time::timeout(
+                Duration::from_secs(2),
+                c.publish(topic, QoS::AtLeastOnce, false, i.to_string()),
+            )
+            .await
+            .is_err()
+        {
+            break;
+        }
+        if let Some((every, d)) = pause_every {
+            if i % every == every - 1 {
+                tokio::time::sleep(d).await;
+            }
+        }
+    }
+    let end = std::time::Instant::now() + T;
+    while acks.load(std::sync::atomic::Ordering::SeqCst) < n && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    driver.abort();
+    acks.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Checks that every number in `want` arrived, and that per topic the first arrivals are in
+/// order. Returns the number of duplicates (allowed at QoS 1).
+fn check_numbered(got: &[(String, Vec<u8>)], want: impl Iterator<Item = usize>) -> usize {
+    let mut seen = HashMap::new();
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    let mut dups = 0;
+    for (topic, payload) in got {
+        let n: usize = String::from_utf8_lossy(payload).parse().expect("numbered payload");
+        if seen.insert(n, ()).is_some() {
+            dups += 1;
+            continue;
+        }
+        if let Some(prev) = last.insert(topic.as_str(), n) {
+            assert!(n > prev, "on {topic}: {n} arrived after {prev}");
+        }
+    }
+    let missing: Vec<usize> = want.filter(|n| !seen.contains_key(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} messages never arrived, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    dups
+}
+
+#[tokio::test]
+async fn forwards_both_ways_with_remapping_and_reports_state() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[
+                r#"{ direction: out, local: "sensor/+/live", remote: "site1/sensor/{1}/live", qos: 1 }"#,
+                r#"{ direction: in, remote: "site1/cmd/#", local: "cmd/#", qos: 1 }"#,
+            ],
+            "",
+        ),
+    ));
+    let up = Collector::start(m.port, "cloud-app", "#", None, false);
+    // The upstream status topic says online (retained).
+    up.wait(T, "status online", |g| {
+        g.iter().any(|(t, p)| t == "outpost/test-gw/status" && p == b"online")
+    })
+    .await;
+
+    let (local, lev) = connect(opts(port, "local")).await.unwrap();
+    let _d = drive(lev);
+    local
+        .publish("sensor/kitchen/live", QoS::AtLeastOnce, false, "230.5")
+        .await
+        .unwrap();
+    local
+        .publish("sensor/kitchen/1m", QoS::AtLeastOnce, false, "not bridged")
+        .await
+        .unwrap();
+    up.wait(T, "remapped message", |g| {
+        g.iter().any(|(t, p)| t == "site1/sensor/kitchen/live" && p == b"230.5")
+    })
+    .await;
+    assert!(!up.got.lock().unwrap().iter().any(|(_, p)| p == b"not bridged"));
+
+    // Inbound: upstream command lands locally under the mapped topic.
+    let (s, mut sev) = connect(opts(port, "local-sub")).await.unwrap();
+    subscribe(&s, &mut sev, "cmd/#", QoS::AtLeastOnce).await;
+    let (cloud, cev) = connect(opts(m.port, "cloud-cmd")).await.unwrap();
+    let _c = drive(cev);
+    cloud
+        .publish("site1/cmd/plug/set", QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_publish(&mut sev, T).await.map(|p| (p.0, p.1)),
+        Some(("cmd/plug/set".into(), b"on".to_vec()))
+    );
+
+    // Local state topic and `outpost status`.
+    let (st, mut stev) = connect(opts(port, "ops")).await.unwrap();
+    subscribe(&st, &mut stev, "outpost/test-gw/bridges/cloud/state", QoS::AtMostOnce).await;
+    let state = next_publish(&mut stev, T).await.expect("retained bridge state");
+    let state: serde_json::Value = serde_json::from_slice(&state.1).unwrap();
+    assert_eq!(state["connected"], true);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b = gw.bridge_state("cloud");
+    assert_eq!(
+        (b["connected"].as_bool(), b["sent"].as_u64(), b["received"].as_u64()),
+        (Some(true), Some(1), Some(1)),
+        "{b}"
+    );
+    let table = std::process::Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.lines().any(|l| l.starts_with("cloud") && l.contains(" up ")),
+        "{table}"
+    );
+}
+
+async fn outage(persistence: bool) {
+    let mut m = Mosquitto::with_users(persistence, true);
+    let port = free_port();
+    let gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "up/{#}", qos: 1 }"#],
+            AUTH,
+        ),
+    ));
+    let up = Collector::start(m.port, "counter", "up/#", Some(("sub", "sub-pw")), true);
+    up.wait(T, "subscriber up", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 600 messages over ~3 s; the upstream goes away after the first second.
+    let publisher = tokio::spawn(publish_numbered(
+        port,
+        "data",
+        600,
+        Some((20, Duration::from_millis(100))),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    m.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        publisher.await.unwrap(),
+        600,
+        "the gateway must take every message while upstream is down"
+    );
+    let queued = gw.bridge_state("cloud")["queued"].as_u64().unwrap();
+    assert!(queued > 0, "nothing spooled during the outage");
+    // Upstream back; our subscriber first, then the bridge.
+    m.set_users(false);
+    m.spawn();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    m.allow_bridge();
+    up.wait(Duration::from_secs(30), "all 600", |g| {
+        let mut s: Vec<&Vec<u8>> = g.iter().map(|(_, p)| p).collect();
+        s.sort();
+        s.dedup();
+        s.len() >= 600
+    })
+    .await;
+    let dups = check_numbered(&up.got.lock().unwrap(), 0..600);
+    eprintln!("outage (upstream persistence {persistence}): 600 delivered, {dups} duplicates, {queued} were queued");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b = gw.bridge_state("cloud");
+    assert_eq!(b["queued"], 0, "{b}");
+    assert!(b["reconnects"].as_u64().unwrap() >= 1, "{b}");
+}
+
+#[tokio::test]
+async fn an_upstream_outage_loses_nothing_without_upstream_persistence() {
+    outage(false).await;
+}
+
+#[tokio::test]
+async fn an_upstream_outage_loses_nothing_with_upstream_persistence() {
+    outage(true).await;
+}
+
+#[tokio::test]
+async fn kill_9_while_upstream_is_down_loses_nothing_that_was_acknowledged() {
+    let m = Mosquitto::with_users(false, false);
+    let port = free_port();
+    let mut gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "up/{#}", qos: 1 }"#],
+            AUTH,
+        ),
+    ));
+    // Upstream refuses the bridge: everything goes to the spool. Kill -9 mid-stream.
+    let publisher = tokio::spawn(publish_numbered(port, "data", 100_000, None));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gw.kill9();
+    let acked = publisher.await.unwrap();
+    assert!(acked > 100, "only {acked} messages acknowledged before the kill");
+    gw.start_again();
+    let up = Collector::start(m.port, "counter", "up/#", Some(("sub", "sub-pw")), false);
+    up.wait(T, "subscriber", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    m.allow_bridge();
+    up.wait(Duration::from_secs(60), "every acknowledged message", |g| {
+        let mut s: Vec<&Vec<u8>> = g.iter().map(|(_, p)| p).collect();
+        s.sort();
+        s.dedup();
+        s.len() >= acked
+    })
+    .await;
+    let dups = check_numbered(&up.got.lock().unwrap(), 0..acked);
+    eprintln!("kill -9: {acked} acknowledged before the crash, all delivered after restart, {dups} duplicates");
+}
+
+#[tokio::test]
+async fn a_full_spool_drops_by_its_policy_and_counts_every_drop() {
+    let m = Mosquitto::with_users(false, false);
+    let port = free_port();
+    let gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "u/{#}", qos: 1 }"#],
+            &format!("{AUTH}\nspool: {{ max_bytes: 4KiB, when_full: drop-oldest }}"),
+        ),
+    ));
+    // "u/a" + a 97-byte payload: 100 bytes each, so 40 fit in 4 KiB.
+    let (c, ev) = connect(opts(port, "filler")).await.unwrap();
+    let _d = drive(ev);
+    for i in 0..100 {
+        c.publish("data/a", QoS::AtLeastOnce, false, format!("{i:097}"))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b = gw.bridge_state("cloud");
+    assert_eq!(
+        (b["queued"].as_u64(), b["dropped"]["spool_full_oldest"].as_u64()),
+        (Some(40), Some(60)),
+        "{b}"
+    );
+    let up = Collector::start(m.port, "counter", "u/#", Some(("sub", "sub-pw")), false);
+    up.wait(T, "subscriber", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    m.allow_bridge();
+    up.wait(T, "the 40 kept", |g| g.len() >= 40).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got: Vec<usize> = up
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| String::from_utf8_lossy(p).parse().unwrap())
+        .collect();
+    assert_eq!(got, (60..100).collect::<Vec<_>>(), "the newest 40, in order");
+    assert_eq!(
+        100 - got.len() as u64,
+        b["dropped"]["spool_full_oldest"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn messages_over_the_upstream_packet_limit_are_refused_at_the_rule_and_counted() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "u/{#}", qos: 1 }"#],
+            "max_packet_size: 1KiB",
+        ),
+    ));
+    let up = Collector::start(m.port, "counter", "u/#", None, false);
+    up.wait(T, "subscriber", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (c, ev) = connect(opts(port, "big")).await.unwrap();
+    let _d = drive(ev);
+    c.publish("data/big", QoS::AtLeastOnce, false, vec![0u8; 4096])
+        .await
+        .unwrap();
+    c.publish("data/small", QoS::AtLeastOnce, false, "fits").await.unwrap();
+    up.wait(T, "the small one", |g| g.iter().any(|(_, p)| p == b"fits"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b = gw.bridge_state("cloud");
+    assert_eq!(b["dropped"]["too_large"], 1, "{b}");
+    assert_eq!(b["reconnects"], 0, "an oversized message must not break the link: {b}");
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
+async fn a_both_rule_and_a_chain_of_two_gateways_echo_nothing() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let (port_a, port_b) = (free_port(), free_port());
+    // B bridges to Mosquitto (MQTT 5), A bridges to B (3.1.1: no No Local, the echo filter works).
+    let _b = Gateway::start(&with_bridges(
+        port_b,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: both, local: "x/#", remote: "x/#", qos: 1 }"#],
+            "protocol: 5",
+        ),
+    ));
+    let _a = Gateway::start(&with_bridges(
+        port_a,
+        &bridge(
+            "b",
+            &format!("mqtt://127.0.0.1:{port_b}"),
+            &[r#"{ direction: both, local: "x/#", remote: "x/#", qos: 1 }"#],
+            "",
+        ),
+    ));
+    let cloud = Collector::start(m.port, "cloud-watch", "x/#", None, false);
+    let at_a = Collector::start(port_a, "a-watch", "x/#", None, false);
+    let at_b = Collector::start(port_b, "b-watch", "x/#", None, false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let (pa, pev) = connect(opts(port_a, "a-pub")).await.unwrap();
+    let _d = drive(pev);
+    pa.publish("x/from-a", QoS::AtLeastOnce, false, "a").await.unwrap();
+    let (pm, mev) = connect(opts(m.port, "m-pub")).await.unwrap();
+    let _e = drive(mev);
+    pm.publish("x/from-cloud", QoS::AtLeastOnce, false, "m").await.unwrap();
+
+    for (who, c) in [("cloud", &cloud), ("gateway A", &at_a), ("gateway B", &at_b)] {
+        c.wait(T, &format!("both messages at {who}"), |g| g.len() >= 2).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (who, c) in [("cloud", &cloud), ("gateway A", &at_a), ("gateway B", &at_b)] {
+        let mut got: Vec<String> = c.got.lock().unwrap().iter().map(|(t, _)| t.clone()).collect();
+        got.sort();
+        assert_eq!(got, ["x/from-a", "x/from-cloud"], "{who} got an echo or missed one");
+    }
+}
+
+#[tokio::test]
+async fn adding_a_bridge_on_sighup_loses_nothing_from_another_bridges_spool() {
+    let m1 = Mosquitto::with_users(false, false);
+    let m2 = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let one = bridge(
+        "one",
+        &m1.url(),
+        &[r#"{ direction: out, local: "data/#", remote: "one/{#}", qos: 1 }"#],
+        AUTH,
+    );
+    let mut gw = Gateway::start(&with_bridges(port, &one));
+    assert_eq!(publish_numbered(port, "data", 200, None).await, 200);
+
+    let two = bridge(
+        "two",
+        &m2.url(),
+        &[r#"{ direction: out, local: "data/#", remote: "two/{#}", qos: 1 }"#],
+        "",
+    );
+    gw.write_config(&with_bridges(port, &format!("{one}{two}")));
+    gw.signal("HUP");
+    gw.wait_note("READY=1", T);
+    let up2 = Collector::start(m2.port, "c2", "two/#", None, false);
+    up2.wait(T, "subscriber", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(publish_numbered(port, "data", 10, None).await, 10);
+    up2.wait(T, "bridge two forwarding", |g| g.len() >= 10).await;
+
+    let up1 = Collector::start(m1.port, "c1", "one/#", Some(("sub", "sub-pw")), false);
+    up1.wait(T, "subscriber", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    m1.allow_bridge();
+    up1.wait(T, "bridge one's 210", |g| g.len() >= 210).await;
+    check_numbered(&up1.got.lock().unwrap(), 0..200);
+}
