@@ -178,9 +178,26 @@ impl Link {
         }
     }
 
+    /// Records a failed connection; TLS failures also name the certificates in use.
     fn failed(&self, e: &str) {
-        log::warn!("bridge {}: {} : {e}", self.cfg.name, self.cfg.url);
-        *self.stats.last_error.lock().expect("stats lock") = Some(format!("{e} ({})", self.cfg.url));
+        let mut msg = format!("{e} ({})", self.cfg.url);
+        if e.contains("TLS") || e.contains("certificate") {
+            let tls = self.cfg.tls.as_ref();
+            let ca = tls
+                .and_then(|t| t.ca.as_ref())
+                .map_or("the system's CA roots".to_string(), |p| format!("CA {}", p.display()));
+            let cert = tls
+                .and_then(|t| t.cert.as_ref())
+                .map_or("no client certificate".to_string(), |p| {
+                    format!("client certificate {}", p.display())
+                });
+            let host = crate::config::Endpoint::parse(&self.cfg.url)
+                .map(|e| e.host)
+                .unwrap_or_default();
+            msg = format!("{msg}; server name {host}, checked against {ca}, {cert}");
+        }
+        log::warn!("bridge {}: {msg}", self.cfg.name);
+        *self.stats.last_error.lock().expect("stats lock") = Some(msg);
     }
 
     /// Sleeps the backoff with full jitter; true when stopped meanwhile.

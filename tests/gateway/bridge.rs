@@ -429,3 +429,62 @@ async fn adding_a_bridge_on_sighup_loses_nothing_from_another_bridges_spool() {
     up1.wait(T, "bridge one's 210", |g| g.len() >= 210).await;
     check_numbered(&up1.got.lock().unwrap(), 0..200);
 }
+
+#[tokio::test]
+async fn tls_with_a_custom_ca_and_client_certificate_and_a_clear_error_for_a_wrong_ca() {
+    let good = tempfile::tempdir().unwrap();
+    let pki = crate::robustness::make_pki(good.path());
+    let wrong = tempfile::tempdir().unwrap();
+    crate::robustness::make_pki(wrong.path());
+    let p = good.path().display();
+    let m = Mosquitto::start(&format!(
+        "allow_anonymous true\ncafile {p}/ca.pem\ncertfile {p}/server.pem\nkeyfile {p}/server.key\nrequire_certificate true"
+    ));
+    let url = format!("mqtts://127.0.0.1:{}", m.port);
+    let rule = r#"{ direction: out, local: "data/#", remote: "tls/{#}", qos: 1 }"#;
+    let port = free_port();
+    let gw = Gateway::start(&with_bridges(
+        port,
+        &format!(
+            "{}{}",
+            bridge(
+                "secure",
+                &url,
+                &[rule],
+                &format!("tls: {{ ca: {p}/ca.pem, cert: {p}/client.pem, key: {p}/client.key }}")
+            ),
+            bridge(
+                "wrong-ca",
+                &url,
+                &[rule],
+                &format!("tls: {{ ca: {}/ca.pem }}", wrong.path().display())
+            ),
+        ),
+    ));
+    // A subscriber over TLS on the same Mosquitto.
+    let mut o = opts(m.port, "tls-watch");
+    o.set_transport(rumqttc::Transport::tls_with_config(crate::robustness::tls_client(
+        &pki, true,
+    )));
+    let (s, mut sev) = connect(o).await.unwrap();
+    subscribe(&s, &mut sev, "tls/#", QoS::AtLeastOnce).await;
+    let (c, ev) = connect(opts(port, "p")).await.unwrap();
+    let _d = drive(ev);
+    c.publish("data/x", QoS::AtLeastOnce, false, "over mTLS").await.unwrap();
+    assert_eq!(
+        next_publish(&mut sev, T).await.map(|m| m.1),
+        Some(b"over mTLS".to_vec())
+    );
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let err = gw.bridge_state("wrong-ca")["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains("invalid peer certificate")
+            && err.contains("server name 127.0.0.1")
+            && err.contains(&format!("CA {}/ca.pem", wrong.path().display())),
+        "unclear TLS error: {err}"
+    );
+}

@@ -16,13 +16,13 @@ use tokio_rustls::rustls;
 const T: Duration = Duration::from_secs(5);
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files.
-struct Pki {
+pub struct Pki {
     ca_pem: String,
     client_cert: String,
     client_key: String,
 }
 
-fn make_pki(dir: &Path) -> Pki {
+pub fn make_pki(dir: &Path) -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, "outpost test CA");
@@ -39,6 +39,8 @@ fn make_pki(dir: &Path) -> Pki {
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
     std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
     std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("client.pem"), client.pem()).unwrap();
+    std::fs::write(dir.join("client.key"), client_key.serialize_pem()).unwrap();
     Pki {
         ca_pem: ca.pem(),
         client_cert: client.pem(),
@@ -46,7 +48,7 @@ fn make_pki(dir: &Path) -> Pki {
     }
 }
 
-fn tls_client(pki: &Pki, with_cert: bool) -> TlsConfiguration {
+pub fn tls_client(pki: &Pki, with_cert: bool) -> TlsConfiguration {
     use rustls_pki_types::pem::PemObject;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
