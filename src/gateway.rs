@@ -23,6 +23,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let bus = Bus::start(broker.shared.clone());
     let mut bridges = Bridges::new(broker.shared.clone(), bus, &cfg.gateway);
     bridges.apply(&cfg.bridges).await?;
+    // Only now do clients get in: every message they send passes the bridges' taps.
+    broker.serve();
     let status_file = StatusFile {
         path: cfg.gateway.data_dir.join("status.json"),
         id: cfg.gateway.id.clone(),

@@ -22,6 +22,8 @@ pub type Live = (String, Bytes, bool);
 
 pub struct Link {
     pub cfg: config::Bridge,
+    /// Kept across sessions: echoes of what went out just before a disconnect come back after.
+    pub echoes: Echoes,
     pub client_id: String,
     pub status_topic: String,
     pub state_topic: String,
@@ -41,7 +43,7 @@ enum Submitted {
 /// Messages this bridge sent upstream recently, to drop them if the upstream echoes them back
 /// (brokers that ignore MQTT 5 No Local, and 3.1.1 which has none).
 #[derive(Default)]
-struct Echoes {
+pub struct Echoes {
     sent: HashMap<(String, u64), (u32, Instant)>,
 }
 
@@ -52,7 +54,9 @@ fn digest(b: &[u8]) -> u64 {
     h.finish()
 }
 
-const ECHO_WINDOW: Duration = Duration::from_secs(60);
+const ECHO_WINDOW: Duration = Duration::from_secs(10);
+/// A session that lasted this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
 
 impl Echoes {
     fn sent(&mut self, topic: &str, payload: &[u8]) {
@@ -114,7 +118,10 @@ impl Link {
         let mut attempt = 0u32;
         let mut first = true;
         loop {
-            let mut up = match Upstream::new(&self.cfg, &self.client_id, &self.status_topic) {
+            // Reads certificates and the password file: off the async threads.
+            let (cfg, id, topic) = (self.cfg.clone(), self.client_id.clone(), self.status_topic.clone());
+            let made = tokio::task::spawn_blocking(move || Upstream::new(&cfg, &id, &topic)).await;
+            let mut up = match made.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok(u) => u,
                 Err(e) => {
                     self.failed(&format!("{e:#}"));
@@ -128,14 +135,14 @@ impl Link {
             let connected = loop {
                 tokio::select! {
                     ev = up.poll() => match ev {
-                        Ok(UpEvent::Connected { session_present }) => break Ok(session_present),
+                        Ok(UpEvent::Connected { session_present, max_packet }) => break Ok((session_present, max_packet)),
                         Ok(_) => {}
                         Err(e) => break Err(e),
                     },
                     _ = stop.cancelled() => return,
                 }
             };
-            let session_present = match connected {
+            let (session_present, server_max) = match connected {
                 Ok(s) => s,
                 Err(e) => {
                     self.failed(&e);
@@ -145,7 +152,7 @@ impl Link {
                     continue;
                 }
             };
-            attempt = 0;
+            let session_start = Instant::now();
             if !first {
                 self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
             }
@@ -157,7 +164,13 @@ impl Link {
                 self.cfg.url
             );
             self.publish_state().await;
-            let end = self.serve(&mut up, &inbound, &stop).await;
+            // The smaller of ours and the upstream's limit applies to every message sent.
+            let ours = self.cfg.max_packet_size.0 as usize;
+            let limit = server_max.map_or(ours, |m| (m as usize).min(ours));
+            let end = self.serve(&mut up, &inbound, limit, &stop).await;
+            if session_start.elapsed() >= STABLE {
+                attempt = 0;
+            }
             self.stats.connected.store(false, Ordering::Relaxed);
             self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
             match end {
@@ -222,6 +235,7 @@ impl Link {
         &mut self,
         up: &mut Upstream,
         inbound: &[(String, u8)],
+        max_packet: usize,
         stop: &CancellationToken,
     ) -> Result<(), String> {
         let stats = self.stats.clone();
@@ -232,7 +246,6 @@ impl Link {
         let mut submitted: VecDeque<Submitted> = VecDeque::new();
         let mut in_flight: HashMap<u16, i64> = HashMap::new();
         let mut acks: Vec<i64> = vec![];
-        let mut echoes = Echoes::default();
         let mut pace = Pace {
             rate: self.cfg.drain_rate.map(|r| r.0),
             tokens: 1.0,
@@ -265,12 +278,28 @@ impl Link {
                     break;
                 }
                 let m = ahead.front().expect("not empty");
-                if !up.publish(&m.topic, &m.payload, m.qos, m.retain) {
+                // Checked again here: the limit may have shrunk (reload, the upstream's CONNACK),
+                // and one message the upstream cannot take must not block the rest.
+                if m.topic.len() + m.payload.len() + 16 > max_packet {
+                    let m = ahead.pop_front().expect("not empty");
+                    stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+                    log::warn!(
+                        "bridge {}: spooled message on {} is over the upstream's {max_packet} bytes; dropped",
+                        self.cfg.name,
+                        m.topic
+                    );
+                    cursor = m.id;
+                    acks.push(m.id);
+                    continue;
+                }
+                // Sent as QoS 1 at most: exactly-once across reconnects would need the packet
+                // ids kept with the spool, and a new session gives new ids.
+                if !up.publish(&m.topic, &m.payload, m.qos.min(1), m.retain) {
                     break;
                 }
                 let m = ahead.pop_front().expect("not empty");
                 if watch_echoes {
-                    echoes.sent(&m.topic, &m.payload);
+                    self.echoes.sent(&m.topic, &m.payload);
                 }
                 cursor = m.id;
                 submitted.push_back(Submitted::Spooled { id: m.id, qos: m.qos });
@@ -292,15 +321,23 @@ impl Link {
                     },
                     UpEvent::Acked { pkid, refused } => {
                         if let Some(id) = in_flight.remove(&pkid) {
-                            if let Some(why) = refused {
-                                stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
-                                log::warn!("bridge {}: upstream refused a message: {why}", self.cfg.name);
+                            match refused {
+                                Some((why, false)) => {
+                                    // Not now (quota, busy): keep it, and try again after a reconnect.
+                                    self.spool.ack(std::mem::take(&mut acks));
+                                    return Err(format!("upstream refused a message for now: {why}"));
+                                }
+                                Some((why, true)) => {
+                                    stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
+                                    log::warn!("bridge {}: upstream refused a message: {why}", self.cfg.name);
+                                }
+                                None => {}
                             }
                             acks.push(id);
                         }
                     }
                     UpEvent::Message { topic, payload, qos, retain } => {
-                        if watch_echoes && echoes.is_echo(&topic, &payload) {
+                        if watch_echoes && self.echoes.is_echo(&topic, &payload) {
                             stats.echoes.fetch_add(1, Ordering::Relaxed);
                         } else if let Some((local, q)) = self.rules.iter().find_map(|r| r.inbound.as_ref().and_then(|m| m.map(&topic)).map(|t| (t, r.qos))) {
                             stats.received.fetch_add(1, Ordering::Relaxed);
@@ -313,7 +350,7 @@ impl Link {
                     if let Some((topic, payload, retain)) = live {
                         if up.publish(&topic, &payload, 0, retain) {
                             if watch_echoes {
-                                echoes.sent(&topic, &payload);
+                                self.echoes.sent(&topic, &payload);
                             }
                             submitted.push_back(Submitted::Other);
                             stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -327,7 +364,7 @@ impl Link {
                     caught_up = false;
                     if last_state.elapsed() >= Duration::from_secs(5) {
                         last_state = Instant::now();
-                        echoes.prune();
+                        self.echoes.prune();
                         self.publish_state().await;
                     }
                 }

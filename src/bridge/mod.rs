@@ -37,6 +37,8 @@ pub struct LinkStats {
     pub dropped_qos0: AtomicU64,
     /// The upstream answered with an MQTT 5 failure reason.
     pub dropped_refused: AtomicU64,
+    /// A rule's filter matched but its template made no valid topic (e.g. empty).
+    pub dropped_unmappable: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
 
@@ -67,6 +69,7 @@ pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value
             "too_large": s.dropped_too_large.load(Ordering::Relaxed),
             "qos0_not_connected": s.dropped_qos0.load(Ordering::Relaxed),
             "refused_upstream": s.dropped_refused.load(Ordering::Relaxed),
+            "unmappable": s.dropped_unmappable.load(Ordering::Relaxed),
         },
         "spool_write_errors": sp.write_errors.load(Ordering::Relaxed),
         "last_error": s.last_error.lock().expect("stats lock").clone(),
@@ -89,11 +92,16 @@ impl Tap for BridgeTap {
         if m.origin == Some(self.name.as_str()) {
             return None;
         }
-        // The first rule that matches decides.
-        let (rule, remote) = self
-            .rules
-            .iter()
-            .find_map(|r| r.out.as_ref().and_then(|o| o.map(m.topic)).map(|t| (r, t)))?;
+        // The first rule whose filter matches decides.
+        let rule = self.rules.iter().find(|r| {
+            r.out
+                .as_ref()
+                .is_some_and(|o| crate::broker::topics::matches(m.topic, o.filter()))
+        })?;
+        let Some(remote) = rule.out.as_ref().and_then(|o| o.map(m.topic)) else {
+            self.stats.dropped_unmappable.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
         // PUBLISH overhead: fixed header (≤5), topic length (2), packet id (2), properties.
         if remote.len() + m.payload.len() + 16 > self.max_packet {
             self.stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
@@ -131,6 +139,13 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A bridge made ready to run: its tap can be installed, its link started.
+struct Prepared {
+    cfg: config::Bridge,
+    tap: Arc<BridgeTap>,
+    link: Link,
+}
+
 /// All bridges of the gateway.
 pub struct Bridges {
     shared: Arc<Shared>,
@@ -138,8 +153,9 @@ pub struct Bridges {
     gateway_id: String,
     dir: PathBuf,
     running: HashMap<String, Running>,
-    /// Open spools by bridge name, with the settings they were opened with.
-    spools: HashMap<String, (config::Spool, Spool)>,
+    /// Open spools and counters by bridge name: they outlive restarts of their bridge (one
+    /// writer per spool file, counters that do not reset on reload).
+    spools: HashMap<String, (config::Spool, Spool, Arc<LinkStats>)>,
 }
 
 impl Bridges {
@@ -154,56 +170,81 @@ impl Bridges {
         }
     }
 
-    fn spool(&mut self, b: &config::Bridge) -> Result<Spool> {
-        if let Some((cfg, s)) = self.spools.get(&b.name) {
-            if *cfg == b.spool {
-                return Ok(s.clone());
+    async fn spool(&mut self, b: &config::Bridge) -> Result<(Spool, Arc<LinkStats>)> {
+        if let Some((cfg, s, stats)) = self.spools.get_mut(&b.name) {
+            if *cfg != b.spool {
+                s.reconfigure(b.spool.clone());
+                *cfg = b.spool.clone();
             }
+            return Ok((s.clone(), stats.clone()));
         }
-        let s = Spool::open(&self.dir.join(format!("{}.db", b.name)), b.spool.clone(), &b.name)?;
-        self.spools.insert(b.name.clone(), (b.spool.clone(), s.clone()));
-        Ok(s)
+        let (path, cfg, name) = (self.dir.join(format!("{}.db", b.name)), b.spool.clone(), b.name.clone());
+        let s = tokio::task::spawn_blocking(move || Spool::open(&path, cfg, &name)).await??;
+        let stats = Arc::new(LinkStats::default());
+        self.spools
+            .insert(b.name.clone(), (b.spool.clone(), s.clone(), stats.clone()));
+        Ok((s, stats))
     }
 
     /// Makes the running bridges match `wanted`: new ones start, changed ones restart with
     /// their spool kept, removed ones stop (their spool stays on disk for when they return).
+    /// If a new bridge cannot be prepared, nothing changes.
     pub async fn apply(&mut self, wanted: &[config::Bridge]) -> Result<()> {
-        let mut next: HashMap<String, Running> = HashMap::new();
-        let mut stopping = vec![];
+        let mut prepared = vec![];
         for b in wanted {
-            match self.running.remove(&b.name) {
-                Some(r) if r.cfg == *b => {
-                    next.insert(b.name.clone(), r);
-                }
-                old => {
-                    stopping.extend(old);
-                    next.insert(b.name.clone(), self.start(b)?);
-                }
+            if self.running.get(&b.name).is_some_and(|r| r.cfg == *b) {
+                continue;
             }
+            prepared.push(self.prepare(b).await?);
         }
-        stopping.extend(self.running.drain().map(|(_, r)| r));
-        // Swap the taps first, so no message falls between the old and the new bridge.
-        let taps: Vec<Arc<dyn Tap>> = next.values().map(|r| r.tap.clone() as Arc<dyn Tap>).collect();
+        // Install every tap at once (those of unchanged bridges, and the new ones), so no
+        // message falls between an old bridge and its replacement.
+        let taps: Vec<Arc<dyn Tap>> = wanted
+            .iter()
+            .map(|b| match prepared.iter().find(|p| p.cfg.name == b.name) {
+                Some(p) => p.tap.clone() as Arc<dyn Tap>,
+                None => self.running[&b.name].tap.clone() as Arc<dyn Tap>,
+            })
+            .collect();
         self.shared.taps.store(Arc::new(taps));
-        self.running = next;
-        for r in stopping {
-            log::info!("bridge {}: stopping", r.cfg.name);
+        // Stop what is replaced or removed before its successor connects (same client id).
+        let stopping: Vec<String> = self
+            .running
+            .keys()
+            .filter(|n| !wanted.iter().any(|b| &b.name == *n) || prepared.iter().any(|p| &p.cfg.name == *n))
+            .cloned()
+            .collect();
+        for name in stopping {
+            let r = self.running.remove(&name).expect("listed above");
+            log::info!("bridge {name}: stopping");
             r.stop.cancel();
             let _ = r.task.await;
         }
-        // Links of restarted bridges were started paused behind their predecessors: go.
+        for p in prepared {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(p.link.run(stop.clone()));
+            log::info!("bridge {}: started ({} rules)", p.cfg.name, p.cfg.rules.len());
+            self.running.insert(
+                p.cfg.name.clone(),
+                Running {
+                    cfg: p.cfg,
+                    tap: p.tap,
+                    stop,
+                    task,
+                },
+            );
+        }
         Ok(())
     }
 
-    fn start(&mut self, b: &config::Bridge) -> Result<Running> {
-        let spool = self.spool(b)?;
+    async fn prepare(&mut self, b: &config::Bridge) -> Result<Prepared> {
+        let (spool, stats) = self.spool(b).await?;
         let rules: Arc<Vec<Rule>> = Arc::new(
             b.rules
                 .iter()
                 .map(|r| Rule::compile(r).expect("validated with the config"))
                 .collect(),
         );
-        let stats = Arc::new(LinkStats::default());
         let (live_tx, live_rx) = mpsc::channel(1024);
         let tap = Arc::new(BridgeTap {
             name: b.name.clone(),
@@ -215,6 +256,7 @@ impl Bridges {
             last_too_large_log: Mutex::new(None),
         });
         let link = Link {
+            echoes: Default::default(),
             client_id: b
                 .client_id
                 .clone()
@@ -231,19 +273,10 @@ impl Bridges {
             stats,
             bus: self.bus.clone(),
         };
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(link.run(stop.clone()));
-        log::info!(
-            "bridge {}: started ({} rules, spool {})",
-            b.name,
-            b.rules.len(),
-            self.dir.join(format!("{}.db", b.name)).display()
-        );
-        Ok(Running {
+        Ok(Prepared {
             cfg: b.clone(),
             tap,
-            stop,
-            task,
+            link,
         })
     }
 
@@ -265,7 +298,7 @@ impl Bridges {
             r.stop.cancel();
             let _ = r.task.await;
         }
-        for (_, s) in self.spools.values() {
+        for (_, s, _) in self.spools.values() {
             s.flush().await;
         }
     }

@@ -104,6 +104,11 @@ impl Mapping {
         if filter.starts_with('$') {
             return Err(format!("{source} `{filter}`: `$` topics cannot be bridged"));
         }
+        if template.is_empty() || template.starts_with('$') {
+            return Err(format!(
+                "{target} `{template}`: a topic must be non-empty and not start with `$`"
+            ));
+        }
         let template = parse_template(template, pluses(filter), filter.ends_with('#'), target)?;
         Ok(Mapping {
             filter: filter.to_string(),

@@ -35,6 +35,7 @@ pub struct Stats {
     pub dropped_full: AtomicU64,
     pub dropped_rejected: AtomicU64,
     pub dropped_expired: AtomicU64,
+    /// Messages not accepted because the spool could not be written.
     pub write_errors: AtomicU64,
 }
 
@@ -47,6 +48,7 @@ enum Op {
         reply: oneshot::Sender<Vec<Message>>,
     },
     Flush(oneshot::Sender<()>),
+    Reconfigure(SpoolConfig),
 }
 
 /// Handle to one bridge's spool; cheap to clone.
@@ -130,7 +132,13 @@ impl Spool {
         }
     }
 
-    /// The oldest messages with an id above `after`.
+    /// New bounds, for a bridge reconfigured on reload (the spool file stays the same).
+    pub fn reconfigure(&self, cfg: SpoolConfig) {
+        let _ = self.tx.send(Op::Reconfigure(cfg));
+    }
+
+    /// The oldest messages with an id above `after`: at most `limit`, and no more than about
+    /// 4 MiB of payload.
     pub async fn read(&self, after: i64, limit: usize) -> Vec<Message> {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Op::Read { after, limit, reply }).is_err() {
@@ -159,18 +167,22 @@ struct Writer {
 
 impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Op>) {
+        let mut last_expiry = std::time::Instant::now();
         loop {
-            let first = match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(op) => op,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.expire();
-                    continue;
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter().take(10_000));
+                    self.handle(batch);
                 }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            };
-            let mut batch = vec![first];
-            batch.extend(rx.try_iter().take(10_000));
-            self.handle(batch);
+            }
+            // Busy or idle, old messages go once a second.
+            if last_expiry.elapsed() >= Duration::from_secs(1) {
+                last_expiry = std::time::Instant::now();
+                self.expire();
+            }
         }
     }
 
@@ -189,15 +201,25 @@ impl Writer {
                 Op::Ack(ids) => acks.extend(ids),
                 Op::Read { after, limit, reply } => reads.push((after, limit, reply)),
                 Op::Flush(r) => flushes.push(r),
+                Op::Reconfigure(cfg) => self.cfg = cfg,
             }
         }
         let appended = !appends.is_empty();
-        if let Err(e) = self.write(appends, acks) {
-            self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-            log::error!("bridge {}: spool write failed: {e}", self.name);
-        }
-        for w in waiters {
-            let _ = w.send(());
+        let count = appends.len() as u64;
+        match self.write(appends, acks) {
+            Ok(()) => {
+                for w in waiters {
+                    let _ = w.send(());
+                }
+            }
+            Err(e) => {
+                // The waiters are dropped unanswered: their publishers are not acknowledged.
+                self.stats.write_errors.fetch_add(count, Ordering::Relaxed);
+                log::error!(
+                    "bridge {}: spool write failed, {count} messages not accepted: {e}",
+                    self.name
+                );
+            }
         }
         if appended {
             self.appended.notify_waiters();
@@ -357,6 +379,7 @@ impl Writer {
         let mut q = self.db.prepare_cached(
             "SELECT id, topic, payload, qos, retain, ts FROM spool WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?;
+        let mut bytes = 0usize;
         let rows = q.query_map(params![after, limit as i64], |r| {
             Ok(Message {
                 id: r.get(0)?,
@@ -367,7 +390,16 @@ impl Writer {
                 ts_ms: r.get(5)?,
             })
         })?;
-        rows.collect()
+        let mut out = vec![];
+        for m in rows {
+            let m = m?;
+            bytes += m.payload.len();
+            out.push(m);
+            if bytes > 4 << 20 {
+                break;
+            }
+        }
+        Ok(out)
     }
 }
 

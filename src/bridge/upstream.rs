@@ -16,15 +16,18 @@ use tokio_rustls::rustls;
 
 /// What the bridge hears from upstream.
 pub enum UpEvent {
+    /// `max_packet`: the upstream's limit from its MQTT 5 CONNACK, if it gave one.
     Connected {
         session_present: bool,
+        max_packet: Option<u32>,
     },
     /// A PUBLISH was written, with its packet id (0 for QoS 0), in the order of `publish` calls.
     Sent(u16),
-    /// The upstream finished a QoS 1/2 publish; `refused` when an MQTT 5 reason code says no.
+    /// The upstream finished a QoS 1/2 publish; `refused` when an MQTT 5 reason code says no,
+    /// with whether that is for good (not authorized, bad topic) or for now (quota, busy).
     Acked {
         pkid: u16,
-        refused: Option<String>,
+        refused: Option<(String, bool)>,
     },
     Message {
         topic: String,
@@ -172,6 +175,7 @@ impl Upstream {
             Upstream::V4(_, ev) => match ev.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(a))) => Ok(UpEvent::Connected {
                     session_present: a.session_present,
+                    max_packet: None,
                 }),
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(UpEvent::Sent(pkid)),
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => Ok(UpEvent::Closed),
@@ -199,14 +203,13 @@ impl Upstream {
             Upstream::V5(_, ev) => match ev.poll().await {
                 Ok(v5::Event::Incoming(m5::Packet::ConnAck(a))) => Ok(UpEvent::Connected {
                     session_present: a.session_present,
+                    max_packet: a.properties.as_ref().and_then(|p| p.max_packet_size),
                 }),
                 Ok(v5::Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => Ok(UpEvent::Sent(pkid)),
                 Ok(v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Ok(UpEvent::Closed),
                 Ok(v5::Event::Incoming(m5::Packet::PubAck(a))) => Ok(UpEvent::Acked {
                     pkid: a.pkid,
-                    refused: (a.reason != m5::PubAckReason::Success
-                        && a.reason != m5::PubAckReason::NoMatchingSubscribers)
-                        .then(|| format!("{:?}", a.reason)),
+                    refused: refusal(a.reason),
                 }),
                 Ok(v5::Event::Incoming(m5::Packet::PubComp(a))) => Ok(UpEvent::Acked {
                     pkid: a.pkid,
@@ -289,6 +292,16 @@ impl Upstream {
             })
             .await;
         }
+    }
+}
+
+/// An MQTT 5 PUBACK reason that is not a success, and whether it is final.
+fn refusal(r: m5::PubAckReason) -> Option<(String, bool)> {
+    use m5::PubAckReason as R;
+    match r {
+        R::Success | R::NoMatchingSubscribers => None,
+        R::NotAuthorized | R::TopicNameInvalid | R::PayloadFormatInvalid => Some((format!("{r:?}"), true)),
+        other => Some((format!("{other:?}"), false)),
     }
 }
 

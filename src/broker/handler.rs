@@ -559,8 +559,8 @@ async fn up<R: AsyncRead + Unpin>(
                 }
             }
         }
-        if write_engine(&mut ewr, &mut to_engine, &mut st.durable).await.is_err() {
-            return End::EngineClosed("engine write failed".into());
+        if let Err(e) = write_engine(&mut ewr, &mut to_engine, &mut st.durable).await {
+            return End::EngineClosed(format!("not forwarded: {e}"));
         }
         last_engine_write = Instant::now();
         for r in after_write {
@@ -596,7 +596,10 @@ async fn write_engine(
     durable: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
 ) -> std::io::Result<()> {
     for w in durable.drain(..) {
-        let _ = w.await;
+        // A copy that could not be written: the publishes are not forwarded, so never acked.
+        if w.await.is_err() {
+            return Err(std::io::Error::other("a bridge spool could not store a message"));
+        }
     }
     if buf.is_empty() {
         return Ok(());

@@ -92,6 +92,8 @@ pub struct Broker {
     /// Closes client connections, after the drain window.
     stop_connections: CancellationToken,
     tracker: TaskTracker,
+    /// Bound, not yet accepting: `serve` starts them once the taps are in place.
+    listeners: Mutex<Vec<listener::Listener>>,
 }
 
 /// How long connections keep flowing after the listeners close on shutdown, so messages
@@ -99,8 +101,8 @@ pub struct Broker {
 const DRAIN: Duration = Duration::from_millis(300);
 
 impl Broker {
-    /// Starts the engine, restores retained messages, and binds every listener. When this
-    /// returns, the broker serves.
+    /// Starts the engine, restores retained messages, and binds every listener. Clients are
+    /// let in by [`Broker::serve`], once whatever must see every message (the taps) is in place.
     pub async fn start(cfg: &Config) -> Result<Broker> {
         let limits = cfg.broker.limits.clone();
         let engine = Engine::start(EngineLimits {
@@ -140,22 +142,27 @@ impl Broker {
         let stop_connections = CancellationToken::new();
         let tracker = TaskTracker::new();
         let local_addrs = listeners.iter().map(|l| l.local).collect();
-        for l in listeners {
-            log::info!("{}: listening on {}", l.name(), l.local);
-            tokio::spawn(l.run(
-                shared.clone(),
-                stop_accepting.clone(),
-                stop_connections.clone(),
-                tracker.clone(),
-            ));
-        }
         Ok(Broker {
             shared,
             local_addrs,
             stop_accepting,
             stop_connections,
             tracker,
+            listeners: Mutex::new(listeners),
         })
+    }
+
+    /// Starts accepting clients on every bound listener.
+    pub fn serve(&self) {
+        for l in self.listeners.lock().expect("listeners lock").drain(..) {
+            log::info!("{}: listening on {}", l.name(), l.local);
+            tokio::spawn(l.run(
+                self.shared.clone(),
+                self.stop_accepting.clone(),
+                self.stop_connections.clone(),
+                self.tracker.clone(),
+            ));
+        }
     }
 
     /// Puts new users and ACLs in force; connected clients stay connected.
@@ -233,6 +240,8 @@ impl Bus {
     pub fn start(shared: Arc<Shared>) -> Bus {
         let mut opts = engine_client(&shared.engine, "outpost-bus");
         opts.set_inflight(1000);
+        // Kept by the engine across a reconnect, so rumqttc resends what was in flight.
+        opts.set_clean_session(false);
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 1000);
         tokio::spawn(async move {
             loop {
