@@ -4,6 +4,7 @@
 use crate::bridge::Bridges;
 use crate::broker::{self, Broker, Bus};
 use crate::config::Config;
+use crate::devices::service::DeviceService;
 use crate::system::notify;
 use anyhow::{Context, Result};
 use rumqttc::{AsyncClient, LastWill, QoS};
@@ -21,11 +22,24 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let broker = Broker::start(&cfg).await?;
     let status = StatusTopic::start(&broker, &cfg.gateway.id).await?;
     let bus = Bus::start(broker.shared.clone());
-    let mut bridges = Bridges::new(broker.shared.clone(), bus, &cfg.gateway);
+    let mut bridges = Bridges::new(broker.shared.clone(), bus.clone(), &cfg.gateway);
     bridges.apply(&cfg.bridges).await?;
+    let device_service = DeviceService::new(broker.shared.clone(), bus, cfg.devices.clone(), &cfg.gateway);
+    let devices = device_service.load()?;
+    let device_counters = device_service.counters.clone();
+    let stop_devices = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(device_service.run(devices, stop_devices.clone()));
+    if !crate::devices::clock_synchronized() {
+        log::warn!(
+            "the system clock is not synchronized (no NTP fix): mqtt-e2e packets are accepted only within \
+             {} of this clock, so devices may be refused as stale",
+            cfg.devices.window
+        );
+    }
     // Only now do clients get in: every message they send passes the bridges' taps.
     broker.serve();
     let status_file = StatusFile {
+        devices: device_counters,
         path: cfg.gateway.data_dir.join("status.json"),
         id: cfg.gateway.id.clone(),
         started: std::time::SystemTime::now(),
@@ -91,6 +105,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     // Clients go first, while the bridges' taps still spool what they send.
     broker.shutdown(cfg.gateway.shutdown_timeout.0).await;
     bridges.stop_all().await;
+    stop_devices.cancel();
     status_file.write(&broker, &bridges);
     log::info!("stopped");
     Ok(())
@@ -164,6 +179,7 @@ impl StatusTopic {
 
 /// `data_dir/status.json`, rewritten every 2 s: what `outpost status` shows.
 struct StatusFile {
+    devices: crate::devices::service::AllCounters,
     path: PathBuf,
     id: String,
     started: std::time::SystemTime,
@@ -186,6 +202,8 @@ impl StatusFile {
             "listeners": broker.local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "broker": broker.shared.metrics.snapshot(),
             "bridges": bridges.states(),
+            "devices": &*self.devices.lock().expect("counters lock"),
+            "clock_synchronized": crate::devices::clock_synchronized(),
         });
         let tmp = self.path.with_extension("json.tmp");
         let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())

@@ -42,10 +42,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage devices: their e2e keys and MQTT logins (the running gateway follows the keystore).
+    Devices {
+        #[command(subcommand)]
+        action: DeviceAction,
+        #[arg(short, long, global = true)]
+        config: Option<PathBuf>,
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+    },
     /// Print the built-in default config.
     DefaultConfig,
     /// Read a password from stdin and print its argon2 hash for broker.users[].password_hash.
     Passwd,
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// Create a device: id, e2e key, MQTT login. Prints what provisioning will send.
+    Add {
+        id: String,
+        /// Also print the key and the password.
+        #[arg(long)]
+        show_secret: bool,
+    },
+    List,
+    Show {
+        id: String,
+        #[arg(long)]
+        show_secret: bool,
+    },
+    /// Disable a device: its connections close at once and its login stops working.
+    Revoke {
+        id: String,
+    },
+    /// A new key and password (the device must be provisioned again).
+    Rotate {
+        id: String,
+        #[arg(long)]
+        show_secret: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -107,6 +143,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Devices {
+            action,
+            config,
+            data_dir,
+        } => {
+            let cfg = match &config {
+                Some(c) => Config::load(c)?,
+                None => Config::builtin(),
+            };
+            let dir = data_dir.unwrap_or(cfg.gateway.data_dir.clone());
+            outpost::devices::cli::run(action.into(), &cfg, &dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::DefaultConfig => {
             print!("{}", outpost::config::DEFAULT_YAML);
             Ok(ExitCode::SUCCESS)
@@ -120,6 +169,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}", outpost::broker::auth::hash_password(pw));
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+impl From<DeviceAction> for outpost::devices::cli::Action {
+    fn from(a: DeviceAction) -> Self {
+        use outpost::devices::cli::Action as A;
+        match a {
+            DeviceAction::Add { id, show_secret } => A::Add { id, show_secret },
+            DeviceAction::List => A::List,
+            DeviceAction::Show { id, show_secret } => A::Show { id, show_secret },
+            DeviceAction::Revoke { id } => A::Revoke { id },
+            DeviceAction::Rotate { id, show_secret } => A::Rotate { id, show_secret },
         }
     }
 }

@@ -113,6 +113,10 @@ impl Policy {
         }
     }
 
+    pub fn has_user(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
     /// Checks a password. Slow on purpose (argon2): call it off the async threads.
     pub fn verify_password(&self, user: &str, password: &str) -> bool {
         let (hash, known) = match self.users.get(user) {

@@ -670,6 +670,7 @@ pub enum Goodbye {
     TopicAliasInvalid,
     ShuttingDown,
     KeepAliveTimeout,
+    NotAuthorized,
 }
 
 /// The DISCONNECT an MQTT 5 client is sent before the front door closes; none for 3.1.1.
@@ -687,6 +688,7 @@ pub fn disconnect(proto: Proto, why: Goodbye) -> Option<Bytes> {
         Goodbye::TopicAliasInvalid => D::TopicAliasInvalid,
         Goodbye::ShuttingDown => D::ServerShuttingDown,
         Goodbye::KeepAliveTimeout => D::KeepAliveTimeout,
+        Goodbye::NotAuthorized => D::NotAuthorized,
     };
     let mut out = BytesMut::new();
     v5::Disconnect::new(code).write(&mut out).expect("encoding DISCONNECT");

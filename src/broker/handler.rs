@@ -167,6 +167,12 @@ pub async fn serve<S>(
     // Authentication: argon2 is slow on purpose, so only a few run at once.
     let policy = shared.policy.load_full();
     match (&connect.username, &connect.password) {
+        (Some(user), pass) if !policy.has_user(user) && shared.device_login(user, "").is_some() => {
+            // A device from the keystore: a random password, compared in constant time.
+            if shared.device_login(user, pass.as_deref().unwrap_or("")) != Some(true) {
+                refuse!(Refusal::BadCredentials, format!("wrong password for device {user:?}"));
+            }
+        }
         (Some(user), pass) => {
             let ok = match timeout_at(deadline, shared.auth_slots.acquire()).await {
                 Ok(Ok(_slot)) => {
@@ -212,7 +218,7 @@ pub async fn serve<S>(
         refuse!(Refusal::BadClientId, "client id not allowed".into());
     }
     if let Some(w) = &connect.will {
-        if !topics::valid_topic(&w.topic) || !policy.may_publish(&id, &w.topic) {
+        if !topics::valid_topic(&w.topic) || !shared.may_publish(&id, &w.topic) {
             refuse!(Refusal::NotAuthorized, format!("will topic {:?} not allowed", w.topic));
         }
     }
@@ -265,6 +271,12 @@ pub async fn serve<S>(
         id.username
     );
 
+    // Revoking a device closes its connections through this token.
+    let registered = id.username.clone().map(|u| {
+        let r = shared.register(&u);
+        (u, r)
+    });
+    let kick = registered.as_ref().map(|(_, (_, t))| t.clone()).unwrap_or_default();
     let ctx = Ctx {
         proto,
         id,
@@ -273,7 +285,10 @@ pub async fn serve<S>(
         shared: shared.clone(),
         flow: Mutex::new(Flow::default()),
     };
-    let end = relay(&ctx, crd, cbuf, cwr, engine, ebuf, stop).await;
+    let end = relay(&ctx, crd, cbuf, cwr, engine, ebuf, stop, kick).await;
+    if let Some((user, (reg, _))) = &registered {
+        shared.unregister(user, *reg);
+    }
     shared
         .metrics
         .connections
@@ -430,6 +445,7 @@ enum Out {
     Close(Goodbye, End),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn relay<R, W>(
     ctx: &Ctx,
     crd: R,
@@ -438,6 +454,7 @@ async fn relay<R, W>(
     engine: TcpStream,
     ebuf: BytesMut,
     stop: CancellationToken,
+    kick: CancellationToken,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -447,7 +464,7 @@ where
     let (tx, rx) = mpsc::channel(256);
     tokio::select! {
         end = up(ctx, crd, cbuf, ewr, tx) => end,
-        end = down(ctx, erd, ebuf, cwr, rx, stop) => end,
+        end = down(ctx, erd, ebuf, cwr, rx, stop, kick) => end,
     }
 }
 
@@ -620,6 +637,7 @@ async fn down<W: AsyncWrite + Unpin>(
     mut cwr: W,
     mut rx: mpsc::Receiver<Out>,
     stop: CancellationToken,
+    kick: CancellationToken,
 ) -> End {
     let m = &ctx.shared.metrics;
     // A client that does not read for this long is given up.
@@ -651,6 +669,7 @@ async fn down<W: AsyncWrite + Unpin>(
                     None => return End::ClientGone("reader ended".into()),
                 },
                 _ = stop.cancelled() => closing = Some((Goodbye::ShuttingDown, End::Shutdown)),
+                _ = kick.cancelled() => closing = Some((Goodbye::NotAuthorized, End::Protocol("credentials revoked"))),
             }
         }
         while closing.is_none() {
@@ -768,7 +787,7 @@ fn on_client_packet(ctx: &Ctx, st: &mut UpState, frame: Frame) -> Step {
                 Metrics::inc(&m.malformed_packets);
                 return Step::Close(Goodbye::TopicNameInvalid, "PUBLISH to an invalid topic name");
             }
-            if !ctx.shared.policy.load().may_publish(&ctx.id, &topic) {
+            if !ctx.shared.may_publish(&ctx.id, &topic) {
                 Metrics::inc(&m.publish_denied);
                 log::debug!("client {:?}: publish to {topic:?} denied", ctx.id.client_id);
                 return match p.qos {
@@ -804,14 +823,14 @@ fn on_client_packet(ctx: &Ctx, st: &mut UpState, frame: Frame) -> Step {
                 Metrics::inc(&m.malformed_packets);
                 return Step::Close(Goodbye::Malformed, "malformed SUBSCRIBE");
             };
-            let policy = ctx.shared.policy.load();
             let plan: Vec<SubResult> = s
                 .filters
                 .iter()
                 .map(|f| {
                     if !topics::strip_share(f).is_some_and(topics::valid_filter) {
                         SubResult::Denied(SubDenied::InvalidFilter)
-                    } else if (f.starts_with('$') && !f.starts_with("$share/")) || !policy.may_subscribe(&ctx.id, f) {
+                    } else if (f.starts_with('$') && !f.starts_with("$share/")) || !ctx.shared.may_subscribe(&ctx.id, f)
+                    {
                         // The engine has no `$` topics and disconnects clients asking for
                         // them; such filters are refused here in SUBACK instead.
                         Metrics::inc(&m.subscribe_denied);

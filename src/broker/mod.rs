@@ -46,6 +46,17 @@ pub struct Shared {
     pub auth_slots: Semaphore,
     /// What must see every message entering the broker (the bridges' spools); swapped on reload.
     pub taps: ArcSwap<Vec<Arc<dyn Tap>>>,
+    /// Devices' credentials and ACLs from the keystore; swapped when it changes.
+    pub devices: ArcSwap<HashMap<String, DeviceCred>>,
+    /// Connected clients by user name, so revoking a device closes its connections at once.
+    by_user: Mutex<HashMap<String, Vec<(u64, CancellationToken)>>>,
+}
+
+/// A device's MQTT login and what it may publish and subscribe to (filters already filled in).
+pub struct DeviceCred {
+    pub password: String,
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
 }
 
 /// A message entering the broker, as a [`Tap`] sees it.
@@ -66,6 +77,83 @@ pub trait Tap: Send + Sync {
 }
 
 impl Shared {
+    /// Checks a device's password; `None` when `user` is not a device.
+    pub fn device_login(&self, user: &str, password: &str) -> Option<bool> {
+        use subtle::ConstantTimeEq;
+        let devices = self.devices.load();
+        let d = devices.get(user)?;
+        Some(bool::from(d.password.as_bytes().ct_eq(password.as_bytes())))
+    }
+
+    pub fn may_publish(&self, id: &auth::Identity, topic: &str) -> bool {
+        self.policy.load().may_publish(id, topic)
+            || id
+                .username
+                .as_ref()
+                .and_then(|u| {
+                    self.devices
+                        .load()
+                        .get(u)
+                        .map(|d| d.publish.iter().any(|f| topics::matches(topic, f)))
+                })
+                .unwrap_or(false)
+    }
+
+    pub fn may_subscribe(&self, id: &auth::Identity, filter: &str) -> bool {
+        if self.policy.load().may_subscribe(id, filter) {
+            return true;
+        }
+        let Some(inner) = topics::strip_share(filter) else {
+            return false;
+        };
+        id.username
+            .as_ref()
+            .and_then(|u| {
+                self.devices
+                    .load()
+                    .get(u)
+                    .map(|d| d.subscribe.iter().any(|f| topics::covers(f, inner)))
+            })
+            .unwrap_or(false)
+    }
+
+    /// Registers a connection of `user`; the token is cancelled by [`Shared::kick`].
+    pub fn register(&self, user: &str) -> (u64, CancellationToken) {
+        let id = rand::random::<u64>();
+        let token = CancellationToken::new();
+        self.by_user
+            .lock()
+            .expect("users lock")
+            .entry(user.to_string())
+            .or_default()
+            .push((id, token.clone()));
+        (id, token)
+    }
+
+    pub fn unregister(&self, user: &str, id: u64) {
+        let mut m = self.by_user.lock().expect("users lock");
+        if let Some(v) = m.get_mut(user) {
+            v.retain(|(i, _)| *i != id);
+            if v.is_empty() {
+                m.remove(user);
+            }
+        }
+    }
+
+    /// Closes every connection of `user`; returns how many.
+    pub fn kick(&self, user: &str) -> usize {
+        let v = self
+            .by_user
+            .lock()
+            .expect("users lock")
+            .remove(user)
+            .unwrap_or_default();
+        for (_, t) in &v {
+            t.cancel();
+        }
+        v.len()
+    }
+
     /// Runs a message past the taps and the retained store; returns what to wait for.
     pub fn ingress(&self, m: &Incoming, durable: bool, waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>) {
         // The engine drops its retained message on any empty publish; the store follows it.
@@ -137,6 +225,8 @@ impl Broker {
             limits,
             subscriptions: Mutex::new(HashMap::new()),
             taps: ArcSwap::from_pointee(vec![]),
+            devices: ArcSwap::from_pointee(HashMap::new()),
+            by_user: Mutex::new(HashMap::new()),
         });
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();

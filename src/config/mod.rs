@@ -4,10 +4,12 @@
 //! The types here are the config reference: every field says what it is for.
 
 mod bridges;
+mod devices;
 mod error;
 mod units;
 
 pub use bridges::*;
+pub use devices::Devices;
 pub use error::ConfigError;
 pub use units::{Bind, Dur, Rate, Size};
 
@@ -25,6 +27,8 @@ pub struct Config {
     pub broker: Broker,
     /// Links to upstream brokers, each with its own durable spool.
     pub bridges: Vec<Bridge>,
+    /// Devices with their own keys: mqtt-e2e and MQTT credentials (`outpost devices ...`).
+    pub devices: Devices,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -377,6 +381,7 @@ impl Config {
         if lim.connect_timeout.0.is_zero() {
             return err("broker.limits.connect_timeout".into(), "must be longer than 0".into());
         }
+        devices::validate(&self.devices)?;
         for (i, b) in self.bridges.iter().enumerate() {
             bridges::validate(i, b, &self.bridges[..i]).map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
         }

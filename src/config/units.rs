@@ -79,7 +79,7 @@ impl Serialize for Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-        match UNITS.iter().find(|(u, _)| self.0 >= *u && self.0 % u == 0) {
+        match UNITS.iter().find(|(u, _)| self.0 >= *u && self.0.is_multiple_of(*u)) {
             Some((u, name)) => write!(f, "{}{name}", self.0 / u),
             None => write!(f, "{}B", self.0),
         }

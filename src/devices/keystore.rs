@@ -1,0 +1,242 @@
+//! The device keystore: one JSON file under `data_dir` (mode 0600, written atomically, locked
+//! while changed), holding each device's e2e key and MQTT credentials. Its `format` number lets
+//! older and newer outpost read it: fields added later are ignored by older readers, and a file
+//! from a newer major format is refused with a clear message rather than misread.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct Keystore {
+    pub format: u32,
+    pub devices: Vec<Device>,
+}
+
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
+pub struct Device {
+    /// `[a-z0-9_-]+`; also the device's MQTT user name.
+    pub id: String,
+    /// The 16-byte AES-128 key, hex.
+    pub key: String,
+    /// The device's MQTT password (the file is as secret as the keys it holds).
+    pub password: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated: Option<u64>,
+    #[serde(default)]
+    pub revoked: bool,
+    /// Set once the device proved over the provisioning link that it holds the key.
+    #[serde(default)]
+    pub provisioned: bool,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("id", &self.id)
+            .field("revoked", &self.revoked)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    pub fn key_bytes(&self) -> Result<super::e2e::Key> {
+        let bytes: Vec<u8> = (0..self.key.len())
+            .step_by(2)
+            .map(|i| self.key.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<_>>()
+            .with_context(|| format!("device {}: key is not hex", self.id))?;
+        bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("device {}: key is not 16 bytes", self.id))
+    }
+
+    pub fn topic_base(&self) -> Result<String> {
+        Ok(super::e2e::topic_base(&self.key_bytes()?))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A new key and password.
+fn secrets() -> (String, String) {
+    let key: [u8; 16] = rand::random();
+    let pw: [u8; 18] = rand::random();
+    (hex(&key), hex(&pw))
+}
+
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join("devices.json")
+}
+
+/// Reads the keystore; a missing file is an empty one.
+pub fn load(path: &Path) -> Result<Keystore> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Keystore {
+                format: FORMAT,
+                devices: vec![],
+            })
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let ks: Keystore =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a valid keystore", path.display()))?;
+    if ks.format > FORMAT {
+        bail!(
+            "{} was written by a newer outpost (format {}; this one reads up to {FORMAT})",
+            path.display(),
+            ks.format
+        );
+    }
+    Ok(ks)
+}
+
+/// Changes the keystore under an exclusive lock and writes it back atomically.
+pub fn update<T>(path: &Path, change: impl FnOnce(&mut Keystore) -> Result<T>) -> Result<T> {
+    let dir = path.parent().context("keystore path has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path.with_extension("lock"))?;
+    lock.lock().context("locking the keystore")?;
+    let mut ks = load(path)?;
+    let out = change(&mut ks)?;
+    ks.format = FORMAT;
+    write(path, &ks)?;
+    Ok(out)
+}
+
+/// Writes to a temporary file, syncs it, renames it over the keystore and syncs the folder: a
+/// crash leaves the old file or the new one, never a mix.
+fn write(path: &Path, ks: &Keystore) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(ks)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Adds a device with a fresh key and password.
+pub fn add(path: &Path, id: &str) -> Result<Device> {
+    if !valid_id(id) {
+        bail!("device id `{id}` must be 1-64 characters of a-z, 0-9, - and _");
+    }
+    update(path, |ks| {
+        if ks.devices.iter().any(|d| d.id == id) {
+            bail!("device `{id}` already exists (use `outpost devices rotate {id}` for a new key)");
+        }
+        let (key, password) = secrets();
+        let d = Device {
+            id: id.to_string(),
+            key,
+            password,
+            created: now_secs(),
+            rotated: None,
+            revoked: false,
+            provisioned: false,
+        };
+        ks.devices.push(d.clone());
+        Ok(d)
+    })
+}
+
+/// A new key and password for a device (it must be provisioned again).
+pub fn rotate(path: &Path, id: &str) -> Result<Device> {
+    update(path, |ks| {
+        let d = ks
+            .devices
+            .iter_mut()
+            .find(|d| d.id == id)
+            .with_context(|| format!("no device `{id}`"))?;
+        let (key, password) = secrets();
+        d.key = key;
+        d.password = password;
+        d.rotated = Some(now_secs());
+        d.revoked = false;
+        d.provisioned = false;
+        Ok(d.clone())
+    })
+}
+
+pub fn revoke(path: &Path, id: &str) -> Result<()> {
+    update(path, |ks| {
+        let d = ks
+            .devices
+            .iter_mut()
+            .find(|d| d.id == id)
+            .with_context(|| format!("no device `{id}`"))?;
+        d.revoked = true;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn add_rotate_revoke_and_file_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path());
+        let d = add(&p, "kitchen").unwrap();
+        assert_eq!(d.key.len(), 32);
+        assert!(add(&p, "kitchen").unwrap_err().to_string().contains("already exists"));
+        assert!(add(&p, "Bad Id").is_err());
+        let r = rotate(&p, "kitchen").unwrap();
+        assert_ne!(r.key, d.key);
+        revoke(&p, "kitchen").unwrap();
+        let ks = load(&p).unwrap();
+        assert!(ks.devices[0].revoked && ks.format == FORMAT);
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!p.with_extension("json.tmp").exists());
+    }
+
+    #[test]
+    fn newer_formats_are_refused_and_unknown_fields_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path());
+        std::fs::write(&p, r#"{"format": 1, "devices": [], "later_field": 3}"#).unwrap();
+        assert!(load(&p).is_ok());
+        std::fs::write(&p, r#"{"format": 2, "devices": []}"#).unwrap();
+        assert!(load(&p).unwrap_err().to_string().contains("newer outpost"));
+    }
+}
