@@ -4,5 +4,6 @@ mod auth;
 mod bridge;
 mod cli;
 mod common;
+mod devices;
 mod pubsub;
 mod robustness;
