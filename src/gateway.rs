@@ -24,6 +24,13 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let bus = Bus::start(broker.shared.clone());
     let mut bridges = Bridges::new(broker.shared.clone(), bus.clone(), &cfg.gateway);
     bridges.apply(&cfg.bridges).await?;
+    let stop_plugs = tokio_util::sync::CancellationToken::new();
+    let plugs = crate::plugs::start(
+        cfg.plugs.clone(),
+        broker.shared.clone(),
+        bus.clone(),
+        stop_plugs.clone(),
+    );
     let device_service = DeviceService::new(broker.shared.clone(), bus, cfg.devices.clone(), &cfg.gateway);
     let devices = device_service.load()?;
     let device_counters = device_service.counters.clone();
@@ -40,6 +47,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     broker.serve();
     let status_file = StatusFile {
         devices: device_counters,
+        plugs,
         path: cfg.gateway.data_dir.join("status.json"),
         id: cfg.gateway.id.clone(),
         started: std::time::SystemTime::now(),
@@ -106,6 +114,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     broker.shutdown(cfg.gateway.shutdown_timeout.0).await;
     bridges.stop_all().await;
     stop_devices.cancel();
+    stop_plugs.cancel();
     status_file.write(&broker, &bridges);
     log::info!("stopped");
     Ok(())
@@ -180,12 +189,19 @@ impl StatusTopic {
 /// `data_dir/status.json`, rewritten every 2 s: what `outpost status` shows.
 struct StatusFile {
     devices: crate::devices::service::AllCounters,
+    plugs: crate::plugs::AllPlugs,
     path: PathBuf,
     id: String,
     started: std::time::SystemTime,
 }
 
 impl StatusFile {
+    fn plug_list(&self) -> Vec<crate::plugs::PlugStatus> {
+        let mut v: Vec<_> = self.plugs.lock().expect("plugs lock").values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
     fn write(&self, broker: &Broker, bridges: &Bridges) {
         let now = std::time::SystemTime::now();
         let secs = |t: std::time::SystemTime| {
@@ -204,6 +220,7 @@ impl StatusFile {
             "bridges": bridges.states(),
             "devices": &*self.devices.lock().expect("counters lock"),
             "clock_synchronized": crate::devices::clock_synchronized(),
+            "plugs": self.plug_list(),
         });
         let tmp = self.path.with_extension("json.tmp");
         let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())

@@ -5,5 +5,6 @@ pub mod broker;
 pub mod config;
 pub mod devices;
 pub mod gateway;
+pub mod plugs;
 pub mod status;
 pub mod system;

@@ -51,10 +51,24 @@ enum Command {
         #[arg(long, global = true)]
         data_dir: Option<PathBuf>,
     },
+    /// Show the smart plugs the running gateway found: where, model, last reading, errors.
+    Plugs {
+        #[command(subcommand)]
+        action: PlugAction,
+        #[arg(short, long, global = true)]
+        config: Option<PathBuf>,
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+    },
     /// Print the built-in default config.
     DefaultConfig,
     /// Read a password from stdin and print its argon2 hash for broker.users[].password_hash.
     Passwd,
+}
+
+#[derive(Subcommand)]
+enum PlugAction {
+    List,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +168,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let dir = data_dir.unwrap_or(cfg.gateway.data_dir.clone());
             outpost::devices::cli::run(action.into(), &cfg, &dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugs {
+            action: PlugAction::List,
+            config,
+            data_dir,
+        } => {
+            let dir = match (data_dir, config) {
+                (Some(d), _) => d,
+                (None, Some(c)) => Config::load(&c)?.gateway.data_dir,
+                (None, None) => Config::builtin().gateway.data_dir,
+            };
+            let path = dir.join("status.json");
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("{}: {e} (is outpost running with this data_dir?)", path.display()))?;
+            let doc: serde_json::Value = serde_json::from_str(&text)?;
+            print!("{}", outpost::status::render_plugs(&doc));
             Ok(ExitCode::SUCCESS)
         }
         Command::DefaultConfig => {

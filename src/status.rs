@@ -39,6 +39,12 @@ pub fn render(doc: &Value, now: SystemTime) -> String {
         ago(now_s - written),
         if now_s - written > 10 { " (not running?)" } else { "" }
     );
+    if doc["clock_synchronized"] == Value::Bool(false) {
+        let _ = writeln!(
+            out,
+            "WARNING: the system clock is not synchronized; mqtt-e2e packets may be refused as stale"
+        );
+    }
     let listeners: Vec<&str> = doc["listeners"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
@@ -103,6 +109,41 @@ pub fn render(doc: &Value, now: SystemTime) -> String {
     for r in rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// `outpost plugs list`.
+pub fn render_plugs(doc: &Value) -> String {
+    let mut out = String::new();
+    let plugs = doc["plugs"].as_array().cloned().unwrap_or_default();
+    if plugs.is_empty() {
+        return "no plugs configured or found\n".into();
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<22} {:<8} {:<8} {:<10} {:<9} {:<8} ERRORS",
+        "PLUG", "ADDRESS", "MODEL", "ONLINE", "POWER W", "STATE", "MOVED"
+    );
+    for p in plugs {
+        let errors: u64 = p["errors"]
+            .as_object()
+            .map(|o| o.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "{:<16} {:<22} {:<8} {:<8} {:<10} {:<9} {:<8} {errors}",
+            p["name"].as_str().unwrap_or("?"),
+            format!("{}:{}", p["host"].as_str().unwrap_or("?"), p["port"]),
+            p["model"].as_str().unwrap_or("-"),
+            if p["online"] == true { "yes" } else { "no" },
+            p["last"]["power_w"]
+                .as_f64()
+                .map(|w| format!("{w:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            p["last"]["state"].as_str().unwrap_or("-"),
+            p["moved"].as_u64().unwrap_or(0),
+        );
     }
     out
 }

@@ -283,7 +283,20 @@ pub fn spawn_subscriber_auth(
 
 /// A publisher: `total` messages at `rate` msg/s (0 = flat out), QoS 1 with a window of 100.
 pub fn run_publisher(port: u16, id: &str, topic: &str, qos: u8, total: u64, rate: u64, epoch: Instant) {
-    let mut c = Conn::open(port, id);
+    run_publisher_with(Conn::open(port, id), topic, qos, total, rate, &|out, pkid, seq| {
+        publish(out, topic, qos, pkid, seq, now_ns(epoch))
+    });
+}
+
+/// A publisher on an open connection; `write(out, pkid, seq)` appends one PUBLISH.
+pub fn run_publisher_with(
+    mut c: Conn,
+    _topic: &str,
+    qos: u8,
+    total: u64,
+    rate: u64,
+    write: &dyn Fn(&mut BytesMut, u16, u64),
+) {
     let acked = Arc::new(AtomicU64::new(0));
     let reader = if qos > 0 {
         let mut r = Conn {
@@ -323,7 +336,7 @@ pub fn run_publisher(port: u16, id: &str, topic: &str, qos: u8, total: u64, rate
                     std::hint::spin_loop();
                 }
             }
-            publish(&mut out, topic, qos, (seq % 65535 + 1) as u16, seq, now_ns(epoch));
+            write(&mut out, (seq % 65535 + 1) as u16, seq);
             seq += 1;
             n += 1;
             if qos > 0 && seq - acked.load(Ordering::Relaxed) >= 100 {
@@ -336,4 +349,56 @@ pub fn run_publisher(port: u16, id: &str, topic: &str, qos: u8, total: u64, rate
     if let Some(r) = reader {
         let _ = r.join();
     }
+}
+
+/// A subscriber that only counts PUBLISHes (any payload).
+pub fn spawn_subscriber_plain(
+    port: u16,
+    filter: &str,
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let mut c = Conn::open(port, "bench-plain-sub");
+    c.subscribe(filter, 0);
+    c.s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    std::thread::spawn(move || {
+        let mut tmp = vec![0u8; 1 << 16];
+        while !stop.load(Ordering::Relaxed) {
+            let n = match c.s.read(&mut tmp) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(_) => continue,
+            };
+            c.buf.extend_from_slice(&tmp[..n]);
+            while let Ok(Some(f)) = codec::next_frame(&mut c.buf, 1 << 20) {
+                if f.kind == kind::PUBLISH {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    })
+}
+
+/// Appends a PUBLISH with the given payload.
+pub fn publish_raw(out: &mut BytesMut, topic: &str, qos: u8, pkid: u16, payload: &[u8]) {
+    let body = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
+    out.put_u8(0x30 | (qos << 1));
+    let mut len = body;
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic.as_bytes());
+    if qos > 0 {
+        out.put_u16(pkid);
+    }
+    out.put_slice(payload);
 }

@@ -6,11 +6,13 @@
 mod bridges;
 mod devices;
 mod error;
+mod plugs;
 mod units;
 
 pub use bridges::*;
 pub use devices::Devices;
 pub use error::ConfigError;
+pub use plugs::{PlugTopics, Plugs, StaticPlug};
 pub use units::{Bind, Dur, Rate, Size};
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +31,8 @@ pub struct Config {
     pub bridges: Vec<Bridge>,
     /// Devices with their own keys: mqtt-e2e and MQTT credentials (`outpost devices ...`).
     pub devices: Devices,
+    /// WeMo-style smart plugs polled over local HTTP.
+    pub plugs: Plugs,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -382,6 +386,7 @@ impl Config {
             return err("broker.limits.connect_timeout".into(), "must be longer than 0".into());
         }
         devices::validate(&self.devices)?;
+        plugs::validate(&self.plugs)?;
         for (i, b) in self.bridges.iter().enumerate() {
             bridges::validate(i, b, &self.bridges[..i]).map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
         }
