@@ -173,14 +173,15 @@ fn spawn_plug(
 ) {
     let (tx, rx) = mpsc::channel(8);
     commands.lock().expect("commands lock").insert(name.clone(), tx);
-    ctx.status.lock().expect("plugs lock").insert(
-        name.clone(),
-        PlugStatus {
-            name: name.clone(),
-            host: host.clone(),
-            ..Default::default()
-        },
-    );
+    let status = PlugStatus {
+        name: name.clone(),
+        host: host.clone(),
+        port: port.unwrap_or(0),
+        udn: setup.as_ref().map(|s| s.udn.clone()).unwrap_or_default(),
+        model: setup.as_ref().map(|s| s.model.clone()).unwrap_or_default(),
+        ..Default::default()
+    };
+    ctx.status.lock().expect("plugs lock").insert(name.clone(), status);
     let plug = Plug {
         ctx: ctx.clone(),
         name,

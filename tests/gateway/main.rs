@@ -5,5 +5,7 @@ mod bridge;
 mod cli;
 mod common;
 mod devices;
+mod plugs;
 mod pubsub;
 mod robustness;
+mod wemo_sim;
