@@ -60,6 +60,18 @@ enum Command {
         #[arg(long, global = true)]
         data_dir: Option<PathBuf>,
     },
+    /// Configure hook of the snap: `snapctl get -d` JSON on stdin → validated YAML config.
+    /// Prints `changed` or `unchanged`; exits 1 naming the bad `snap set` key.
+    SnapConfig {
+        /// Where the config goes (default $SNAP_DATA/outpost.yaml).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Health check (the snap's check-health hook): the broker answers and bridge spools open.
+    Health {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Print the built-in default config.
     DefaultConfig,
     /// Read a password from stdin and print its argon2 hash for broker.users[].password_hash.
@@ -186,6 +198,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let doc: serde_json::Value = serde_json::from_str(&text)?;
             print!("{}", outpost::status::render_plugs(&doc));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::SnapConfig { out } => {
+            let out = match out {
+                Some(o) => o,
+                None => PathBuf::from(
+                    std::env::var_os("SNAP_DATA").ok_or_else(|| anyhow::anyhow!("SNAP_DATA is not set: pass --out"))?,
+                )
+                .join("outpost.yaml"),
+            };
+            let mut json = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut json)?;
+            let common = std::env::var_os("SNAP_COMMON").map(PathBuf::from);
+            match outpost::config::snap::apply(&json, &out, common.as_deref()) {
+                Ok(outpost::config::snap::Outcome::Changed) => println!("changed"),
+                Ok(outpost::config::snap::Outcome::Unchanged) => println!("unchanged"),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Health { config } => {
+            let cfg = match &config {
+                Some(p) => Config::load(p)?,
+                None => Config::builtin(),
+            };
+            match outpost::system::health::check(&cfg) {
+                Ok(()) => {
+                    println!("healthy");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(problems) => {
+                    for p in problems {
+                        eprintln!("unhealthy: {p}");
+                    }
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Command::DefaultConfig => {
             print!("{}", outpost::config::DEFAULT_YAML);

@@ -7,6 +7,7 @@ mod bridges;
 mod devices;
 mod error;
 mod plugs;
+pub mod snap;
 mod units;
 
 pub use bridges::*;

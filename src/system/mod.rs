@@ -1,5 +1,6 @@
 //! The daemon's contact with the operating system: logging (journald or stderr), systemd
 //! readiness and watchdog notifications, and signals.
 
+pub mod health;
 pub mod logging;
 pub mod notify;

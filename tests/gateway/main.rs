@@ -5,6 +5,7 @@ mod bridge;
 mod cli;
 mod common;
 mod devices;
+mod packaging;
 mod plugs;
 mod pubsub;
 mod robustness;

@@ -1,0 +1,164 @@
+//! `snap set outpost ...` → the YAML config, with the daemon's own types and validation.
+//!
+//! The snap's configure hook pipes `snapctl get -d` JSON in. Keys are kebab-case (snapd allows no
+//! underscores); `bridges`, `broker.users` and `plugs.static` may be written as maps keyed by
+//! name (`bridges.cloud.url=...`) as well as lists. A bad value is refused naming the `snap set`
+//! key, and the config file is left as it was.
+
+use super::Config;
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// Lists that `snap set` can also write as maps keyed by their items' `name`.
+const NAMED_LISTS: [&[&str]; 3] = [&["bridges"], &["broker", "users"], &["plugs", "static"]];
+
+fn snake(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k.replace('-', "_"), snake(v))).collect()),
+        Value::Array(a) => Value::Array(a.into_iter().map(snake).collect()),
+        v => v,
+    }
+}
+
+/// Turns `{name: {...}}` maps into lists of `{name, ...}`; returns the names in list order,
+/// per list, to name keys in errors.
+fn lists(root: &mut Value) -> Vec<(String, Vec<String>)> {
+    let mut names = vec![];
+    for path in NAMED_LISTS {
+        let Some(node) = root.pointer_mut(&format!("/{}", path.join("/"))) else {
+            continue;
+        };
+        if let Value::Object(m) = node {
+            let mut items = vec![];
+            let mut order = vec![];
+            for (name, v) in std::mem::take(m) {
+                let mut item = match v {
+                    Value::Object(o) => o,
+                    other => {
+                        let mut o = Map::new();
+                        o.insert("value".into(), other);
+                        o
+                    }
+                };
+                item.entry("name").or_insert(Value::String(name.clone()));
+                order.push(name);
+                items.push(Value::Object(item));
+            }
+            *node = Value::Array(items);
+            names.push((path.join("."), order));
+        }
+    }
+    names
+}
+
+/// The `snap set` key for a config key path: `bridges[0].max_packet_size` → `bridges.cloud.max-packet-size`.
+fn snap_key(path: &str, names: &[(String, Vec<String>)]) -> String {
+    let mut key = path.to_string();
+    for (list, order) in names {
+        for (i, n) in order.iter().enumerate() {
+            key = key.replace(&format!("{list}[{i}]"), &format!("{list}.{n}"));
+        }
+    }
+    key.replace('_', "-")
+}
+
+/// What a configure run did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Changed,
+    Unchanged,
+}
+
+/// Validates `snapctl get -d` JSON and writes it as YAML to `out` (atomically), unless it is
+/// what is there already. `common` is `$SNAP_COMMON`, the default data_dir.
+pub fn apply(json: &str, out: &Path, common: Option<&Path>) -> Result<Outcome, String> {
+    let v: Value = if json.trim().is_empty() {
+        Value::Object(Map::new())
+    } else {
+        serde_json::from_str(json).map_err(|e| format!("snapctl gave no JSON: {e}"))?
+    };
+    let mut v = snake(v);
+    let names = lists(&mut v);
+    if let (Some(common), Value::Object(root)) = (common, &mut v) {
+        let gw = root.entry("gateway").or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(gw) = gw {
+            gw.entry("data_dir")
+                .or_insert(Value::String(common.display().to_string()));
+        }
+    }
+    let yaml = serde_yaml::to_string(&v).map_err(|e| e.to_string())?;
+    let config = Config::from_yaml(&yaml, Path::new("snap set")).map_err(|e| match e.key() {
+        Some(k) => {
+            let reason = e.to_string();
+            let reason = reason
+                .split_once(": key `")
+                .and_then(|(_, r)| r.split_once("`: "))
+                .map(|(_, r)| r.to_string())
+                .unwrap_or(reason);
+            format!("snap set outpost: `{}`: {reason}", snap_key(k, &names))
+        }
+        None => e.to_string(),
+    })?;
+    // What the daemon reads back is exactly what was validated.
+    let text = format!(
+        "# Written by `outpost snap-config` from `snap set` values; edits here are overwritten.\n{}",
+        serde_yaml::to_string(&config).map_err(|e| e.to_string())?
+    );
+    if std::fs::read_to_string(out).ok().as_deref() == Some(text.as_str()) {
+        return Ok(Outcome::Unchanged);
+    }
+    let tmp = out.with_extension("yaml.tmp");
+    std::fs::write(&tmp, &text)
+        .and_then(|_| std::fs::rename(&tmp, out))
+        .map_err(|e| format!("writing {}: {e}", out.display()))?;
+    Ok(Outcome::Changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snap_values_become_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("outpost.yaml");
+        let json = r#"{"gateway":{"id":"site1"},"broker":{"limits":{"max-connections":50}},
+            "bridges":{"cloud":{"url":"mqtt://127.0.0.1:1883","rules":[{"direction":"out","local":"a/#","remote":"b/{#}"}],"max-packet-size":"64KiB"}}}"#;
+        assert_eq!(
+            apply(json, &out, Some(Path::new("/var/snap/outpost/common"))).unwrap(),
+            Outcome::Changed
+        );
+        let c = Config::load(&out).unwrap();
+        assert_eq!((c.gateway.id.as_str(), c.broker.limits.max_connections), ("site1", 50));
+        assert_eq!(c.bridges[0].name, "cloud");
+        assert_eq!(c.gateway.data_dir, Path::new("/var/snap/outpost/common"));
+        assert_eq!(
+            apply(json, &out, Some(Path::new("/var/snap/outpost/common"))).unwrap(),
+            Outcome::Unchanged
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_snap_key_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("outpost.yaml");
+        std::fs::write(&out, "old").unwrap();
+        let cases = [
+            (
+                r#"{"bridges":{"cloud":{"url":"http://x","rules":[{"direction":"out","local":"a","remote":"b"}]}}}"#,
+                "bridges.cloud.url",
+            ),
+            (
+                r#"{"broker":{"limits":{"max-connections":"many"}}}"#,
+                "broker.limits.max-connections",
+            ),
+            (r#"{"plugs":{"poll":"fast"}}"#, "plugs.poll"),
+            (r#"{"broker":{"listners":[]}}"#, "broker.listners"),
+        ];
+        for (json, key) in cases {
+            let e = apply(json, &out, None).unwrap_err();
+            assert!(e.contains(&format!("`{key}`")), "{e}");
+        }
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "old");
+    }
+}
