@@ -24,6 +24,11 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let bus = Bus::start(broker.shared.clone());
     let mut bridges = Bridges::new(broker.shared.clone(), bus.clone(), &cfg.gateway);
     bridges.apply(&cfg.bridges).await?;
+    let stop_grants = tokio_util::sync::CancellationToken::new();
+    let grant_service =
+        crate::grants::service::GrantService::new(broker.shared.clone(), bus.clone(), cfg.grants.clone(), &cfg.gateway);
+    grant_service.load()?;
+    tokio::spawn(grant_service.run(stop_grants.clone()));
     let stop_plugs = tokio_util::sync::CancellationToken::new();
     let plugs = crate::plugs::start(
         cfg.plugs.clone(),
@@ -115,6 +120,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     bridges.stop_all().await;
     stop_devices.cancel();
     stop_plugs.cancel();
+    stop_grants.cancel();
     status_file.write(&broker, &bridges);
     log::info!("stopped");
     Ok(())
@@ -221,6 +227,7 @@ impl StatusFile {
             "devices": &*self.devices.lock().expect("counters lock"),
             "clock_synchronized": crate::devices::clock_synchronized(),
             "plugs": self.plug_list(),
+            "claims_refused": crate::grants::service::CLAIMS_REFUSED.load(std::sync::atomic::Ordering::Relaxed),
         });
         let tmp = self.path.with_extension("json.tmp");
         let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())

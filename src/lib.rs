@@ -5,6 +5,7 @@ pub mod broker;
 pub mod config;
 pub mod devices;
 pub mod gateway;
+pub mod grants;
 pub mod plugs;
 pub mod status;
 pub mod system;

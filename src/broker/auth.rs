@@ -35,7 +35,7 @@ impl Who {
         })
     }
 
-    fn applies(&self, id: &Identity) -> bool {
+    pub fn applies(&self, id: &Identity) -> bool {
         match self {
             Who::Everyone => true,
             Who::Anonymous => id.username.is_none(),
@@ -59,10 +59,13 @@ fn glob(pattern: &str, s: &str) -> bool {
 pub struct Identity {
     pub username: Option<String>,
     pub client_id: String,
+    /// The listener the client came in on (its `bind` as configured).
+    pub listener: String,
 }
 
 struct Rule {
     who: Who,
+    on: Vec<String>,
     publish: Vec<String>,
     subscribe: Vec<String>,
 }
@@ -106,6 +109,11 @@ impl Policy {
                 .iter()
                 .map(|r| Rule {
                     who: Who::parse(&r.who).expect("validated with the config"),
+                    on: r
+                        .on
+                        .iter()
+                        .map(|b| b.parse::<std::net::SocketAddr>().map_or(b.clone(), |a| a.to_string()))
+                        .collect(),
                     publish: r.allow.publish.clone(),
                     subscribe: r.allow.subscribe.clone(),
                 })
@@ -156,12 +164,15 @@ impl Policy {
     }
 
     fn allowed(&self, id: &Identity, list: impl Fn(&Rule) -> &Vec<String>, check: impl Fn(&str) -> bool) -> bool {
-        self.rules.iter().filter(|r| r.who.applies(id)).any(|r| {
-            list(r).iter().any(|f| match substitute(f, id) {
-                Some(f) => check(&f),
-                None => false,
+        self.rules
+            .iter()
+            .filter(|r| r.who.applies(id) && (r.on.is_empty() || r.on.contains(&id.listener)))
+            .any(|r| {
+                list(r).iter().any(|f| match substitute(f, id) {
+                    Some(f) => check(&f),
+                    None => false,
+                })
             })
-        })
     }
 }
 
@@ -210,6 +221,7 @@ mod tests {
             acl: vec![
                 AclRule {
                     who: "user:*".into(),
+                    on: vec![],
                     allow: AclAllow {
                         publish: vec!["devices/{username}/#".into()],
                         subscribe: vec!["devices/{username}/cmd/#".into()],
@@ -217,6 +229,7 @@ mod tests {
                 },
                 AclRule {
                     who: "anonymous".into(),
+                    on: vec![],
                     allow: AclAllow {
                         publish: vec![],
                         subscribe: vec!["public/#".into()],
@@ -237,10 +250,12 @@ mod tests {
         let dev = Identity {
             username: Some("dev1".into()),
             client_id: "dev1-a".into(),
+            listener: String::new(),
         };
         let anon = Identity {
             username: None,
             client_id: "x".into(),
+            listener: String::new(),
         };
         assert!(p.may_publish(&dev, "devices/dev1/temp") && !p.may_publish(&dev, "devices/dev2/temp"));
         assert!(p.may_subscribe(&dev, "devices/dev1/cmd/#") && !p.may_subscribe(&dev, "devices/dev1/#"));
@@ -251,6 +266,7 @@ mod tests {
         let sneaky = Identity {
             username: Some("#".into()),
             client_id: "y".into(),
+            listener: String::new(),
         };
         assert!(!p.may_publish(&sneaky, "devices/x/y"));
     }

@@ -33,6 +33,8 @@ const ENGINE_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug)]
 pub struct ListenerInfo {
     pub name: String,
+    /// The listener's `bind` as configured (ACL rules can name it).
+    pub bind: String,
     pub anonymous: bool,
 }
 
@@ -211,6 +213,7 @@ pub async fn serve<S>(
     let id = Identity {
         username: connect.username.clone(),
         client_id,
+        listener: listener.bind.clone(),
     };
     if id.client_id.len() > shared.limits.max_client_id_len
         || !policy.client_id_allowed(id.username.as_deref(), &id.client_id)
@@ -272,11 +275,11 @@ pub async fn serve<S>(
     );
 
     // Revoking a device closes its connections through this token.
-    let registered = id.username.clone().map(|u| {
-        let r = shared.register(&u);
-        (u, r)
-    });
-    let kick = registered.as_ref().map(|(_, (_, t))| t.clone()).unwrap_or_default();
+    let registered = (
+        id.username.clone().unwrap_or_default(),
+        shared.register(&id, &engine_id),
+    );
+    let kick = registered.1 .1.clone();
     let ctx = Ctx {
         proto,
         id,
@@ -286,9 +289,7 @@ pub async fn serve<S>(
         flow: Mutex::new(Flow::default()),
     };
     let end = relay(&ctx, crd, cbuf, cwr, engine, ebuf, stop, kick).await;
-    if let Some((user, (reg, _))) = &registered {
-        shared.unregister(user, *reg);
-    }
+    shared.unregister(&registered.0, registered.1 .0);
     shared
         .metrics
         .connections

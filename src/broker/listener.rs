@@ -47,6 +47,7 @@ impl Listener {
             tls,
             info: ListenerInfo {
                 name,
+                bind: cfg.bind.0.to_string(),
                 anonymous: cfg.anonymous_allowed(),
             },
         })

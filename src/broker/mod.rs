@@ -48,8 +48,27 @@ pub struct Shared {
     pub taps: ArcSwap<Vec<Arc<dyn Tap>>>,
     /// Devices' credentials and ACLs from the keystore; swapped when it changes.
     pub devices: ArcSwap<HashMap<String, DeviceCred>>,
-    /// Connected clients by user name, so revoking a device closes its connections at once.
-    by_user: Mutex<HashMap<String, Vec<(u64, CancellationToken)>>>,
+    /// Connected clients by user name ("" for anonymous), so revoking a device, or the end of
+    /// a grant, closes the connections it concerns at once.
+    by_user: Mutex<HashMap<String, Vec<Conn>>>,
+    /// Time-limited grants in force, and who may ask for them.
+    pub grants: ArcSwap<GrantState>,
+}
+
+struct Conn {
+    id: u64,
+    token: CancellationToken,
+    identity: auth::Identity,
+    engine_id: String,
+}
+
+/// The grants the front door checks beside the static ACL.
+#[derive(Default)]
+pub struct GrantState {
+    pub list: Vec<crate::grants::Grant>,
+    /// Only `admins` may publish here.
+    pub request_topic: Option<String>,
+    pub admins: Vec<String>,
 }
 
 /// A device's MQTT login and what it may publish and subscribe to (filters already filled in).
@@ -86,6 +105,14 @@ impl Shared {
     }
 
     pub fn may_publish(&self, id: &auth::Identity, topic: &str) -> bool {
+        let g = self.grants.load();
+        if g.request_topic.as_deref() == Some(topic) {
+            return id.username.as_ref().is_some_and(|u| g.admins.contains(u));
+        }
+        let now = crate::grants::now_secs();
+        if g.list.iter().any(|x| x.allows_publish(id, topic, now)) {
+            return true;
+        }
         self.policy.load().may_publish(id, topic)
             || id
                 .username
@@ -103,6 +130,16 @@ impl Shared {
         if self.policy.load().may_subscribe(id, filter) {
             return true;
         }
+        let now = crate::grants::now_secs();
+        if self
+            .grants
+            .load()
+            .list
+            .iter()
+            .any(|g| g.allows_subscribe(id, filter, now))
+        {
+            return true;
+        }
         let Some(inner) = topics::strip_share(filter) else {
             return false;
         };
@@ -117,23 +154,52 @@ impl Shared {
             .unwrap_or(false)
     }
 
-    /// Registers a connection of `user`; the token is cancelled by [`Shared::kick`].
-    pub fn register(&self, user: &str) -> (u64, CancellationToken) {
+    /// Registers a connection; its token is cancelled by [`Shared::kick`] or
+    /// [`Shared::enforce_subscriptions`].
+    pub fn register(&self, identity: &auth::Identity, engine_id: &str) -> (u64, CancellationToken) {
         let id = rand::random::<u64>();
         let token = CancellationToken::new();
+        let conn = Conn {
+            id,
+            token: token.clone(),
+            identity: identity.clone(),
+            engine_id: engine_id.to_string(),
+        };
         self.by_user
             .lock()
             .expect("users lock")
-            .entry(user.to_string())
+            .entry(identity.username.clone().unwrap_or_default())
             .or_default()
-            .push((id, token.clone()));
+            .push(conn);
         (id, token)
+    }
+
+    /// Closes connections holding a subscription that nothing allows any more (a grant ended,
+    /// an ACL changed); returns how many. The engine cannot drop one subscription of a client,
+    /// so the client is disconnected (MQTT 5: DISCONNECT 0x87) and may come back without it.
+    pub fn enforce_subscriptions(&self) -> usize {
+        let subs = self.subscriptions.lock().expect("subscriptions lock");
+        let conns = self.by_user.lock().expect("users lock");
+        let mut n = 0;
+        for c in conns.values().flatten() {
+            let Some(held) = subs.get(&c.engine_id) else { continue };
+            if held.iter().any(|f| !self.may_subscribe(&c.identity, f)) && !c.token.is_cancelled() {
+                log::info!(
+                    "client {:?} of {:?}: a subscription is no longer allowed; disconnecting",
+                    c.identity.client_id,
+                    c.identity.username
+                );
+                c.token.cancel();
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn unregister(&self, user: &str, id: u64) {
         let mut m = self.by_user.lock().expect("users lock");
         if let Some(v) = m.get_mut(user) {
-            v.retain(|(i, _)| *i != id);
+            v.retain(|c| c.id != id);
             if v.is_empty() {
                 m.remove(user);
             }
@@ -148,8 +214,8 @@ impl Shared {
             .expect("users lock")
             .remove(user)
             .unwrap_or_default();
-        for (_, t) in &v {
-            t.cancel();
+        for c in &v {
+            c.token.cancel();
         }
         v.len()
     }
@@ -227,6 +293,7 @@ impl Broker {
             taps: ArcSwap::from_pointee(vec![]),
             devices: ArcSwap::from_pointee(HashMap::new()),
             by_user: Mutex::new(HashMap::new()),
+            grants: ArcSwap::from_pointee(GrantState::default()),
         });
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();

@@ -6,6 +6,7 @@
 mod bridges;
 mod devices;
 mod error;
+mod grants;
 mod plugs;
 pub mod snap;
 mod units;
@@ -13,6 +14,7 @@ mod units;
 pub use bridges::*;
 pub use devices::Devices;
 pub use error::ConfigError;
+pub use grants::{Grants, Price, Verifier};
 pub use plugs::{PlugTopics, Plugs, StaticPlug};
 pub use units::{Bind, Dur, Rate, Size};
 
@@ -34,6 +36,8 @@ pub struct Config {
     pub devices: Devices,
     /// WeMo-style smart plugs polled over local HTTP.
     pub plugs: Plugs,
+    /// Time-limited access to topics (paid data).
+    pub grants: Grants,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -159,6 +163,10 @@ pub struct AclRule {
     /// (`client:` takes a trailing `*`).
     pub who: String,
     pub allow: AclAllow,
+    /// Only on these listeners (their `bind` as written); all when empty. E.g. a free topic
+    /// readable by anonymous clients on one public listener.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -221,6 +229,7 @@ impl Default for Broker {
                     publish: vec!["#".into()],
                     subscribe: vec!["#".into()],
                 },
+                on: vec![],
             }],
             limits: Limits::default(),
         }
@@ -353,6 +362,15 @@ impl Config {
             if let Err(e) = crate::broker::auth::Who::parse(&r.who) {
                 return err(format!("{key}.who"), e);
             }
+            for (j, on) in r.on.iter().enumerate() {
+                let addr = on.parse::<std::net::SocketAddr>().ok();
+                if !b.listeners.iter().any(|l| Some(l.bind.0) == addr) {
+                    return err(
+                        format!("{key}.on[{j}]"),
+                        format!("`{on}` is not the bind address of a listener"),
+                    );
+                }
+            }
             for (kind, filters) in [("publish", &r.allow.publish), ("subscribe", &r.allow.subscribe)] {
                 for (j, f) in filters.iter().enumerate() {
                     if !crate::broker::topics::valid_filter(f) {
@@ -388,6 +406,7 @@ impl Config {
         }
         devices::validate(&self.devices)?;
         plugs::validate(&self.plugs)?;
+        grants::validate(&self.grants)?;
         for (i, b) in self.bridges.iter().enumerate() {
             bridges::validate(i, b, &self.bridges[..i]).map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
         }

@@ -5,9 +5,6 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: u32 = 1;
@@ -95,18 +92,7 @@ pub fn path(data_dir: &Path) -> PathBuf {
 
 /// Reads the keystore; a missing file is an empty one.
 pub fn load(path: &Path) -> Result<Keystore> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Keystore {
-                format: FORMAT,
-                devices: vec![],
-            })
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let ks: Keystore =
-        serde_json::from_str(&text).with_context(|| format!("{} is not a valid keystore", path.display()))?;
+    let ks: Keystore = crate::system::jsonfile::load(path)?;
     if ks.format > FORMAT {
         bail!(
             "{} was written by a newer outpost (format {}; this one reads up to {FORMAT})",
@@ -119,39 +105,10 @@ pub fn load(path: &Path) -> Result<Keystore> {
 
 /// Changes the keystore under an exclusive lock and writes it back atomically.
 pub fn update<T>(path: &Path, change: impl FnOnce(&mut Keystore) -> Result<T>) -> Result<T> {
-    let dir = path.parent().context("keystore path has no folder")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(path.with_extension("lock"))?;
-    lock.lock().context("locking the keystore")?;
-    let mut ks = load(path)?;
-    let out = change(&mut ks)?;
-    ks.format = FORMAT;
-    write(path, &ks)?;
-    Ok(out)
-}
-
-/// Writes to a temporary file, syncs it, renames it over the keystore and syncs the folder: a
-/// crash leaves the old file or the new one, never a mix.
-fn write(path: &Path, ks: &Keystore) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(ks)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::system::jsonfile::update(path, load, |ks: &mut Keystore| {
+        ks.format = FORMAT;
+        change(ks)
+    })
 }
 
 /// Adds a device with a fresh key and password.

@@ -2,5 +2,6 @@
 //! readiness and watchdog notifications, and signals.
 
 pub mod health;
+pub mod jsonfile;
 pub mod logging;
 pub mod notify;

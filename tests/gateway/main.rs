@@ -5,6 +5,7 @@ mod bridge;
 mod cli;
 mod common;
 mod devices;
+mod grants;
 mod packaging;
 mod plugs;
 mod pubsub;

@@ -1,0 +1,263 @@
+//! Paid and free data: the free topic is public, the live one only while a grant lasts;
+//! grants from the CLI, from an admin's request topic, and from verified payment claims.
+
+use crate::common::*;
+use rumqttc::{QoS, SubscribeReasonCode as R};
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(10);
+
+fn config(port: u16, extra: &str) -> String {
+    let alice = passwd("alice-pw");
+    let payer = passwd("payer-pw");
+    format!(
+        r##"broker:
+  listeners:
+    - {{ bind: "127.0.0.1:{port}", protocol: mqtt }}
+  users:
+    - {{ name: alice, password_hash: "{alice}" }}
+    - {{ name: payer, password_hash: "{payer}" }}
+  acl:
+    - {{ who: anonymous, on: ["127.0.0.1:{port}"], allow: {{ subscribe: ["sensor/+/1m", "replies/#"], publish: ["sensor/#", "outpost/test-gw/grants/claim"] }} }}
+    - {{ who: "user:*", allow: {{ subscribe: ["replies/#"] }} }}
+{extra}"##
+    )
+}
+
+fn login(port: u16, id: &str, user: &str, pw: &str) -> rumqttc::MqttOptions {
+    let mut o = opts(port, id);
+    o.set_credentials(user, pw);
+    o
+}
+
+#[tokio::test]
+async fn the_live_topic_is_readable_only_while_a_grant_lasts_and_the_average_is_free() {
+    let port = free_port();
+    let gw = Gateway::start(&config(port, ""));
+    let (anon, mut aev) = connect(opts(port, "anyone")).await.unwrap();
+    assert_eq!(
+        subscribe(&anon, &mut aev, "sensor/kitchen/1m", QoS::AtMostOnce).await,
+        vec![R::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(
+        subscribe(&anon, &mut aev, "sensor/kitchen/live", QoS::AtMostOnce).await,
+        vec![R::Failure]
+    );
+    let (alice, mut ev) = connect(login(port, "alice-1", "alice", "alice-pw")).await.unwrap();
+    assert_eq!(
+        subscribe(&alice, &mut ev, "sensor/kitchen/live", QoS::AtMostOnce).await,
+        vec![R::Failure],
+        "no grant yet"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "grants",
+            "add",
+            "--who",
+            "user:alice",
+            "--topic",
+            "sensor/kitchen/live",
+            "--for",
+            "4s",
+            "--config",
+        ])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let until: u64 = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(
+        subscribe(&alice, &mut ev, "sensor/kitchen/live", QoS::AtMostOnce).await,
+        vec![R::Success(QoS::AtMostOnce)]
+    );
+    let (p, pev) = connect(opts(port, "plug")).await.unwrap();
+    let _d = drive(pev);
+    p.publish("sensor/kitchen/live", QoS::AtMostOnce, false, "{\"power_w\":60}")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_publish(&mut ev, T).await.map(|m| m.0),
+        Some("sensor/kitchen/live".into())
+    );
+
+    // At expiry the subscription ends: the client is disconnected within a second.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if ev.poll().await.is_err() {
+                return std::time::SystemTime::now();
+            }
+        }
+    })
+    .await
+    .expect("still connected after the grant expired");
+    let at = closed.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(
+        at >= until as f64 - 0.05 && at <= until as f64 + 1.0,
+        "disconnected at {at}, grant ended at {until}"
+    );
+    let (alice, mut ev) = connect(login(port, "alice-1", "alice", "alice-pw")).await.unwrap();
+    assert_eq!(
+        subscribe(&alice, &mut ev, "sensor/kitchen/live", QoS::AtMostOnce).await,
+        vec![R::Failure],
+        "expired grant still works"
+    );
+    let list = Command::new(BIN)
+        .args(["grants", "list", "--config"])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .any(|l| l.contains("user:alice") && l.contains("expired")));
+}
+
+/// The next reply on the shop's reply topic, as JSON.
+async fn reply(ev: &mut rumqttc::EventLoop) -> Option<serde_json::Value> {
+    next_publish(ev, T).await.map(|m| serde_json::from_slice(&m.1).unwrap())
+}
+
+/// A payment verifier: `good-*` references are paid, others not.
+async fn verifier() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                loop {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => n += k,
+                    }
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    if let Some(i) = text.find("\r\n\r\n") {
+                        let len: usize = text
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if n >= i + 4 + len {
+                            let paid = text[i + 4..].contains("\"reference\":\"good-");
+                            let body = format!("{{\"valid\":{paid}}}");
+                            let _ = s
+                                .write_all(
+                                    format!(
+                                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                        body.len()
+                                    )
+                                    .as_bytes(),
+                                )
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn grants_from_an_admin_request_and_from_verified_claims_and_replays_refused() {
+    let vport = verifier().await;
+    let port = free_port();
+    let mut gw = Gateway::start(&config(
+        port,
+        &format!("grants:\n  admins: [payer]\n  claims: true\n  prices: [ {{ topic: \"sensor/+/live\", price: 500, per: 1h }} ]\n  verifier: {{ url: \"http://127.0.0.1:{vport}/verify\" }}\n"),
+    ));
+    let (anon, mut aev) = connect(opts(port, "shop")).await.unwrap();
+    subscribe(&anon, &mut aev, "replies/#", QoS::AtLeastOnce).await;
+    let claim = |reference: &str, user: &str, topic: &str| {
+        serde_json::json!({ "user": user, "amount": 500, "reference": reference, "topic": topic, "reply_to": "replies/shop" }).to_string()
+    };
+    anon.publish(
+        "outpost/test-gw/grants/claim",
+        QoS::AtLeastOnce,
+        false,
+        claim("good-1", "carol", "sensor/z/live"),
+    )
+    .await
+    .unwrap();
+    let r = reply(&mut aev).await.unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["grant"]["who"], "user:carol");
+    anon.publish(
+        "outpost/test-gw/grants/claim",
+        QoS::AtLeastOnce,
+        false,
+        claim("bad-2", "dave", "sensor/z/live"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply(&mut aev).await.unwrap()["ok"], false);
+    anon.publish(
+        "outpost/test-gw/grants/claim",
+        QoS::AtLeastOnce,
+        false,
+        claim("good-1", "mallory", "sensor/z/live"),
+    )
+    .await
+    .unwrap();
+    let r = reply(&mut aev).await.unwrap();
+    assert!(r["error"].as_str().unwrap().contains("already used"), "{r}");
+
+    // A privileged user's request creates a grant; anyone else's is dropped.
+    let (payer, pev) = connect(login(port, "payer-1", "payer", "payer-pw")).await.unwrap();
+    let _d = drive(pev);
+    let req = serde_json::json!({ "action": "add", "who": "user:alice", "topic": "sensor/y/live", "for": "1h", "reply_to": "replies/shop" });
+    payer
+        .publish(
+            "outpost/test-gw/grants/request",
+            QoS::AtLeastOnce,
+            false,
+            req.to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut aev).await.unwrap()["ok"], true);
+    let (alice, aliceev) = connect(login(port, "alice-1", "alice", "alice-pw")).await.unwrap();
+    let _e = drive(aliceev);
+    alice
+        .publish(
+            "outpost/test-gw/grants/request",
+            QoS::AtLeastOnce,
+            false,
+            req.to_string(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        next_publish(&mut aev, Duration::from_secs(1)).await.is_none(),
+        "a non-admin's request was answered"
+    );
+
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(gw.status()["claims_refused"], 2);
+
+    // Grants survive a restart.
+    gw.restart();
+    let (alice, mut ev) = connect(login(port, "alice-2", "alice", "alice-pw")).await.unwrap();
+    assert_eq!(
+        subscribe(&alice, &mut ev, "sensor/y/live", QoS::AtMostOnce).await,
+        vec![R::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(
+        subscribe(&alice, &mut ev, "sensor/z/live", QoS::AtMostOnce).await,
+        vec![R::Failure],
+        "carol's grant is not alice's"
+    );
+}
