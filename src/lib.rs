@@ -7,5 +7,6 @@ pub mod devices;
 pub mod gateway;
 pub mod grants;
 pub mod plugs;
+pub mod provision;
 pub mod status;
 pub mod system;

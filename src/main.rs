@@ -81,10 +81,58 @@ enum Command {
         #[arg(long, global = true)]
         data_dir: Option<PathBuf>,
     },
+    /// Hand a device its key and MQTT settings over UART or BLE (docs/provisioning.md).
+    Provision {
+        #[command(subcommand)]
+        how: ProvisionHow,
+        #[arg(short, long, global = true)]
+        config: Option<PathBuf>,
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+    },
     /// Print the built-in default config.
     DefaultConfig,
     /// Read a password from stdin and print its argon2 hash for broker.users[].password_hash.
     Passwd,
+}
+
+#[derive(clap::Args)]
+struct ProvisionArgs {
+    /// The device (from `outpost devices add`).
+    #[arg(long)]
+    device: String,
+    /// The pairing code the device shows.
+    #[arg(long)]
+    code: String,
+    /// The broker address the device should use (default: the first non-loopback listener).
+    #[arg(long)]
+    mqtt_host: Option<String>,
+    #[arg(long, requires = "wifi_password")]
+    wifi_ssid: Option<String>,
+    #[arg(long)]
+    wifi_password: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ProvisionHow {
+    /// Over a serial port (e.g. /dev/ttyUSB0).
+    Uart {
+        port: String,
+        #[arg(long, default_value_t = 115_200)]
+        baud: u32,
+        #[command(flatten)]
+        args: ProvisionArgs,
+    },
+    /// Over Bluetooth LE, to a device advertising the provisioning service.
+    Ble {
+        /// Part of the device's advertised name.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        args: ProvisionArgs,
+    },
+    /// List devices advertising the provisioning service.
+    Scan,
 }
 
 #[derive(Subcommand)]
@@ -339,6 +387,63 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("grant {id} revoked: a running gateway applies it within a second");
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Provision { how, config, data_dir } => {
+            let cfg = match &config {
+                Some(c) => Config::load(c)?,
+                None => Config::builtin(),
+            };
+            let dir = data_dir.unwrap_or(cfg.gateway.data_dir.clone());
+            let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                use outpost::provision::{ble, protocol::Wifi, uart};
+                let wifi = |a: &ProvisionArgs| {
+                    a.wifi_ssid
+                        .clone()
+                        .zip(a.wifi_password.clone())
+                        .map(|(ssid, password)| Wifi { ssid, password })
+                };
+                let hw = match how {
+                    ProvisionHow::Uart { port, baud, args } => {
+                        eprintln!("provisioning {} over {port} at {baud} baud...", args.device);
+                        let mut link = uart::open(&port, baud)?;
+                        outpost::provision::provision(
+                            &cfg,
+                            &dir,
+                            &args.device,
+                            &args.code,
+                            args.mqtt_host.as_deref(),
+                            wifi(&args),
+                            &mut link,
+                        )
+                        .await?
+                    }
+                    ProvisionHow::Ble { name, args } => {
+                        eprintln!("scanning for a device advertising the provisioning service...");
+                        let mut link = ble::Ble::connect(&name, std::time::Duration::from_secs(5)).await?;
+                        outpost::provision::provision(
+                            &cfg,
+                            &dir,
+                            &args.device,
+                            &args.code,
+                            args.mqtt_host.as_deref(),
+                            wifi(&args),
+                            &mut link,
+                        )
+                        .await?
+                    }
+                    ProvisionHow::Scan => {
+                        for (_, name) in ble::scan(std::time::Duration::from_secs(5)).await? {
+                            println!("{name}");
+                        }
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                };
+                println!("provisioned (device hardware id {hw})");
+                Ok(())
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::DefaultConfig => {

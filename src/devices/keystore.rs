@@ -45,19 +45,22 @@ impl std::fmt::Debug for Device {
 
 impl Device {
     pub fn key_bytes(&self) -> Result<super::e2e::Key> {
-        let bytes: Vec<u8> = (0..self.key.len())
-            .step_by(2)
-            .map(|i| self.key.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-            .collect::<Option<_>>()
-            .with_context(|| format!("device {}: key is not hex", self.id))?;
-        bytes
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("device {}: key is not 16 bytes", self.id))
+        parse_key(&self.key).with_context(|| format!("device {}", self.id))
     }
 
     pub fn topic_base(&self) -> Result<String> {
         Ok(super::e2e::topic_base(&self.key_bytes()?))
     }
+}
+
+/// A key written as 32 hex digits.
+pub fn parse_key(hex: &str) -> Result<super::e2e::Key> {
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<_>>()
+        .context("key is not hex")?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("key is not 16 bytes"))
 }
 
 fn hex(b: &[u8]) -> String {

@@ -8,6 +8,7 @@ mod devices;
 mod grants;
 mod packaging;
 mod plugs;
+mod provisioning;
 mod pubsub;
 mod robustness;
 mod wemo_sim;

@@ -1,0 +1,155 @@
+//! Provisioning over Bluetooth LE (btleplug, BlueZ over D-Bus): the gateway is the central; it
+//! scans for the provisioning service, writes to one characteristic and is notified on another.
+//! Messages travel as `length (2) | message`, in pieces of at most 20 bytes (the minimum ATT MTU).
+
+use super::protocol::{ProvError, Transport, MAX_MESSAGE, REFUSED};
+use btleplug::api::{Central, Characteristic, Manager as _, Peripheral as _, ScanFilter, ValueNotification, WriteType};
+use btleplug::platform::{Manager, Peripheral};
+use futures_util::stream::{Stream, StreamExt};
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub const SERVICE: Uuid = Uuid::from_u128(0x6f75742d_706f_7374_0000_70726f760001);
+pub const TO_DEVICE: Uuid = Uuid::from_u128(0x6f75742d_706f_7374_0000_70726f760002);
+pub const FROM_DEVICE: Uuid = Uuid::from_u128(0x6f75742d_706f_7374_0000_70726f760003);
+pub const CHUNK: usize = 20;
+
+/// A message cut into ATT-sized pieces.
+pub fn chunks(msg: &[u8]) -> Vec<Vec<u8>> {
+    let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(msg);
+    framed.chunks(CHUNK).map(<[u8]>::to_vec).collect()
+}
+
+/// Puts pieces back together; refuses a length over the protocol's maximum.
+#[derive(Default)]
+pub struct Reassembler {
+    buf: Vec<u8>,
+}
+
+impl Reassembler {
+    pub fn push(&mut self, piece: &[u8]) -> Result<Option<Vec<u8>>, ProvError> {
+        self.buf.extend_from_slice(piece);
+        if self.buf.len() < 2 {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([self.buf[0], self.buf[1]]) as usize;
+        if len > MAX_MESSAGE {
+            self.buf.clear();
+            REFUSED.fetch_add(1, Ordering::Relaxed);
+            return Err(ProvError::Protocol(format!("message of {len} bytes announced")));
+        }
+        if self.buf.len() < 2 + len {
+            return Ok(None);
+        }
+        let msg = self.buf[2..2 + len].to_vec();
+        self.buf.drain(..2 + len);
+        Ok(Some(msg))
+    }
+}
+
+type Notifications = Pin<Box<dyn Stream<Item = ValueNotification> + Send>>;
+
+pub struct Ble {
+    peripheral: Peripheral,
+    write: Characteristic,
+    notifications: Notifications,
+    reassembler: Reassembler,
+}
+
+async fn adapter() -> Result<btleplug::platform::Adapter, ProvError> {
+    let manager = Manager::new()
+        .await
+        .map_err(|e| ProvError::Link(format!("Bluetooth: {e} (is BlueZ running, and D-Bus reachable?)")))?;
+    let adapters = manager
+        .adapters()
+        .await
+        .map_err(|e| ProvError::Link(format!("Bluetooth: {e}")))?;
+    adapters
+        .into_iter()
+        .next()
+        .ok_or_else(|| ProvError::Link("no Bluetooth adapter found".into()))
+}
+
+/// Devices advertising the provisioning service, with their names.
+pub async fn scan(wait: Duration) -> Result<Vec<(Peripheral, String)>, ProvError> {
+    let a = adapter().await?;
+    a.start_scan(ScanFilter {
+        services: vec![SERVICE],
+    })
+    .await
+    .map_err(|e| ProvError::Link(e.to_string()))?;
+    tokio::time::sleep(wait).await;
+    let _ = a.stop_scan().await;
+    let mut out = vec![];
+    for p in a.peripherals().await.map_err(|e| ProvError::Link(e.to_string()))? {
+        if let Ok(Some(props)) = p.properties().await {
+            if props.services.contains(&SERVICE) {
+                out.push((p, props.local_name.unwrap_or_else(|| "(no name)".into())));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Ble {
+    /// Connects to the first device whose name contains `name` (any, when empty).
+    pub async fn connect(name: &str, wait: Duration) -> Result<Ble, ProvError> {
+        let found = scan(wait).await?;
+        let (peripheral, _) = found.into_iter().find(|(_, n)| n.contains(name)).ok_or_else(|| {
+            ProvError::Link(format!(
+                "no device advertising the provisioning service matches `{name}`"
+            ))
+        })?;
+        let e = |e: btleplug::Error| ProvError::Link(e.to_string());
+        peripheral.connect().await.map_err(e)?;
+        peripheral.discover_services().await.map_err(e)?;
+        let chars = peripheral.characteristics();
+        let find = |u: Uuid| {
+            chars
+                .iter()
+                .find(|c| c.uuid == u)
+                .cloned()
+                .ok_or_else(|| ProvError::Link(format!("device lacks characteristic {u}")))
+        };
+        let (write, notify) = (find(TO_DEVICE)?, find(FROM_DEVICE)?);
+        peripheral.subscribe(&notify).await.map_err(e)?;
+        let notifications = peripheral.notifications().await.map_err(e)?;
+        Ok(Ble {
+            peripheral,
+            write,
+            notifications,
+            reassembler: Reassembler::default(),
+        })
+    }
+}
+
+impl Transport for Ble {
+    async fn send(&mut self, msg: &[u8]) -> Result<(), ProvError> {
+        for piece in chunks(msg) {
+            self.peripheral
+                .write(&self.write, &piece, WriteType::WithResponse)
+                .await
+                .map_err(|e| ProvError::Link(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn recv(&mut self, within: Duration) -> Result<Vec<u8>, ProvError> {
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(end, self.notifications.next()).await {
+                Err(_) => return Err(ProvError::Timeout),
+                Ok(None) => return Err(ProvError::Link("the device disconnected".into())),
+                Ok(Some(n)) if n.uuid == FROM_DEVICE => {
+                    if let Some(m) = self.reassembler.push(&n.value)? {
+                        return Ok(m);
+                    }
+                }
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+}
