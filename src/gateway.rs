@@ -28,7 +28,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let grant_service =
         crate::grants::service::GrantService::new(broker.shared.clone(), bus.clone(), cfg.grants.clone(), &cfg.gateway);
     grant_service.load()?;
-    tokio::spawn(grant_service.run(stop_grants.clone()));
+    let grant_link = grant_service.connect().await?;
+    tokio::spawn(std::sync::Arc::new(grant_service).run(grant_link, stop_grants.clone()));
     let stop_plugs = tokio_util::sync::CancellationToken::new();
     let plugs = crate::plugs::start(
         cfg.plugs.clone(),
@@ -40,8 +41,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let devices = device_service.load()?;
     let device_counters = device_service.counters.clone();
     let stop_devices = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(device_service.run(devices, stop_devices.clone()));
-    if !crate::devices::clock_synchronized() {
+    let device_link = device_service.connect(&devices).await?;
+    tokio::spawn(device_service.run(devices, device_link, stop_devices.clone()));
+    if crate::devices::clock_synchronized() == Some(false) {
         log::warn!(
             "the system clock is not synchronized (no NTP fix): mqtt-e2e packets are accepted only within \
              {} of this clock, so devices may be refused as stale",

@@ -61,6 +61,8 @@ pub struct Identity {
     pub client_id: String,
     /// The listener the client came in on (its `bind` as configured).
     pub listener: String,
+    /// Logged in with device credentials from the keystore (the device ACL applies, not the broad rules).
+    pub device: bool,
 }
 
 struct Rule {
@@ -251,11 +253,13 @@ mod tests {
             username: Some("dev1".into()),
             client_id: "dev1-a".into(),
             listener: String::new(),
+            device: false,
         };
         let anon = Identity {
             username: None,
             client_id: "x".into(),
             listener: String::new(),
+            device: false,
         };
         assert!(p.may_publish(&dev, "devices/dev1/temp") && !p.may_publish(&dev, "devices/dev2/temp"));
         assert!(p.may_subscribe(&dev, "devices/dev1/cmd/#") && !p.may_subscribe(&dev, "devices/dev1/#"));
@@ -267,6 +271,7 @@ mod tests {
             username: Some("#".into()),
             client_id: "y".into(),
             listener: String::new(),
+            device: false,
         };
         assert!(!p.may_publish(&sneaky, "devices/x/y"));
     }

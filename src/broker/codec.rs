@@ -211,13 +211,15 @@ pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
 
 impl Connect {
     /// The same CONNECT with the engine's credentials, client id and keep-alive.
-    pub fn for_engine(&self, client_id: &str, user: &str, pass: &str, keep_alive: u16) -> Bytes {
+    /// `fresh` asks the engine for a clean session whatever the client asked.
+    pub fn for_engine(&self, client_id: &str, user: &str, pass: &str, keep_alive: u16, fresh: bool) -> Bytes {
         let mut out = BytesMut::new();
         match &self.raw {
             RawConnect::V4(c) => {
                 let mut c = c.clone();
                 c.client_id = client_id.to_string();
                 c.keep_alive = keep_alive;
+                c.clean_session |= fresh;
                 c.login = Some(v4::Login::new(user, pass));
                 c.write(&mut out).expect("re-encoding a decoded CONNECT");
             }
@@ -225,6 +227,7 @@ impl Connect {
                 let mut c = c.clone();
                 c.client_id = client_id.to_string();
                 c.keep_alive = keep_alive;
+                c.clean_start |= fresh;
                 c.write(will, &Some(v5::Login::new(user, pass)), &mut out)
                     .expect("re-encoding a decoded CONNECT");
             }

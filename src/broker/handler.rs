@@ -168,8 +168,12 @@ pub async fn serve<S>(
 
     // Authentication: argon2 is slow on purpose, so only a few run at once.
     let policy = shared.policy.load_full();
+    let device = connect
+        .username
+        .as_ref()
+        .is_some_and(|u| !policy.has_user(u) && shared.device_login(u, "").is_some());
     match (&connect.username, &connect.password) {
-        (Some(user), pass) if !policy.has_user(user) && shared.device_login(user, "").is_some() => {
+        (Some(user), pass) if device => {
             // A device from the keystore: a random password, compared in constant time.
             if shared.device_login(user, pass.as_deref().unwrap_or("")) != Some(true) {
                 refuse!(Refusal::BadCredentials, format!("wrong password for device {user:?}"));
@@ -214,6 +218,7 @@ pub async fn serve<S>(
         username: connect.username.clone(),
         client_id,
         listener: listener.bind.clone(),
+        device,
     };
     if id.client_id.len() > shared.limits.max_client_id_len
         || !policy.client_id_allowed(id.username.as_deref(), &id.client_id)
@@ -245,7 +250,25 @@ pub async fn serve<S>(
         topic_alias_max: TOPIC_ALIAS_MAX,
         assigned_id,
     };
-    let engine_connect = connect.for_engine(&engine_id, &shared.engine.user, &shared.engine.secret, engine_ka);
+    // A kept session whose subscriptions are no longer all allowed (a grant ended, an ACL
+    // changed) is not resumed: the engine would deliver what the client may no longer read.
+    let stale = !connect.clean && {
+        let subs = shared.subscriptions.lock().expect("subscriptions lock");
+        subs.get(&engine_id)
+            .is_some_and(|held| held.iter().any(|f| !shared.may_subscribe(&id, f)))
+    };
+    if stale {
+        shared
+            .subscriptions
+            .lock()
+            .expect("subscriptions lock")
+            .remove(&engine_id);
+        log::info!(
+            "client {:?}: its kept session held subscriptions no longer allowed; starting a clean one",
+            id.client_id
+        );
+    }
+    let engine_connect = connect.for_engine(&engine_id, &shared.engine.user, &shared.engine.secret, engine_ka, stale);
     let (engine, ebuf, connack) = match open_engine_session(engine_addr, engine_connect, proto, &announce).await {
         Ok((s, buf, Some(ack))) => (s, buf, ack),
         Ok((_, _, None)) => refuse!(Refusal::NotAuthorized, "the engine refused the session".into()),

@@ -107,29 +107,25 @@ impl Shared {
     pub fn may_publish(&self, id: &auth::Identity, topic: &str) -> bool {
         let g = self.grants.load();
         if g.request_topic.as_deref() == Some(topic) {
-            return id.username.as_ref().is_some_and(|u| g.admins.contains(u));
+            return !id.device && id.username.as_ref().is_some_and(|u| g.admins.contains(u));
         }
         let now = crate::grants::now_secs();
         if g.list.iter().any(|x| x.allows_publish(id, topic, now)) {
             return true;
         }
-        self.policy.load().may_publish(id, topic)
-            || id
+        if id.device {
+            // Devices get the device ACL only, never the broad rules meant for people.
+            let devices = self.devices.load();
+            return id
                 .username
                 .as_ref()
-                .and_then(|u| {
-                    self.devices
-                        .load()
-                        .get(u)
-                        .map(|d| d.publish.iter().any(|f| topics::matches(topic, f)))
-                })
-                .unwrap_or(false)
+                .and_then(|u| devices.get(u))
+                .is_some_and(|d| d.publish.iter().any(|f| topics::matches(topic, f)));
+        }
+        self.policy.load().may_publish(id, topic)
     }
 
     pub fn may_subscribe(&self, id: &auth::Identity, filter: &str) -> bool {
-        if self.policy.load().may_subscribe(id, filter) {
-            return true;
-        }
         let now = crate::grants::now_secs();
         if self
             .grants
@@ -140,18 +136,18 @@ impl Shared {
         {
             return true;
         }
-        let Some(inner) = topics::strip_share(filter) else {
-            return false;
-        };
-        id.username
-            .as_ref()
-            .and_then(|u| {
-                self.devices
-                    .load()
-                    .get(u)
-                    .map(|d| d.subscribe.iter().any(|f| topics::covers(f, inner)))
-            })
-            .unwrap_or(false)
+        if id.device {
+            let Some(inner) = topics::strip_share(filter) else {
+                return false;
+            };
+            let devices = self.devices.load();
+            return id
+                .username
+                .as_ref()
+                .and_then(|u| devices.get(u))
+                .is_some_and(|d| d.subscribe.iter().any(|f| topics::covers(f, inner)));
+        }
+        self.policy.load().may_subscribe(id, filter)
     }
 
     /// Registers a connection; its token is cancelled by [`Shared::kick`] or
@@ -351,6 +347,37 @@ pub fn engine_client(engine: &Engine, client_id: &str) -> rumqttc::MqttOptions {
     o
 }
 
+/// A client of the engine already subscribed to `filters` (it has the SUBACK), so a component
+/// misses nothing sent once clients are let in.
+pub async fn subscribed_client(
+    engine: &Engine,
+    id: &str,
+    cap: usize,
+    filters: &[String],
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop)> {
+    let (client, mut events) = rumqttc::AsyncClient::new(engine_client(engine, id), cap);
+    if filters.is_empty() {
+        return Ok((client, events));
+    }
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtLeastOnce)),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .context("engine did not answer SUBSCRIBE in 10s")??
+        {
+            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => return Ok((client, events)),
+            _ => continue,
+        }
+    }
+}
+
 /// Publishes the stored retained messages into the engine and waits until it has them all.
 async fn restore_retained(engine: &Engine, msgs: &[Retained]) -> Result<()> {
     if msgs.is_empty() {
@@ -416,6 +443,11 @@ impl Bus {
     }
 
     pub async fn publish(&self, topic: &str, payload: bytes::Bytes, qos: u8, retain: bool, origin: Option<&str>) {
+        // Only admins logged in to the front door may ask for grants; a bridge never may.
+        if origin.is_some() && self.shared.grants.load().request_topic.as_deref() == Some(topic) {
+            log::warn!("a message for {topic} came in over a bridge; dropped");
+            return;
+        }
         let mut waits = vec![];
         let m = Incoming {
             topic,

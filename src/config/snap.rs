@@ -12,10 +12,25 @@ use std::path::Path;
 /// Lists that `snap set` can also write as maps keyed by their items' `name`.
 const NAMED_LISTS: [&[&str]; 3] = [&["bridges"], &["broker", "users"], &["plugs", "static"]];
 
-fn snake(v: Value) -> Value {
+/// kebab-case keys to the config's snake_case; the names of named-list entries (`bridges.cloud-1`)
+/// are names, not keys, and stay as written.
+fn snake(v: Value, path: &mut Vec<String>) -> Value {
+    let named = NAMED_LISTS
+        .iter()
+        .any(|l| l.len() == path.len() && l.iter().zip(path.iter()).all(|(a, b)| *a == b));
     match v {
-        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k.replace('-', "_"), snake(v))).collect()),
-        Value::Array(a) => Value::Array(a.into_iter().map(snake).collect()),
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| {
+                    let key = if named { k } else { k.replace('-', "_") };
+                    path.push(key.clone());
+                    let v = snake(v, path);
+                    path.pop();
+                    (key, v)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(|v| snake(v, &mut vec!["[]".into()])).collect()),
         v => v,
     }
 }
@@ -77,7 +92,7 @@ pub fn apply(json: &str, out: &Path, common: Option<&Path>) -> Result<Outcome, S
     } else {
         serde_json::from_str(json).map_err(|e| format!("snapctl gave no JSON: {e}"))?
     };
-    let mut v = snake(v);
+    let mut v = snake(v, &mut vec![]);
     let names = lists(&mut v);
     if let (Some(common), Value::Object(root)) = (common, &mut v) {
         let gw = root.entry("gateway").or_insert_with(|| Value::Object(Map::new()));
@@ -123,14 +138,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("outpost.yaml");
         let json = r#"{"gateway":{"id":"site1"},"broker":{"limits":{"max-connections":50}},
-            "bridges":{"cloud":{"url":"mqtt://127.0.0.1:1883","rules":[{"direction":"out","local":"a/#","remote":"b/{#}"}],"max-packet-size":"64KiB"}}}"#;
+            "bridges":{"cloud-1":{"url":"mqtt://127.0.0.1:1883","rules":[{"direction":"out","local":"a/#","remote":"b/{#}"}],"max-packet-size":"64KiB"}}}"#;
         assert_eq!(
             apply(json, &out, Some(Path::new("/var/snap/outpost/common"))).unwrap(),
             Outcome::Changed
         );
         let c = Config::load(&out).unwrap();
         assert_eq!((c.gateway.id.as_str(), c.broker.limits.max_connections), ("site1", 50));
-        assert_eq!(c.bridges[0].name, "cloud");
+        assert_eq!(c.bridges[0].name, "cloud-1", "names stay as written");
         assert_eq!(c.gateway.data_dir, Path::new("/var/snap/outpost/common"));
         assert_eq!(
             apply(json, &out, Some(Path::new("/var/snap/outpost/common"))).unwrap(),

@@ -97,10 +97,23 @@ impl DeviceService {
         })
     }
 
-    pub async fn run(self, initial: Vec<Device>, stop: CancellationToken) {
-        let mut opts = broker::engine_client(&self.shared.engine, "outpost-devices");
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut events) = AsyncClient::new(opts, 256);
+    /// Subscribed to commands and to every device's packets before clients are let in.
+    pub async fn connect(&self, devices: &[Device]) -> anyhow::Result<(AsyncClient, rumqttc::EventLoop)> {
+        let mut filters = vec!["devices/+/cmd/#".to_string()];
+        for d in devices {
+            if let Ok(base) = d.topic_base() {
+                filters.push(format!("{base}/{}/#", self.cfg.device_topic));
+            }
+        }
+        broker::subscribed_client(&self.shared.engine, "outpost-devices", 256, &filters).await
+    }
+
+    pub async fn run(
+        self,
+        initial: Vec<Device>,
+        (client, mut events): (AsyncClient, rumqttc::EventLoop),
+        stop: CancellationToken,
+    ) {
         let mut live: HashMap<String, Live> = initial
             .into_iter()
             .filter_map(|d| self.live(d).map(|l| (l.device.id.clone(), l)))
@@ -117,7 +130,8 @@ impl DeviceService {
                             let _ = client.try_subscribe(format!("{}/{}/#", l.base, self.cfg.device_topic), QoS::AtLeastOnce);
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => self.on_message(&mut live, &p.topic, p.payload, p.qos as u8).await,
+                    // A retained command would be sent again at every restart: only live ones count.
+                    Ok(Event::Incoming(Packet::Publish(p))) if !p.retain => self.on_message(&mut live, &p.topic, p.payload, p.qos as u8).await,
                     Ok(_) => {}
                     Err(e) => {
                         log::warn!("device service: {e}; reconnecting");

@@ -51,8 +51,47 @@ impl GrantService {
         Ok(())
     }
 
-    pub async fn run(self, stop: CancellationToken) {
-        let (client, mut events) = AsyncClient::new(broker::engine_client(&self.shared.engine, "outpost-grants"), 64);
+    /// Where replies may go: `reply_to` must lie under it (a claim cannot make the gateway
+    /// publish anywhere else).
+    fn reply_prefix(&self) -> String {
+        self.request_topic.trim_end_matches("request").to_string() + "reply/"
+    }
+
+    /// Subscribed to the grant topics before clients are let in.
+    pub async fn connect(&self) -> anyhow::Result<(AsyncClient, rumqttc::EventLoop)> {
+        let mut filters = vec![self.request_topic.clone()];
+        if self.cfg.claims {
+            filters.push(self.claim_topic.clone());
+        }
+        broker::subscribed_client(&self.shared.engine, "outpost-grants", 64, &filters).await
+    }
+
+    pub async fn run(
+        self: Arc<Self>,
+        (client, mut events): (AsyncClient, rumqttc::EventLoop),
+        stop: CancellationToken,
+    ) {
+        let (work, mut queue) = tokio::sync::mpsc::channel::<rumqttc::Publish>(64);
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(p) = queue.recv().await {
+                let msg: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                let reply = if p.topic == me.request_topic {
+                    me.request(&msg)
+                } else {
+                    me.claim(&msg).await
+                };
+                let prefix = me.reply_prefix();
+                if let Some(to) = msg["reply_to"]
+                    .as_str()
+                    .filter(|t| t.starts_with(&prefix) && crate::broker::topics::valid_topic(t))
+                {
+                    me.bus.publish(to, Bytes::from(reply.to_string()), 1, false, None).await;
+                }
+                let _ = me.load();
+                me.shared.enforce_subscriptions();
+            }
+        });
         let mut mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut polls = 0u32;
@@ -65,14 +104,14 @@ impl GrantService {
                             let _ = client.try_subscribe(self.claim_topic.clone(), QoS::AtLeastOnce);
                         }
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let msg: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                        let reply = if p.topic == self.request_topic { self.request(&msg) } else { self.claim(&msg).await };
-                        if let Some(to) = msg["reply_to"].as_str().filter(|t| crate::broker::topics::valid_topic(t)) {
-                            self.bus.publish(to, Bytes::from(reply.to_string()), 1, false, None).await;
+                    // A retained request would come back at every restart: only live ones count.
+                    // Handled in order by the worker, off this loop: a slow verifier must not hold
+                    // up the expiry checks below.
+                    Ok(Event::Incoming(Packet::Publish(p))) if !p.retain => {
+                        if work.try_send(p).is_err() {
+                            CLAIMS_REFUSED.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("grants: too many requests waiting; one dropped");
                         }
-                        let _ = self.load();
-                        self.shared.enforce_subscriptions();
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
@@ -119,7 +158,7 @@ impl GrantService {
         let from = m["from"].as_u64().unwrap_or(now);
         let until = match (m["until"].as_u64(), m["for"].as_str()) {
             (Some(u), _) => u,
-            (None, Some(d)) => from + humantime::parse_duration(d)?.as_secs(),
+            (None, Some(d)) => from.saturating_add(humantime::parse_duration(d)?.as_secs()),
             _ => anyhow::bail!("give `until` (seconds) or `for` (a duration)"),
         };
         let g = Grant {
@@ -176,7 +215,7 @@ impl GrantService {
             return refuse(format!("payment `{reference}` not confirmed: {why}"));
         }
         let secs = price.per.0.as_secs().saturating_mul(units);
-        let request = json!({ "who": format!("user:{user}"), "topic": topic, "subscribe": true, "until": super::now_secs() + secs });
+        let request = json!({ "who": format!("user:{user}"), "topic": topic, "subscribe": true, "until": super::now_secs().saturating_add(secs) });
         match self.grant_from(&request, &format!("claim:{reference}"), Some(reference)) {
             Ok(g) => json!({ "ok": true, "grant": g }),
             Err(e) => refuse(e.to_string()),
@@ -186,6 +225,9 @@ impl GrantService {
 
 /// Asks the configured verifier whether a payment is real (off the async threads, 10 s at most).
 async fn verify(v: Verifier, reference: String, amount: u64, user: String) -> Result<(), String> {
+    if let Some(cmd) = &v.command {
+        return verify_command(cmd, &reference, amount, &user).await;
+    }
     let job = tokio::task::spawn_blocking(move || match (v.url, v.command) {
         (Some(url), _) => {
             let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -219,21 +261,24 @@ async fn verify(v: Verifier, reference: String, amount: u64, user: String) -> Re
                 ))
             }
         }
-        (None, Some(cmd)) => {
-            let st = std::process::Command::new(&cmd)
-                .args([&reference, &amount.to_string(), &user])
-                .status()
-                .map_err(|e| format!("{cmd}: {e}"))?;
-            if st.success() {
-                Ok(())
-            } else {
-                Err(format!("{cmd} said no ({st})"))
-            }
-        }
-        (None, None) => Err("no verifier configured".into()),
+        (None, _) => Err("no verifier configured".into()),
     });
     match tokio::time::timeout(Duration::from_secs(15), job).await {
         Ok(Ok(r)) => r,
         _ => Err("verifier did not answer".into()),
+    }
+}
+
+/// A verifier command, killed if it takes longer than 15 s.
+async fn verify_command(cmd: &str, reference: &str, amount: u64, user: &str) -> Result<(), String> {
+    let child = tokio::process::Command::new(cmd)
+        .args([reference, &amount.to_string(), user])
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(Duration::from_secs(15), child).await {
+        Ok(Ok(st)) if st.success() => Ok(()),
+        Ok(Ok(st)) => Err(format!("{cmd} said no ({st})")),
+        Ok(Err(e)) => Err(format!("{cmd}: {e}")),
+        Err(_) => Err(format!("{cmd} did not answer in 15 s")),
     }
 }

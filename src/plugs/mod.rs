@@ -242,13 +242,14 @@ impl Plug {
                                 last_error_log = Some(Instant::now());
                                 log::warn!("plug {} ({}:{}): {e}", self.name, self.host, self.port);
                             }
-                            if failures.is_multiple_of(3) {
-                                self.relocate().await;
-                            }
                             if self.last_ok.elapsed() >= cfg.offline_after.0 && !self.offline_said {
                                 self.offline_said = true;
                                 self.set_online(false);
                                 self.publish_state("offline").await;
+                            }
+                            // Looking for it can take long (ports, SSDP): say it is offline first.
+                            if failures.is_multiple_of(3) {
+                                self.relocate().await;
                             }
                         }
                     }

@@ -19,8 +19,8 @@ fn config(port: u16, extra: &str) -> String {
     - {{ name: alice, password_hash: "{alice}" }}
     - {{ name: payer, password_hash: "{payer}" }}
   acl:
-    - {{ who: anonymous, on: ["127.0.0.1:{port}"], allow: {{ subscribe: ["sensor/+/1m", "replies/#"], publish: ["sensor/#", "outpost/test-gw/grants/claim"] }} }}
-    - {{ who: "user:*", allow: {{ subscribe: ["replies/#"] }} }}
+    - {{ who: anonymous, on: ["127.0.0.1:{port}"], allow: {{ subscribe: ["sensor/+/1m", "outpost/test-gw/grants/reply/#"], publish: ["sensor/#", "outpost/test-gw/grants/claim"] }} }}
+    - {{ who: "user:*", allow: {{ subscribe: ["outpost/test-gw/grants/reply/#"] }} }}
 {extra}"##
     )
 }
@@ -180,9 +180,9 @@ async fn grants_from_an_admin_request_and_from_verified_claims_and_replays_refus
         &format!("grants:\n  admins: [payer]\n  claims: true\n  prices: [ {{ topic: \"sensor/+/live\", price: 500, per: 1h }} ]\n  verifier: {{ url: \"http://127.0.0.1:{vport}/verify\" }}\n"),
     ));
     let (anon, mut aev) = connect(opts(port, "shop")).await.unwrap();
-    subscribe(&anon, &mut aev, "replies/#", QoS::AtLeastOnce).await;
+    subscribe(&anon, &mut aev, "outpost/test-gw/grants/reply/#", QoS::AtLeastOnce).await;
     let claim = |reference: &str, user: &str, topic: &str| {
-        serde_json::json!({ "user": user, "amount": 500, "reference": reference, "topic": topic, "reply_to": "replies/shop" }).to_string()
+        serde_json::json!({ "user": user, "amount": 500, "reference": reference, "topic": topic, "reply_to": "outpost/test-gw/grants/reply/shop" }).to_string()
     };
     anon.publish(
         "outpost/test-gw/grants/claim",
@@ -192,7 +192,9 @@ async fn grants_from_an_admin_request_and_from_verified_claims_and_replays_refus
     )
     .await
     .unwrap();
-    let r = reply(&mut aev).await.unwrap();
+    let r = reply(&mut aev)
+        .await
+        .unwrap_or_else(|| panic!("no reply; log:\n{}", gw.log()));
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["grant"]["who"], "user:carol");
     anon.publish(
@@ -218,7 +220,7 @@ async fn grants_from_an_admin_request_and_from_verified_claims_and_replays_refus
     // A privileged user's request creates a grant; anyone else's is dropped.
     let (payer, pev) = connect(login(port, "payer-1", "payer", "payer-pw")).await.unwrap();
     let _d = drive(pev);
-    let req = serde_json::json!({ "action": "add", "who": "user:alice", "topic": "sensor/y/live", "for": "1h", "reply_to": "replies/shop" });
+    let req = serde_json::json!({ "action": "add", "who": "user:alice", "topic": "sensor/y/live", "for": "1h", "reply_to": "outpost/test-gw/grants/reply/shop" });
     payer
         .publish(
             "outpost/test-gw/grants/request",
