@@ -674,6 +674,7 @@ pub enum Goodbye {
     ShuttingDown,
     KeepAliveTimeout,
     NotAuthorized,
+    SessionTakenOver,
 }
 
 /// The DISCONNECT an MQTT 5 client is sent before the front door closes; none for 3.1.1.
@@ -692,6 +693,7 @@ pub fn disconnect(proto: Proto, why: Goodbye) -> Option<Bytes> {
         Goodbye::ShuttingDown => D::ServerShuttingDown,
         Goodbye::KeepAliveTimeout => D::KeepAliveTimeout,
         Goodbye::NotAuthorized => D::NotAuthorized,
+        Goodbye::SessionTakenOver => D::SessionTakenOver,
     };
     let mut out = BytesMut::new();
     v5::Disconnect::new(code).write(&mut out).expect("encoding DISCONNECT");

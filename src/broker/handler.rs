@@ -252,6 +252,12 @@ pub async fn serve<S>(
     };
     // A kept session whose subscriptions are no longer all allowed (a grant ended, an ACL
     // changed) is not resumed: the engine would deliver what the client may no longer read.
+    // One connection at a time per client id: an older one is closed by the front door, and
+    // gone, before the engine hears of the new one (under the engine's own takeover, a quick
+    // reconnect was sometimes refused instead).
+    let slot = shared.takeover_slot(&engine_id);
+    let turn = slot.lock().await;
+    shared.take_over(&engine_id).await;
     let stale = !connect.clean && {
         let subs = shared.subscriptions.lock().expect("subscriptions lock");
         subs.get(&engine_id)
@@ -274,10 +280,20 @@ pub async fn serve<S>(
         Ok((_, _, None)) => refuse!(Refusal::NotAuthorized, "the engine refused the session".into()),
         Err(e) => refuse!(Refusal::ServerUnavailable, format!("engine unavailable: {e}")),
     };
+    // Revoking a device, or a newer connection with this client id, closes this one through
+    // this token.
+    let registered = (
+        id.username.clone().unwrap_or_default(),
+        shared.register(&id, &engine_id),
+    );
+    let kick = registered.1 .1.clone();
+    let taken_over = registered.1 .2.clone();
+    drop(turn);
     if timeout_at(deadline, cwr.write_all(&connack))
         .await
         .map_or(true, |r| r.is_err())
     {
+        shared.unregister(&registered.0, registered.1 .0);
         return;
     }
     drop(prelogin);
@@ -297,12 +313,6 @@ pub async fn serve<S>(
         id.username
     );
 
-    // Revoking a device closes its connections through this token.
-    let registered = (
-        id.username.clone().unwrap_or_default(),
-        shared.register(&id, &engine_id),
-    );
-    let kick = registered.1 .1.clone();
     let ctx = Ctx {
         proto,
         id,
@@ -311,7 +321,7 @@ pub async fn serve<S>(
         shared: shared.clone(),
         flow: Mutex::new(Flow::default()),
     };
-    let end = relay(&ctx, crd, cbuf, cwr, engine, ebuf, stop, kick).await;
+    let end = relay(&ctx, crd, cbuf, cwr, engine, ebuf, stop, (kick, taken_over)).await;
     shared.unregister(&registered.0, registered.1 .0);
     shared
         .metrics
@@ -478,7 +488,7 @@ async fn relay<R, W>(
     engine: TcpStream,
     ebuf: BytesMut,
     stop: CancellationToken,
-    kick: CancellationToken,
+    kick: (CancellationToken, Arc<std::sync::atomic::AtomicBool>),
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -661,7 +671,7 @@ async fn down<W: AsyncWrite + Unpin>(
     mut cwr: W,
     mut rx: mpsc::Receiver<Out>,
     stop: CancellationToken,
-    kick: CancellationToken,
+    (kick, taken_over): (CancellationToken, Arc<std::sync::atomic::AtomicBool>),
 ) -> End {
     let m = &ctx.shared.metrics;
     // A client that does not read for this long is given up.
@@ -693,7 +703,11 @@ async fn down<W: AsyncWrite + Unpin>(
                     None => return End::ClientGone("reader ended".into()),
                 },
                 _ = stop.cancelled() => closing = Some((Goodbye::ShuttingDown, End::Shutdown)),
-                _ = kick.cancelled() => closing = Some((Goodbye::NotAuthorized, End::Protocol("credentials revoked"))),
+                _ = kick.cancelled() => closing = Some(if taken_over.load(std::sync::atomic::Ordering::Relaxed) {
+                    (Goodbye::SessionTakenOver, End::Protocol("session taken over by a new connection"))
+                } else {
+                    (Goodbye::NotAuthorized, End::Protocol("credentials revoked or access ended"))
+                }),
             }
         }
         while closing.is_none() {

@@ -53,11 +53,15 @@ pub struct Shared {
     by_user: Mutex<HashMap<String, Vec<Conn>>>,
     /// Time-limited grants in force, and who may ask for them.
     pub grants: ArcSwap<GrantState>,
+    /// One connection at a time takes over a client id's session (see `take_over`).
+    takeovers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 struct Conn {
     id: u64,
     token: CancellationToken,
+    /// Set when the token is cancelled because the same client id connected again.
+    taken_over: Arc<std::sync::atomic::AtomicBool>,
     identity: auth::Identity,
     engine_id: String,
 }
@@ -152,12 +156,18 @@ impl Shared {
 
     /// Registers a connection; its token is cancelled by [`Shared::kick`] or
     /// [`Shared::enforce_subscriptions`].
-    pub fn register(&self, identity: &auth::Identity, engine_id: &str) -> (u64, CancellationToken) {
+    pub fn register(
+        &self,
+        identity: &auth::Identity,
+        engine_id: &str,
+    ) -> (u64, CancellationToken, Arc<std::sync::atomic::AtomicBool>) {
         let id = rand::random::<u64>();
         let token = CancellationToken::new();
+        let taken_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conn = Conn {
             id,
             token: token.clone(),
+            taken_over: taken_over.clone(),
             identity: identity.clone(),
             engine_id: engine_id.to_string(),
         };
@@ -167,7 +177,7 @@ impl Shared {
             .entry(identity.username.clone().unwrap_or_default())
             .or_default()
             .push(conn);
-        (id, token)
+        (id, token, taken_over)
     }
 
     /// Closes connections holding a subscription that nothing allows any more (a grant ended,
@@ -199,6 +209,37 @@ impl Shared {
             if v.is_empty() {
                 m.remove(user);
             }
+        }
+    }
+
+    /// The lock a new connection of `engine_id` holds while it takes the session over.
+    pub fn takeover_slot(&self, engine_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.takeovers.lock().expect("takeovers lock");
+        m.retain(|_, v| Arc::strong_count(v) > 1);
+        m.entry(engine_id.to_string()).or_default().clone()
+    }
+
+    /// Closes the connections that hold `engine_id`'s session and waits (up to 3 s) until they
+    /// are gone, so the engine never sees two connections of one client at once.
+    pub async fn take_over(&self, engine_id: &str) {
+        let held = |kick: bool| {
+            let conns = self.by_user.lock().expect("users lock");
+            let mut n = 0;
+            for c in conns.values().flatten().filter(|c| c.engine_id == engine_id) {
+                if kick {
+                    c.taken_over.store(true, std::sync::atomic::Ordering::Relaxed);
+                    c.token.cancel();
+                }
+                n += 1;
+            }
+            n
+        };
+        if held(true) == 0 {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while held(false) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -290,6 +331,7 @@ impl Broker {
             devices: ArcSwap::from_pointee(HashMap::new()),
             by_user: Mutex::new(HashMap::new()),
             grants: ArcSwap::from_pointee(GrantState::default()),
+            takeovers: Mutex::new(HashMap::new()),
         });
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();

@@ -305,3 +305,23 @@ async fn a_silent_client_is_dropped_after_one_and_a_half_keepalives_and_its_will
         Some(b"timed out".to_vec())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_reconnects_with_one_client_id_are_never_refused() {
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    // Two "devices" with the same id reconnecting as fast as they can: each new connection takes
+    // the session over; none may be refused (the engine's own takeover sometimes refused one).
+    let run = || async move {
+        let mut refused = 0;
+        for _ in 0..40 {
+            match connect(opts(port, "flappy")).await {
+                Err(rumqttc::ConnectionError::ConnectionRefused(_)) => refused += 1,
+                Err(_) | Ok(_) => {}
+            }
+        }
+        refused
+    };
+    let (a, b) = tokio::join!(tokio::spawn(run()), tokio::spawn(run()));
+    assert_eq!((a.unwrap(), b.unwrap()), (0, 0));
+}
