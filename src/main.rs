@@ -189,6 +189,40 @@ enum DeviceAction {
     },
 }
 
+/// The config (file or built-in) and the data folder (`--data-dir` wins over the config's).
+fn config_and_dir(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Result<(Config, PathBuf)> {
+    let cfg = match config {
+        Some(c) => Config::load(c)?,
+        None => Config::builtin(),
+    };
+    let dir = data_dir.unwrap_or_else(|| cfg.gateway.data_dir.clone());
+    Ok((cfg, dir))
+}
+
+/// Provisions over any link, with the options every transport shares.
+async fn provision_over<T: outpost::provision::protocol::Transport>(
+    cfg: &Config,
+    dir: &std::path::Path,
+    args: &ProvisionArgs,
+    link: &mut T,
+) -> Result<String> {
+    let wifi = args
+        .wifi_ssid
+        .clone()
+        .zip(args.wifi_password.clone())
+        .map(|(ssid, password)| outpost::provision::protocol::Wifi { ssid, password });
+    outpost::provision::provision(
+        cfg,
+        dir,
+        &args.device,
+        &args.code,
+        args.mqtt_host.as_deref(),
+        wifi,
+        link,
+    )
+    .await
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -232,11 +266,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
         Command::Status { config, data_dir, json } => {
-            let dir = match (data_dir, config) {
-                (Some(d), _) => d,
-                (None, Some(c)) => Config::load(&c)?.gateway.data_dir,
-                (None, None) => Config::builtin().gateway.data_dir,
-            };
+            let (_, dir) = config_and_dir(config.as_deref(), data_dir)?;
             let path = dir.join("status.json");
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| anyhow::anyhow!("{}: {e} (is outpost running with this data_dir?)", path.display()))?;
@@ -253,11 +283,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             data_dir,
         } => {
-            let cfg = match &config {
-                Some(c) => Config::load(c)?,
-                None => Config::builtin(),
-            };
-            let dir = data_dir.unwrap_or(cfg.gateway.data_dir.clone());
+            let (cfg, dir) = config_and_dir(config.as_deref(), data_dir)?;
             outpost::devices::cli::run(action.into(), &cfg, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -266,11 +292,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             data_dir,
         } => {
-            let dir = match (data_dir, config) {
-                (Some(d), _) => d,
-                (None, Some(c)) => Config::load(&c)?.gateway.data_dir,
-                (None, None) => Config::builtin().gateway.data_dir,
-            };
+            let (_, dir) = config_and_dir(config.as_deref(), data_dir)?;
             let path = dir.join("status.json");
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| anyhow::anyhow!("{}: {e} (is outpost running with this data_dir?)", path.display()))?;
@@ -322,11 +344,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             data_dir,
         } => {
-            let dir = match (data_dir, config) {
-                (Some(d), _) => d,
-                (None, Some(c)) => Config::load(&c)?.gateway.data_dir,
-                (None, None) => Config::builtin().gateway.data_dir,
-            };
+            let (_, dir) = config_and_dir(config.as_deref(), data_dir)?;
             let path = outpost::grants::path(&dir);
             outpost::system::logging::init(log::LevelFilter::Info);
             match action {
@@ -390,49 +408,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Provision { how, config, data_dir } => {
-            let cfg = match &config {
-                Some(c) => Config::load(c)?,
-                None => Config::builtin(),
-            };
-            let dir = data_dir.unwrap_or(cfg.gateway.data_dir.clone());
+            let (cfg, dir) = config_and_dir(config.as_deref(), data_dir)?;
             let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
-                use outpost::provision::{ble, protocol::Wifi, uart};
-                let wifi = |a: &ProvisionArgs| {
-                    a.wifi_ssid
-                        .clone()
-                        .zip(a.wifi_password.clone())
-                        .map(|(ssid, password)| Wifi { ssid, password })
-                };
+                use outpost::provision::{ble, uart};
                 let hw = match how {
                     ProvisionHow::Uart { port, baud, args } => {
                         eprintln!("provisioning {} over {port} at {baud} baud...", args.device);
                         let mut link = uart::open(&port, baud)?;
-                        outpost::provision::provision(
-                            &cfg,
-                            &dir,
-                            &args.device,
-                            &args.code,
-                            args.mqtt_host.as_deref(),
-                            wifi(&args),
-                            &mut link,
-                        )
-                        .await?
+                        provision_over(&cfg, &dir, &args, &mut link).await?
                     }
                     ProvisionHow::Ble { name, args } => {
                         eprintln!("scanning for a device advertising the provisioning service...");
                         let mut link = ble::Ble::connect(&name, std::time::Duration::from_secs(5)).await?;
-                        outpost::provision::provision(
-                            &cfg,
-                            &dir,
-                            &args.device,
-                            &args.code,
-                            args.mqtt_host.as_deref(),
-                            wifi(&args),
-                            &mut link,
-                        )
-                        .await?
+                        provision_over(&cfg, &dir, &args, &mut link).await?
                     }
                     ProvisionHow::Scan => {
                         for (_, name) in ble::scan(std::time::Duration::from_secs(5)).await? {
