@@ -194,29 +194,10 @@ pub fn now_ns(epoch: Instant) -> u64 {
 }
 
 pub fn publish(out: &mut BytesMut, topic: &str, qos: u8, pkid: u16, seq: u64, sent_ns: u64) {
-    let payload = PAYLOAD.load(Ordering::Relaxed) as usize;
-    let body = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload;
-    out.put_u8(0x30 | (qos << 1));
-    let mut len = body;
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.put_u16(topic.len() as u16);
-    out.put_slice(topic.as_bytes());
-    if qos > 0 {
-        out.put_u16(pkid);
-    }
-    out.put_u64(seq);
-    out.put_u64(sent_ns);
-    out.put_bytes(0, payload - 16);
+    let mut payload = vec![0u8; (PAYLOAD.load(Ordering::Relaxed) as usize).max(16)];
+    payload[..8].copy_from_slice(&seq.to_be_bytes());
+    payload[8..16].copy_from_slice(&sent_ns.to_be_bytes());
+    publish_raw(out, topic, qos, pkid, &payload);
 }
 
 /// A subscriber thread: acks QoS 1 deliveries, records latencies, counts messages.
@@ -268,8 +249,10 @@ pub fn spawn_subscriber_auth(
                     acks.put_slice(&[0x40, 2]);
                     acks.put_u16(p.pkid);
                 }
-                let sent = u64::from_be_bytes(p.payload[8..16].try_into().unwrap());
-                lat.push(now.saturating_sub(sent));
+                // Payloads of other tools carry no send time: count them only.
+                if let Some(sent) = p.payload.get(8..16) {
+                    lat.push(now.saturating_sub(u64::from_be_bytes(sent.try_into().unwrap())));
+                }
                 count.fetch_add(1, Ordering::Relaxed);
             }
             if !acks.is_empty() {
@@ -357,26 +340,8 @@ pub fn spawn_subscriber_plain(
     filter: &str,
     count: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    let mut c = Conn::open(port, "bench-plain-sub");
-    c.subscribe(filter, 0);
-    c.s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-    std::thread::spawn(move || {
-        let mut tmp = vec![0u8; 1 << 16];
-        while !stop.load(Ordering::Relaxed) {
-            let n = match c.s.read(&mut tmp) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(_) => continue,
-            };
-            c.buf.extend_from_slice(&tmp[..n]);
-            while let Ok(Some(f)) = codec::next_frame(&mut c.buf, 1 << 20) {
-                if f.kind == kind::PUBLISH {
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    })
+) -> std::thread::JoinHandle<Vec<u64>> {
+    spawn_subscriber_auth(port, "bench-plain-sub", filter, 0, Instant::now(), count, stop, None)
 }
 
 /// Appends a PUBLISH with the given payload.

@@ -66,6 +66,16 @@ async fn publish_numbered(port: u16, prefix: &str, n: usize, pause_every: Option
     acks.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// An upstream subscriber connected first, then the bridge let in (Mosquitto re-reads its
+/// password file), so nothing the bridge sends can arrive before someone listens.
+async fn watch_then_let_bridge_in(m: &Mosquitto, id: &str, filter: &str) -> Collector {
+    let c = Collector::start(m.port, id, filter, Some(("sub", "sub-pw")), false);
+    c.wait(T, "subscriber", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    m.allow_bridge();
+    c
+}
+
 /// Checks that every number in `want` arrived, and that per topic the first arrivals are in
 /// order. Returns the number of duplicates (allowed at QoS 1).
 fn check_numbered(got: &[(String, Vec<u8>)], want: impl Iterator<Item = usize>) -> usize {
@@ -253,10 +263,7 @@ async fn kill_9_while_upstream_is_down_loses_nothing_that_was_acknowledged() {
     let acked = publisher.await.unwrap();
     assert!(acked > 100, "only {acked} messages acknowledged before the kill");
     gw.start_again();
-    let up = Collector::start(m.port, "counter", "up/#", Some(("sub", "sub-pw")), false);
-    up.wait(T, "subscriber", |_| true).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    m.allow_bridge();
+    let up = watch_then_let_bridge_in(&m, "counter", "up/#").await;
     up.wait(Duration::from_secs(60), "every acknowledged message", |g| {
         let mut s: Vec<&Vec<u8>> = g.iter().map(|(_, p)| p).collect();
         s.sort();
@@ -296,10 +303,7 @@ async fn a_full_spool_drops_by_its_policy_and_counts_every_drop() {
         (Some(40), Some(60)),
         "{b}"
     );
-    let up = Collector::start(m.port, "counter", "u/#", Some(("sub", "sub-pw")), false);
-    up.wait(T, "subscriber", |_| true).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    m.allow_bridge();
+    let up = watch_then_let_bridge_in(&m, "counter", "u/#").await;
     up.wait(T, "the 40 kept", |g| g.len() >= 40).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got: Vec<usize> = up
@@ -422,10 +426,7 @@ async fn adding_a_bridge_on_sighup_loses_nothing_from_another_bridges_spool() {
     assert_eq!(publish_numbered(port, "data", 10, None).await, 10);
     up2.wait(T, "bridge two forwarding", |g| g.len() >= 10).await;
 
-    let up1 = Collector::start(m1.port, "c1", "one/#", Some(("sub", "sub-pw")), false);
-    up1.wait(T, "subscriber", |_| true).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    m1.allow_bridge();
+    let up1 = watch_then_let_bridge_in(&m1, "c1", "one/#").await;
     up1.wait(T, "bridge one's 210", |g| g.len() >= 210).await;
     check_numbered(&up1.got.lock().unwrap(), 0..200);
 }
