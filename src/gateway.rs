@@ -30,6 +30,13 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     grant_service.load()?;
     let grant_link = grant_service.connect().await?;
     tokio::spawn(std::sync::Arc::new(grant_service).run(grant_link, stop_grants.clone()));
+    let provision_service = std::sync::Arc::new(crate::provision::service::ProvisionService::new(
+        broker.shared.clone(),
+        bus.clone(),
+        &cfg,
+    ));
+    let provision_link = provision_service.connect().await?;
+    tokio::spawn(provision_service.run(provision_link, stop_grants.clone()));
     let stop_plugs = tokio_util::sync::CancellationToken::new();
     let plugs = crate::plugs::start(
         cfg.plugs.clone(),

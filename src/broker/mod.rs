@@ -53,6 +53,8 @@ pub struct Shared {
     by_user: Mutex<HashMap<String, Vec<Conn>>>,
     /// Time-limited grants in force, and who may ask for them.
     pub grants: ArcSwap<GrantState>,
+    /// Request topics only some users may publish on (grant requests, provisioning), with them.
+    pub admin_topics: ArcSwap<Vec<(String, Vec<String>)>>,
     /// One connection at a time takes over a client id's session (see `take_over`).
     takeovers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -70,9 +72,6 @@ struct Conn {
 #[derive(Default)]
 pub struct GrantState {
     pub list: Vec<crate::grants::Grant>,
-    /// Only `admins` may publish here.
-    pub request_topic: Option<String>,
-    pub admins: Vec<String>,
 }
 
 /// A device's MQTT login and what it may publish and subscribe to (filters already filled in).
@@ -100,6 +99,19 @@ pub trait Tap: Send + Sync {
 }
 
 impl Shared {
+    /// Only `admins` (logged-in users, not devices) may publish on `topic`, whatever the ACL says.
+    pub fn restrict_topic(&self, topic: &str, admins: &[String]) {
+        let mut v: Vec<(String, Vec<String>)> = self
+            .admin_topics
+            .load()
+            .iter()
+            .filter(|(t, _)| t != topic)
+            .cloned()
+            .collect();
+        v.push((topic.to_string(), admins.to_vec()));
+        self.admin_topics.store(Arc::new(v));
+    }
+
     /// Checks a device's password; `None` when `user` is not a device.
     pub fn device_login(&self, user: &str, password: &str) -> Option<bool> {
         use subtle::ConstantTimeEq;
@@ -109,10 +121,10 @@ impl Shared {
     }
 
     pub fn may_publish(&self, id: &auth::Identity, topic: &str) -> bool {
-        let g = self.grants.load();
-        if g.request_topic.as_deref() == Some(topic) {
-            return !id.device && id.username.as_ref().is_some_and(|u| g.admins.contains(u));
+        if let Some((_, admins)) = self.admin_topics.load().iter().find(|(t, _)| t == topic) {
+            return !id.device && id.username.as_ref().is_some_and(|u| admins.contains(u));
         }
+        let g = self.grants.load();
         let now = crate::grants::now_secs();
         if g.list.iter().any(|x| x.allows_publish(id, topic, now)) {
             return true;
@@ -332,6 +344,7 @@ impl Broker {
             by_user: Mutex::new(HashMap::new()),
             grants: ArcSwap::from_pointee(GrantState::default()),
             takeovers: Mutex::new(HashMap::new()),
+            admin_topics: ArcSwap::from_pointee(vec![]),
         });
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();
@@ -486,7 +499,7 @@ impl Bus {
 
     pub async fn publish(&self, topic: &str, payload: bytes::Bytes, qos: u8, retain: bool, origin: Option<&str>) {
         // Only admins logged in to the front door may ask for grants; a bridge never may.
-        if origin.is_some() && self.shared.grants.load().request_topic.as_deref() == Some(topic) {
+        if origin.is_some() && self.shared.admin_topics.load().iter().any(|(t, _)| t == topic) {
             log::warn!("a message for {topic} came in over a bridge; dropped");
             return;
         }

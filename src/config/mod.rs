@@ -38,6 +38,14 @@ pub struct Config {
     pub plugs: Plugs,
     /// Time-limited access to topics (paid data).
     pub grants: Grants,
+    pub provisioning: Provisioning,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Provisioning {
+    /// Users who may start provisioning over the broker (`outpost/<gateway.id>/provision/request`).
+    pub admins: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

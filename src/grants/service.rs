@@ -43,11 +43,8 @@ impl GrantService {
         let f: GrantFile = super::load(&self.path)?;
         let now = super::now_secs();
         let list = f.grants.into_iter().filter(|g| !g.revoked && g.expires > now).collect();
-        self.shared.grants.store(Arc::new(GrantState {
-            list,
-            request_topic: Some(self.request_topic.clone()),
-            admins: self.cfg.admins.clone(),
-        }));
+        self.shared.grants.store(Arc::new(GrantState { list }));
+        self.shared.restrict_topic(&self.request_topic, &self.cfg.admins);
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 
 pub mod ble;
 pub mod protocol;
+pub mod service;
 pub mod uart;
 
 use crate::config::Config;

@@ -248,3 +248,76 @@ async fn a_device_that_stops_mid_exchange_or_a_pulled_cable_gives_a_clear_error(
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_can_drive_provisioning_over_the_broker_and_others_cannot() {
+    let port = free_port();
+    let admin = passwd("admin-pw");
+    let gw = Gateway::start(&format!(
+        "{}  users: [ {{ name: admin, password_hash: \"{admin}\" }} ]\nprovisioning: {{ admins: [admin] }}\n",
+        open_broker(port)
+    ));
+    assert!(Command::new(BIN)
+        .args(["devices", "add", "oven", "--config"])
+        .arg(&gw.config)
+        .status()
+        .unwrap()
+        .success());
+    let (master, slave, _line) = pty();
+    let request = serde_json::json!({ "transport": "uart", "port": slave, "device": "oven", "code": "555000", "reply_to": "outpost/test-gw/provision/reply/ui" });
+
+    // Anyone else's request is not even delivered.
+    let (w, mut wev) = connect(opts(port, "watch")).await.unwrap();
+    subscribe(&w, &mut wev, "outpost/test-gw/provision/reply/#", QoS::AtLeastOnce).await;
+    w.publish(
+        "outpost/test-gw/provision/request",
+        QoS::AtLeastOnce,
+        false,
+        request.to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next_publish(&mut wev, Duration::from_secs(1)).await,
+        None,
+        "a non-admin started provisioning"
+    );
+
+    let mut o = opts(port, "ui");
+    o.set_credentials("admin", "admin-pw");
+    let (a, aev) = connect(o).await.unwrap();
+    let _d = drive(aev);
+    a.publish(
+        "outpost/test-gw/provision/request",
+        QoS::AtLeastOnce,
+        false,
+        request.to_string(),
+    )
+    .await
+    .unwrap();
+    let mut dev = device_end(master, None);
+    let bundle = tokio::time::timeout(Duration::from_secs(20), protocol::device(&mut dev, "555000", "oven-hw"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bundle.id, "oven");
+    let mut replies = vec![];
+    while let Some(p) = next_publish(&mut wev, Duration::from_secs(5)).await {
+        let v: serde_json::Value = serde_json::from_slice(&p.1).unwrap();
+        let done = v.get("ok").is_some();
+        replies.push(v);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(
+        replies.first().map(|v| v["state"].clone()),
+        Some(serde_json::json!("started")),
+        "{replies:?}"
+    );
+    assert_eq!(
+        replies.last().map(|v| (v["ok"].clone(), v["hardware_id"].clone())),
+        Some((serde_json::json!(true), serde_json::json!("oven-hw"))),
+        "{replies:?}"
+    );
+}
