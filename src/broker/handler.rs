@@ -289,6 +289,12 @@ pub async fn serve<S>(
     let kick = registered.1 .1.clone();
     let taken_over = registered.1 .2.clone();
     drop(turn);
+    // A device revoked or rotated while this one was logging in was kicked before it was
+    // registered: check its login again now that any later kick will reach it.
+    if device && shared.device_login(&registered.0, connect.password.as_deref().unwrap_or("")) != Some(true) {
+        shared.unregister(&registered.0, registered.1 .0);
+        refuse!(Refusal::NotAuthorized, "device revoked while logging in".into());
+    }
     if timeout_at(deadline, cwr.write_all(&connack))
         .await
         .map_or(true, |r| r.is_err())

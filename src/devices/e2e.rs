@@ -18,8 +18,9 @@ pub const VERSION: u8 = 1;
 pub const DEFAULT_AAD: &[u8] = b"1234567812345678";
 /// Nonce (12) + version and length (3) + tag (16).
 pub const OVERHEAD: usize = 31;
-/// How many recent nonces a receiver remembers (the library keeps 10).
-pub const RECENT: usize = 64;
+/// Most nonces a receiver remembers. Nonces are kept for the whole time window (so a replay
+/// within the window is always caught, where the library keeps only its last 10), up to this.
+pub const RECENT: usize = 4096;
 
 pub type Key = [u8; 16];
 
@@ -134,7 +135,10 @@ pub struct Receiver {
     codec: Codec,
     window_ns: i64,
     max_packet: usize,
-    recent: VecDeque<[u8; 12]>,
+    /// Nonces seen (or sent), with their timestamps, in arrival order; `seen` is the same set,
+    /// for lookups.
+    recent: VecDeque<([u8; 12], i64)>,
+    seen: std::collections::HashSet<[u8; 12]>,
 }
 
 impl Receiver {
@@ -144,6 +148,7 @@ impl Receiver {
             window_ns: window.as_nanos() as i64,
             max_packet,
             recent: VecDeque::new(),
+            seen: Default::default(),
         }
     }
 
@@ -155,7 +160,7 @@ impl Receiver {
             return Err(Reject::BadLength);
         }
         let nonce: [u8; 12] = packet[..12].try_into().expect("length checked");
-        if self.recent.contains(&nonce) {
+        if self.seen.contains(&nonce) {
             return Err(Reject::Replay);
         }
         let ts = i64::from_be_bytes(packet[..8].try_into().expect("length checked"));
@@ -170,9 +175,15 @@ impl Receiver {
 
     /// Records a nonce this side sent, so an echo of it is refused as a replay.
     pub fn remember(&mut self, nonce: [u8; 12]) {
-        self.recent.push_back(nonce);
-        while self.recent.len() > RECENT {
-            self.recent.pop_front();
+        let ts = i64::from_be_bytes(nonce[..8].try_into().expect("12-byte nonce"));
+        // Older than the window: refused as stale anyway, no need to remember.
+        let horizon = ts.saturating_sub(2 * self.window_ns);
+        while self.recent.front().is_some_and(|(_, t)| *t < horizon) || self.recent.len() >= RECENT {
+            let (old, _) = self.recent.pop_front().expect("not empty");
+            self.seen.remove(&old);
+        }
+        if self.seen.insert(nonce) {
+            self.recent.push_back((nonce, ts));
         }
     }
 
@@ -262,6 +273,18 @@ mod tests {
         let other = Codec::new(&[9; 16], DEFAULT_AAD, 50).encode(TS, [5; 4], b"ping");
         assert_eq!(r.receive(&other, TS), Err(Reject::BadTag));
         assert_eq!(r.receive(&c.encode(TS, [6; 4], b"pong"), TS).unwrap(), b"pong");
+    }
+
+    #[test]
+    fn replays_are_caught_for_the_whole_window_not_only_the_last_ten() {
+        let c = Codec::new(&key(K), DEFAULT_AAD, 50);
+        let mut r = Receiver::new(c.clone(), std::time::Duration::from_secs(15), 200);
+        let first = c.encode(TS, [0; 4], b"first");
+        r.receive(&first, TS).unwrap();
+        for i in 1..500u32 {
+            r.receive(&c.encode(TS + i as i64, i.to_be_bytes(), b"x"), TS).unwrap();
+        }
+        assert_eq!(r.receive(&first, TS + 1_000_000_000), Err(Reject::Replay));
     }
 
     proptest! {

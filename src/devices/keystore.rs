@@ -13,6 +13,9 @@ pub const FORMAT: u32 = 1;
 pub struct Keystore {
     pub format: u32,
     pub devices: Vec<Device>,
+    /// Fields a newer outpost wrote: kept as they are when this one rewrites the file.
+    #[serde(flatten)]
+    pub later: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Clone, Deserialize, Serialize, PartialEq)]
@@ -32,6 +35,9 @@ pub struct Device {
     /// Set once the device proved over the provisioning link that it holds the key.
     #[serde(default)]
     pub provisioned: bool,
+    /// Fields a newer outpost wrote, kept on rewrite.
+    #[serde(flatten, default)]
+    pub later: serde_json::Map<String, serde_json::Value>,
 }
 
 impl std::fmt::Debug for Device {
@@ -132,6 +138,7 @@ pub fn add(path: &Path, id: &str) -> Result<Device> {
             rotated: None,
             revoked: false,
             provisioned: false,
+            later: Default::default(),
         };
         ks.devices.push(d.clone());
         Ok(d)
@@ -196,6 +203,9 @@ mod tests {
         let p = path(dir.path());
         std::fs::write(&p, r#"{"format": 1, "devices": [], "later_field": 3}"#).unwrap();
         assert!(load(&p).is_ok());
+        // ... and kept when this version rewrites the file.
+        add(&p, "x").unwrap();
+        assert!(std::fs::read_to_string(&p).unwrap().contains("later_field"));
         std::fs::write(&p, r#"{"format": 2, "devices": []}"#).unwrap();
         assert!(load(&p).unwrap_err().to_string().contains("newer outpost"));
     }
