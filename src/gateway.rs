@@ -237,6 +237,7 @@ impl StatusFile {
             "clock_synchronized": crate::devices::clock_synchronized(),
             "plugs": self.plug_list(),
             "claims_refused": crate::grants::service::CLAIMS_REFUSED.load(std::sync::atomic::Ordering::Relaxed),
+            "provisioning_frames_refused": crate::provision::protocol::REFUSED.load(std::sync::atomic::Ordering::Relaxed),
         });
         let tmp = self.path.with_extension("json.tmp");
         let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())

@@ -320,4 +320,11 @@ async fn an_admin_can_drive_provisioning_over_the_broker_and_others_cannot() {
         Some((serde_json::json!(true), serde_json::json!("oven-hw"))),
         "{replies:?}"
     );
+    // The device wrote a bad frame before each of its messages: each was counted.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert!(
+        gw.status()["provisioning_frames_refused"].as_u64().unwrap() >= 3,
+        "{}",
+        gw.status()
+    );
 }
