@@ -21,6 +21,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
         .with_context(|| format!("gateway.data_dir: cannot create {}", cfg.gateway.data_dir.display()))?;
     let broker = Broker::start(&cfg).await?;
     let status = StatusTopic::start(&broker, &cfg.gateway.id).await?;
+    let dashboard = match &cfg.dashboard.bind {
+        Some(b) => Some(crate::dashboard::Dashboard::bind(b.0).await?),
+        None => None,
+    };
     let bus = Bus::start(broker.shared.clone());
     let mut bridges = Bridges::new(broker.shared.clone(), bus.clone(), &cfg.gateway);
     bridges.apply(&cfg.bridges).await?;
@@ -59,7 +63,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     }
     // Only now do clients get in: every message they send passes the bridges' taps.
     broker.serve();
+    let latest = Arc::new(arc_swap::ArcSwap::from_pointee(serde_json::Value::Null));
+    let stop_dashboard = tokio_util::sync::CancellationToken::new();
     let status_file = StatusFile {
+        latest: latest.clone(),
         devices: device_counters,
         plugs,
         path: cfg.gateway.data_dir.join("status.json"),
@@ -67,12 +74,22 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
         started: std::time::SystemTime::now(),
     };
     status_file.write(&broker, &bridges);
+    let mut addrs: Vec<String> = broker.local_addrs.iter().map(|a| a.to_string()).collect();
+    if let Some(d) = dashboard {
+        log::info!("dashboard: listening on http://{}", d.local);
+        addrs.push(format!("dashboard http://{}", d.local));
+        let view = Arc::new(crate::dashboard::View {
+            status: latest,
+            engine_contact: status.last_contact.clone(),
+            spool_dir: cfg.gateway.data_dir.join("bridges"),
+        });
+        tokio::spawn(d.run(broker.front_door(), view, stop_dashboard.clone()));
+    }
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let addrs: Vec<String> = broker.local_addrs.iter().map(|a| a.to_string()).collect();
     log::info!(
         "outpost {} ready in {:?}: broker on {}",
         env!("CARGO_PKG_VERSION"),
@@ -124,6 +141,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     log::info!("stopping");
     notify::stopping();
     status.offline().await;
+    stop_dashboard.cancel();
     // Clients go first, while the bridges' taps still spool what they send.
     broker.shutdown(cfg.gateway.shutdown_timeout.0).await;
     bridges.stop_all().await;
@@ -203,6 +221,8 @@ impl StatusTopic {
 
 /// `data_dir/status.json`, rewritten every 2 s: what `outpost status` shows.
 struct StatusFile {
+    /// The last document written, for the dashboard.
+    latest: Arc<arc_swap::ArcSwap<serde_json::Value>>,
     devices: crate::devices::service::AllCounters,
     plugs: crate::plugs::AllPlugs,
     path: PathBuf,
@@ -240,8 +260,9 @@ impl StatusFile {
             "provisioning_frames_refused": crate::provision::protocol::REFUSED.load(std::sync::atomic::Ordering::Relaxed),
         });
         let tmp = self.path.with_extension("json.tmp");
-        let res = std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
-            .and_then(|_| std::fs::rename(&tmp, &self.path));
+        let bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+        self.latest.store(Arc::new(doc));
+        let res = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &self.path));
         if let Err(e) = res {
             log::warn!("cannot write {}: {e}", self.path.display());
         }

@@ -3,6 +3,7 @@
 pub mod bridge;
 pub mod broker;
 pub mod config;
+pub mod dashboard;
 pub mod devices;
 pub mod gateway;
 pub mod grants;

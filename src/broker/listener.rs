@@ -152,6 +152,47 @@ async fn accept_one(
     }
 }
 
+impl super::FrontDoor {
+    /// Serves an MQTT client on a WebSocket whose HTTP upgrade has already been answered
+    /// (`101 Switching Protocols`), as the `ws` listener would after its handshake.
+    pub fn adopt_websocket<S>(&self, stream: S, peer: SocketAddr, bind: SocketAddr)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        let info = ListenerInfo {
+            name: format!("dashboard {bind} /mqtt"),
+            bind: bind.to_string(),
+            anonymous: bind.ip().is_loopback(),
+        };
+        let Ok(slot) = shared.sockets_allowed.clone().try_acquire_owned() else {
+            log::warn!("{}: too many open sockets, dropping {peer}", info.name);
+            return;
+        };
+        let Ok(prelogin) = shared.prelogin_allowed.clone().try_acquire_owned() else {
+            log::warn!("{}: too many sockets still logging in, dropping {peer}", info.name);
+            return;
+        };
+        let deadline = Instant::now() + shared.limits.connect_timeout.0;
+        let max = shared.limits.max_packet_size.0 as usize + 64;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let close = self.close.clone();
+        self.tracker.spawn(async move {
+            let ws = async_tungstenite::WebSocketStream::from_raw_socket(
+                async_tungstenite::tokio::TokioAdapter::new(stream),
+                async_tungstenite::tungstenite::protocol::Role::Server,
+                Some(config),
+            )
+            .await;
+            let ws = ws_stream_tungstenite::WsStream::new(ws);
+            handler::serve(ws, peer, info, shared, deadline, close, prelogin).await;
+            drop(slot);
+        });
+    }
+}
+
 type WsStream<S> = ws_stream_tungstenite::WsStream<async_tungstenite::tokio::TokioAdapter<S>>;
 
 /// Completes the WebSocket upgrade, answering the `mqtt` subprotocol when the client offers it.

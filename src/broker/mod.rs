@@ -299,6 +299,15 @@ pub struct Broker {
     listeners: Mutex<Vec<listener::Listener>>,
 }
 
+/// The front door for clients that arrive through another server (the dashboard's `/mqtt`):
+/// they count against the same limits and are closed and awaited with every other client.
+#[derive(Clone)]
+pub struct FrontDoor {
+    pub shared: Arc<Shared>,
+    close: CancellationToken,
+    tracker: TaskTracker,
+}
+
 /// How long connections keep flowing after the listeners close on shutdown, so messages
 /// already routed (the status topic's `offline` among them) still reach their subscribers.
 const DRAIN: Duration = Duration::from_millis(300);
@@ -370,6 +379,15 @@ impl Broker {
                 self.stop_connections.clone(),
                 self.tracker.clone(),
             ));
+        }
+    }
+
+    /// A handle for the dashboard to pass WebSocket clients of `/mqtt` to the front door.
+    pub fn front_door(&self) -> FrontDoor {
+        FrontDoor {
+            shared: self.shared.clone(),
+            close: self.stop_connections.clone(),
+            tracker: self.tracker.clone(),
         }
     }
 

@@ -39,6 +39,17 @@ pub struct Config {
     /// Time-limited access to topics (paid data).
     pub grants: Grants,
     pub provisioning: Provisioning,
+    /// HTTP port for health, metrics and MQTT over WebSocket on `/mqtt`.
+    pub dashboard: Dashboard,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dashboard {
+    /// Off unless set. `/healthz`, `/metrics`, and `/mqtt` (the broker's front door, same
+    /// users and ACLs). Off loopback it needs `broker.users`, like a listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<Bind>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -300,6 +311,23 @@ impl Config {
             return err("gateway.data_dir".into(), "must not be empty".into());
         }
         let b = &self.broker;
+        if let Some(bind) = &self.dashboard.bind {
+            if !bind.0.ip().is_loopback() && b.users.is_empty() {
+                return err(
+                    "dashboard.bind".into(),
+                    format!(
+                        "{} is reachable from the network and no users are configured: add broker.users",
+                        bind.0
+                    ),
+                );
+            }
+            if b.listeners.iter().any(|l| l.bind.0 == bind.0 && bind.0.port() != 0) {
+                return err(
+                    "dashboard.bind".into(),
+                    format!("{} is already a broker listener", bind.0),
+                );
+            }
+        }
         if b.listeners.is_empty() {
             return err("broker.listeners".into(), "at least one listener is needed".into());
         }
@@ -436,6 +464,24 @@ mod tests {
         let builtin = serde_yaml::to_string(&Config::builtin()).unwrap();
         let typed = serde_yaml::to_string(&Config::default()).unwrap();
         assert_eq!(builtin, typed);
+    }
+
+    #[test]
+    fn dashboard_off_loopback_needs_users_and_its_own_port() {
+        let e = parse("dashboard:\n  bind: \"0.0.0.0:8080\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("dashboard.bind") && e.contains("no users are configured"),
+            "{e}"
+        );
+        let e = parse("dashboard:\n  bind: \"127.0.0.1:1883\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("dashboard.bind") && e.contains("already a broker listener"),
+            "{e}"
+        );
+        let ok = parse("dashboard:\n  bind: \"127.0.0.1:8080\"\n").unwrap();
+        assert_eq!(ok.dashboard.bind.map(|b| b.0.port()), Some(8080));
     }
 
     proptest! {

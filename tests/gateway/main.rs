@@ -4,6 +4,7 @@ mod auth;
 mod bridge;
 mod cli;
 mod common;
+mod dashboard;
 mod devices;
 mod grants;
 mod packaging;

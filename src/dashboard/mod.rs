@@ -1,0 +1,206 @@
+//! The dashboard's HTTP port: `/healthz` and `/metrics` for supervisors and scrapers, and MQTT
+//! over WebSocket on `/mqtt`, handed to the broker's front door (same users, ACLs and limits).
+//! It reads the gateway's state only through the status document the gateway publishes to it.
+
+pub mod metrics;
+
+use crate::broker::FrontDoor;
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use async_tungstenite::tungstenite::handshake::derive_accept_key;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the endpoints read.
+pub struct View {
+    /// The status document (`status.json`), replaced every status tick.
+    pub status: Arc<ArcSwap<Value>>,
+    /// When the engine last answered the gateway's own client (ms since epoch).
+    pub engine_contact: Arc<AtomicI64>,
+    /// Where the bridges' spools live; must stay writable.
+    pub spool_dir: PathBuf,
+}
+
+/// The engine is called silent after this long without an answer.
+const ENGINE_SILENCE_MS: i64 = 20_000;
+
+impl View {
+    /// Healthy when the engine answers and, with bridges configured, their spool directory
+    /// takes a write. Returns the problems otherwise.
+    pub fn health(&self) -> Vec<String> {
+        let mut problems = vec![];
+        let silent = crate::bridge::spool::now_ms() - self.engine_contact.load(Ordering::Relaxed);
+        if silent > ENGINE_SILENCE_MS {
+            problems.push(format!("broker engine has not answered for {} s", silent / 1000));
+        }
+        let status = self.status.load();
+        let bridges: Vec<&str> = status["bridges"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|b| b["name"].as_str()).collect())
+            .unwrap_or_default();
+        if !bridges.is_empty() {
+            let probe = self.spool_dir.join(".healthz-probe");
+            let res = std::fs::write(&probe, b"ok").and_then(|_| std::fs::remove_file(&probe));
+            if let Err(e) = res {
+                for b in bridges {
+                    problems.push(format!(
+                        "bridge {b}: spool directory {} not writable: {e}",
+                        self.spool_dir.display()
+                    ));
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// A bound dashboard port, ready to serve.
+pub struct Dashboard {
+    pub local: SocketAddr,
+    tcp: TcpListener,
+}
+
+impl Dashboard {
+    pub async fn bind(addr: SocketAddr) -> Result<Dashboard> {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("dashboard.bind: cannot bind {addr}"))?;
+        Ok(Dashboard {
+            local: tcp.local_addr()?,
+            tcp,
+        })
+    }
+
+    /// Accepts until `stop`; each connection is served in its own task.
+    pub async fn run(self, door: FrontDoor, view: Arc<View>, stop: CancellationToken) {
+        let local = self.local;
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = self.tcp.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("dashboard: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let (door, view, stop) = (door.clone(), view.clone(), stop.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let (door, view) = (door.clone(), view.clone());
+                    async move { Ok::<_, std::convert::Infallible>(route(req, &door, &view, peer, local)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => if let Err(e) = r {
+                        log::debug!("dashboard: {peer}: {e}");
+                    },
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_str(content_type).expect("ascii"));
+    r
+}
+
+fn route(req: Request<Incoming>, door: &FrontDoor, view: &View, peer: SocketAddr, local: SocketAddr) -> Reply {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+    }
+    match req.uri().path() {
+        "/healthz" => {
+            let problems = view.health();
+            let code = if problems.is_empty() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = serde_json::json!({ "healthy": problems.is_empty(), "problems": problems });
+            reply(code, "application/json", body.to_string())
+        }
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics::render(&view.status.load()),
+        ),
+        "/mqtt" => upgrade(req, door, peer, local),
+        "/" => reply(
+            StatusCode::OK,
+            "text/plain",
+            "outpost dashboard: /healthz, /metrics, and MQTT over WebSocket on /mqtt\n",
+        ),
+        p => reply(StatusCode::NOT_FOUND, "text/plain", format!("no such page: {p}\n")),
+    }
+}
+
+/// Answers a WebSocket upgrade (RFC 6455) and passes the connection to the front door.
+fn upgrade(mut req: Request<Incoming>, door: &FrontDoor, peer: SocketAddr, local: SocketAddr) -> Reply {
+    let h = req.headers();
+    let is_ws = h
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let (Some(key), true) = (h.get(SEC_WEBSOCKET_KEY), is_ws) else {
+        return reply(
+            StatusCode::UPGRADE_REQUIRED,
+            "text/plain",
+            "/mqtt takes MQTT over WebSocket\n",
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let offered = h
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let door = door.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => door.adopt_websocket(TokioIo::new(up), peer, local),
+            Err(e) => log::info!("dashboard: {peer}: WebSocket upgrade failed: {e}"),
+        }
+    });
+    let mut r = reply(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());
+    r.headers_mut().remove(CONTENT_TYPE);
+    let hs = r.headers_mut();
+    hs.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    hs.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    hs.insert(SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64"));
+    if let Some(p) = offered
+        .split(',')
+        .map(str::trim)
+        .find(|p| *p == "mqtt" || *p == "mqttv3.1")
+    {
+        hs.insert("sec-websocket-protocol", HeaderValue::from_str(p).expect("ascii"));
+    }
+    r
+}
