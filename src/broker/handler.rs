@@ -275,10 +275,20 @@ pub async fn serve<S>(
         );
     }
     let engine_connect = connect.for_engine(&engine_id, &shared.engine.user, &shared.engine.secret, engine_ka, stale);
-    let (engine, ebuf, connack) = match open_engine_session(engine_addr, engine_connect, proto, &announce).await {
-        Ok((s, buf, Some(ack))) => (s, buf, ack),
-        Ok((_, _, None)) => refuse!(Refusal::NotAuthorized, "the engine refused the session".into()),
-        Err(e) => refuse!(Refusal::ServerUnavailable, format!("engine unavailable: {e}")),
+    // Even with the older connection gone, the engine's router may not have processed its
+    // disconnect yet and closes the new session without a CONNACK (seen under load with
+    // back-to-back reconnects): try again briefly before refusing the client.
+    let mut attempt = 0;
+    let (engine, ebuf, connack) = loop {
+        match open_engine_session(engine_addr, engine_connect.clone(), proto, &announce).await {
+            Ok((s, buf, Some(ack))) => break (s, buf, ack),
+            Ok((_, _, None)) if attempt < 3 && Instant::now() + Duration::from_millis(200) < deadline => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Ok((_, _, None)) => refuse!(Refusal::NotAuthorized, "the engine refused the session".into()),
+            Err(e) => refuse!(Refusal::ServerUnavailable, format!("engine unavailable: {e}")),
+        }
     };
     // Revoking a device, or a newer connection with this client id, closes this one through
     // this token.
