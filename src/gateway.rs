@@ -82,6 +82,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
             status: latest,
             engine_contact: status.last_contact.clone(),
             spool_dir: cfg.gateway.data_dir.join("bridges"),
+            info: crate::dashboard::info(&cfg, &broker.local_addrs, d.local),
         });
         tokio::spawn(d.run(broker.front_door(), view, stop_dashboard.clone()));
     }

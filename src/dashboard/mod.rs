@@ -1,6 +1,8 @@
 //! The dashboard's HTTP port: `/healthz` and `/metrics` for supervisors and scrapers, and MQTT
 //! over WebSocket on `/mqtt`, handed to the broker's front door (same users, ACLs and limits).
-//! It reads the gateway's state only through the status document the gateway publishes to it.
+//! The page (`page/`, compiled in) is itself an MQTT client of `/mqtt`: it sees only what its
+//! user's ACL lets it subscribe to. The endpoints read the gateway's state only through the
+//! status document the gateway hands over.
 
 pub mod metrics;
 
@@ -31,6 +33,43 @@ pub struct View {
     pub engine_contact: Arc<AtomicI64>,
     /// Where the bridges' spools live; must stay writable.
     pub spool_dir: PathBuf,
+    /// `/info.json`: what the page shows before login (gateway id, version, how to connect).
+    pub info: Value,
+}
+
+/// The page, compiled in: no request leaves the gateway.
+const INDEX_HTML: &str = include_str!("page/index.html");
+const APP_JS: &str = include_str!("page/app.js");
+
+/// The `/info.json` document: gateway id, version, start time and every way to connect.
+pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard: SocketAddr) -> Value {
+    let mut listeners: Vec<Value> = cfg
+        .broker
+        .listeners
+        .iter()
+        .zip(broker_addrs)
+        .map(|(l, a)| {
+            let proto = format!("{:?}", l.protocol).to_lowercase();
+            let url = match l.protocol {
+                crate::config::ListenerProtocol::Ws | crate::config::ListenerProtocol::Wss => {
+                    format!("{proto}://{a}/mqtt")
+                }
+                _ => format!("{proto}://{a}"),
+            };
+            serde_json::json!({ "protocol": proto, "url": url })
+        })
+        .collect();
+    listeners.push(serde_json::json!({ "protocol": "ws (this port)", "url": format!("ws://{dashboard}/mqtt") }));
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    serde_json::json!({
+        "gateway": cfg.gateway.id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "started": started,
+        "listeners": listeners,
+    })
 }
 
 /// The engine is called silent after this long without an answer.
@@ -98,8 +137,15 @@ impl Dashboard {
                 },
                 _ = stop.cancelled() => return,
             };
+            // HTTP sockets hold a slot of the broker's socket limit too, so the page cannot
+            // be used to exhaust file descriptors.
+            let Ok(slot) = door.shared.sockets_allowed.clone().try_acquire_owned() else {
+                log::warn!("dashboard: too many open sockets, dropping {peer}");
+                continue;
+            };
             let (door, view, stop) = (door.clone(), view.clone(), stop.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |req| {
                     let (door, view) = (door.clone(), view.clone());
                     async move { Ok::<_, std::convert::Infallible>(route(req, &door, &view, peer, local)) }
@@ -152,11 +198,9 @@ fn route(req: Request<Incoming>, door: &FrontDoor, view: &View, peer: SocketAddr
             metrics::render(&view.status.load()),
         ),
         "/mqtt" => upgrade(req, door, peer, local),
-        "/" => reply(
-            StatusCode::OK,
-            "text/plain",
-            "outpost dashboard: /healthz, /metrics, and MQTT over WebSocket on /mqtt\n",
-        ),
+        "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
+        "/app.js" => reply(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
+        "/info.json" => reply(StatusCode::OK, "application/json", view.info.to_string()),
         p => reply(StatusCode::NOT_FOUND, "text/plain", format!("no such page: {p}\n")),
     }
 }

@@ -129,3 +129,178 @@ async fn mqtt_over_websocket_on_the_dashboard_port() {
     assert_eq!(get(&format!("http://127.0.0.1:{dport}/nope")).0, 404);
     assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
 }
+
+/// A headless Debian Chromium driven over WebDriver (chromedriver's REST API).
+struct Browser {
+    driver: std::process::Child,
+    base: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = free_port();
+        let driver = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian package chromium-driver) must be installed");
+        let profile = tempfile::tempdir().unwrap();
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         "--window-size=1200,1400", format!("--user-data-dir={}", profile.path().display())]
+            }
+        }}});
+        let root = format!("http://127.0.0.1:{port}");
+        let end = Instant::now() + Duration::from_secs(20);
+        let session = loop {
+            match post_json(&format!("{root}/session"), &caps) {
+                Ok(v) => break v,
+                Err(e) => {
+                    assert!(Instant::now() < end, "chromedriver did not answer: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        };
+        let id = session["value"]["sessionId"]
+            .as_str()
+            .expect("a WebDriver session")
+            .to_string();
+        Browser {
+            driver,
+            base: format!("{root}/session/{id}"),
+            _profile: profile,
+        }
+    }
+
+    fn cmd(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        post_json(&format!("{}{path}", self.base), &body).unwrap_or_else(|e| panic!("WebDriver {path}: {e}"))["value"]
+            .clone()
+    }
+
+    fn screenshot(&self) -> serde_json::Value {
+        let mut r = ureq::get(format!("{}/screenshot", self.base))
+            .call()
+            .expect("WebDriver screenshot");
+        serde_json::from_str::<serde_json::Value>(&r.body_mut().read_to_string().unwrap()).unwrap()["value"].clone()
+    }
+
+    fn script(&self, js: &str) -> serde_json::Value {
+        self.cmd("/execute/sync", serde_json::json!({"script": js, "args": []}))
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let el = self.cmd("/element", serde_json::json!({"using": "css selector", "value": css}));
+        let id = el
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|v| v.as_str())
+            .unwrap()
+            .to_string();
+        self.cmd(&format!("/element/{id}/value"), serde_json::json!({ "text": text }));
+    }
+
+    fn click(&self, css: &str) {
+        let el = self.cmd("/element", serde_json::json!({"using": "css selector", "value": css}));
+        let id = el
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|v| v.as_str())
+            .unwrap()
+            .to_string();
+        self.cmd(&format!("/element/{id}/click"), serde_json::json!({}));
+    }
+
+    /// Waits until the page's visible text contains every one of `want`.
+    fn wait_text(&self, want: &[&str], within: Duration) -> String {
+        let end = Instant::now() + within;
+        loop {
+            let t = self
+                .script("return document.body.innerText")
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            if want.iter().all(|w| t.contains(w)) || Instant::now() > end {
+                return t;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = ureq::delete(&self.base).call();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[test]
+fn the_page_logs_in_and_shows_live_topics_and_bridges() {
+    let (port, dport, upstream) = (free_port(), free_port(), free_port());
+    let mut gw = Gateway::start(&config(port, dport, upstream, &passwd("alice-pw")));
+    let b = Browser::start();
+    b.cmd(
+        "/url",
+        serde_json::json!({ "url": format!("http://127.0.0.1:{dport}/") }),
+    );
+    let t = b.wait_text(&["gateway test-gw", "Log in"], Duration::from_secs(10));
+    assert!(t.contains("gateway test-gw") && t.contains("Log in"), "{t}");
+
+    b.type_into("#user", "alice");
+    b.type_into("#pass", "wrong");
+    b.click("#go");
+    let t = b.wait_text(&["wrong user or password"], Duration::from_secs(10));
+    assert!(t.contains("wrong user or password"), "{t}");
+
+    b.script("document.getElementById('pass').value = ''; return 0");
+    b.type_into("#pass", "alice-pw");
+    b.click("#go");
+    let t = b.wait_text(&["connected"], Duration::from_secs(10));
+    assert!(t.contains("connected"), "{t}");
+    let form_shown = b.script("return document.getElementById('login').getClientRects().length > 0");
+    assert_eq!(form_shown, false, "the login form is still shown after logging in");
+
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(["-p", &port.to_string(), "-t", "plant/boiler/temp", "-m", "71.25"])
+        .output()
+        .expect("mosquitto_pub (Debian package mosquitto-clients) must be installed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The message in the topic view; the bridge (its upstream is down) in the bridges panel.
+    let mqtt_url = format!("mqtt://127.0.0.1:{port}");
+    let want = ["plant/boiler/temp", "71.25", "cloud\tdown", &mqtt_url];
+    let t = b.wait_text(&want, Duration::from_secs(10));
+    let shot = b.screenshot();
+    let png = base64_decode(shot.as_str().unwrap_or(""));
+    let artifact = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    std::fs::write(&artifact, png).unwrap();
+    for w in want {
+        assert!(
+            t.contains(w),
+            "`{w}` not on the page (screenshot {}):\n{t}",
+            artifact.display()
+        );
+    }
+    drop(b);
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}
+
+fn post_json(url: &str, body: &serde_json::Value) -> Result<serde_json::Value, ureq::Error> {
+    let mut r = ureq::post(url)
+        .header("content-type", "application/json")
+        .send(body.to_string())?;
+    Ok(serde_json::from_str(&r.body_mut().read_to_string()?).expect("WebDriver answers JSON"))
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("WebDriver screenshot is base64")
+}
