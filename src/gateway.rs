@@ -22,7 +22,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let broker = Broker::start(&cfg).await?;
     let status = StatusTopic::start(&broker, &cfg.gateway.id).await?;
     let dashboard = match &cfg.dashboard.bind {
-        Some(b) => Some(crate::dashboard::Dashboard::bind(b.0).await?),
+        Some(b) => Some(crate::dashboard::Dashboard::bind(b.0, cfg.dashboard.tls.as_ref()).await?),
         None => None,
     };
     let bus = Bus::start(broker.shared.clone());

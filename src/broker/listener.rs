@@ -226,7 +226,7 @@ where
     Ok(ws_stream_tungstenite::WsStream::new(ws))
 }
 
-fn tls_acceptor(t: &config::Tls) -> Result<TlsAcceptor> {
+pub fn tls_acceptor(t: &config::Tls) -> Result<TlsAcceptor> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert)
         .with_context(|| format!("reading certificate {}", t.cert.display()))?
         .collect::<Result<_, _>>()

@@ -5,7 +5,7 @@ pub mod auth;
 pub mod codec;
 pub mod engine;
 mod handler;
-mod listener;
+pub mod listener;
 pub mod metrics;
 pub mod retained;
 pub mod topics;

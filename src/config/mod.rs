@@ -43,13 +43,16 @@ pub struct Config {
     pub dashboard: Dashboard,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dashboard {
     /// Off unless set. `/healthz`, `/metrics`, and `/mqtt` (the broker's front door, same
     /// users and ACLs). Off loopback it needs `broker.users`, like a listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bind: Option<Bind>,
+    /// Serve HTTPS (and `wss://` on `/mqtt`) with this certificate, as a `wss` listener does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -320,6 +323,22 @@ impl Config {
                         bind.0
                     ),
                 );
+            }
+            if let Some(tls) = &self.dashboard.tls {
+                for (name, path) in [
+                    ("cert", Some(&tls.cert)),
+                    ("key", Some(&tls.key)),
+                    ("client_ca", tls.client_ca.as_ref()),
+                ] {
+                    if let Some(p) = path {
+                        if let Err(e) = std::fs::metadata(p) {
+                            return err(
+                                format!("dashboard.tls.{name}"),
+                                format!("cannot read {}: {e}", p.display()),
+                            );
+                        }
+                    }
+                }
             }
             if b.listeners.iter().any(|l| l.bind.0 == bind.0 && bind.0.port() != 0) {
                 return err(

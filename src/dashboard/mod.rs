@@ -43,6 +43,7 @@ const APP_JS: &str = include_str!("page/app.js");
 
 /// The `/info.json` document: gateway id, version, start time and every way to connect.
 pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard: SocketAddr) -> Value {
+    let ws = if cfg.dashboard.tls.is_some() { "wss" } else { "ws" };
     let mut listeners: Vec<Value> = cfg
         .broker
         .listeners
@@ -59,7 +60,9 @@ pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard:
             serde_json::json!({ "protocol": proto, "url": url })
         })
         .collect();
-    listeners.push(serde_json::json!({ "protocol": "ws (this port)", "url": format!("ws://{dashboard}/mqtt") }));
+    listeners.push(
+        serde_json::json!({ "protocol": format!("{ws} (this port)"), "url": format!("{ws}://{dashboard}/mqtt") }),
+    );
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -109,16 +112,23 @@ impl View {
 pub struct Dashboard {
     pub local: SocketAddr,
     tcp: TcpListener,
+    /// Set for HTTPS; the handshake runs in the connection's task under a deadline.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Dashboard {
-    pub async fn bind(addr: SocketAddr) -> Result<Dashboard> {
+    pub async fn bind(addr: SocketAddr, tls: Option<&crate::config::Tls>) -> Result<Dashboard> {
+        let tls = match tls {
+            Some(t) => Some(crate::broker::listener::tls_acceptor(t).context("dashboard.tls")?),
+            None => None,
+        };
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("dashboard.bind: cannot bind {addr}"))?;
         Ok(Dashboard {
             local: tcp.local_addr()?,
             tcp,
+            tls,
         })
     }
 
@@ -143,27 +153,51 @@ impl Dashboard {
                 log::warn!("dashboard: too many open sockets, dropping {peer}");
                 continue;
             };
-            let (door, view, stop) = (door.clone(), view.clone(), stop.clone());
+            let (door, view, stop, tls) = (door.clone(), view.clone(), stop.clone(), self.tls.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let service = hyper::service::service_fn(move |req| {
-                    let (door, view) = (door.clone(), view.clone());
-                    async move { Ok::<_, std::convert::Infallible>(route(req, &door, &view, peer, local)) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades();
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => if let Err(e) = r {
-                        log::debug!("dashboard: {peer}: {e}");
-                    },
-                    _ = stop.cancelled() => {}
+                match tls {
+                    None => serve_http(stream, peer, local, door, view, stop).await,
+                    Some(acceptor) => {
+                        let deadline = door.shared.limits.connect_timeout.0;
+                        match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+                            Ok(Ok(s)) => serve_http(s, peer, local, door, view, stop).await,
+                            Ok(Err(e)) => log::info!("dashboard: {peer}: TLS handshake failed: {e}"),
+                            Err(_) => log::info!("dashboard: {peer}: TLS handshake timed out"),
+                        }
+                    }
                 }
             });
         }
+    }
+}
+
+/// One HTTP/1 connection; `/mqtt` upgrades leave it for the front door.
+async fn serve_http<S>(
+    stream: S,
+    peer: SocketAddr,
+    local: SocketAddr,
+    door: FrontDoor,
+    view: Arc<View>,
+    stop: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let (door, view) = (door.clone(), view.clone());
+        async move { Ok::<_, std::convert::Infallible>(route(req, &door, &view, peer, local)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r {
+            log::debug!("dashboard: {peer}: {e}");
+        },
+        _ = stop.cancelled() => {}
     }
 }
 

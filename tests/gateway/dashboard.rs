@@ -304,3 +304,28 @@ fn base64_decode(s: &str) -> Vec<u8> {
         .decode(s)
         .expect("WebDriver screenshot is base64")
 }
+
+#[tokio::test]
+async fn https_and_wss_on_the_dashboard_port() {
+    let (port, dport) = (free_port(), free_port());
+    let d = tempfile::tempdir().unwrap();
+    let pki = crate::robustness::make_pki(d.path());
+    let p = d.path().display();
+    let mut gw = Gateway::start(&format!(
+        "{}dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  tls: {{ cert: {p}/server.pem, key: {p}/server.key }}\n",
+        open_broker(port)
+    ));
+    // Plain HTTP on the TLS port gets nowhere; the gateway keeps serving.
+    assert!(ureq::get(format!("http://127.0.0.1:{dport}/healthz")).call().is_err());
+
+    let mut o = rumqttc::MqttOptions::new("wss-sub", format!("wss://127.0.0.1:{dport}/mqtt"), dport);
+    o.set_transport(Transport::wss_with_config(crate::robustness::tls_client(&pki, false)));
+    let (s, mut sev) = connect(o).await.expect("MQTT over wss:// on the dashboard port");
+    subscribe(&s, &mut sev, "tls/#", QoS::AtLeastOnce).await;
+    let (c, ev) = connect(opts(port, "tcp-pub")).await.unwrap();
+    drive(ev);
+    c.publish("tls/x", QoS::AtLeastOnce, false, "secret").await.unwrap();
+    let got = next_publish(&mut sev, Duration::from_secs(5)).await;
+    assert_eq!(got, Some(("tls/x".into(), b"secret".to_vec(), false)));
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}
