@@ -274,8 +274,24 @@ fn the_page_logs_in_and_shows_live_topics_and_bridges() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The message in the topic view; the bridge (its upstream is down) in the bridges panel.
     let mqtt_url = format!("mqtt://127.0.0.1:{port}");
-    let want = ["plant/boiler/temp", "71.25", "cloud\tdown", &mqtt_url];
+    let want = ["plant/", "boiler/", "temp\t", "71.25", "cloud\tdown", &mqtt_url];
     let t = b.wait_text(&want, Duration::from_secs(10));
+    // The topic sits in the tree under its levels, and clicking it charts its value.
+    let path = b.script(
+        "const rows = [...document.querySelectorAll('#topics tbody tr')].map(r => r.cells[0].innerText.trim());\
+         const i = rows.findIndex(r => r.startsWith('▾ plant/'));\
+         return rows.slice(i, i + 3)",
+    );
+    assert_eq!(path, serde_json::json!(["▾ plant/", "▾ boiler/", "temp"]), "{t}");
+    b.click("tr[data-topic='plant/boiler/temp']");
+    std::thread::sleep(Duration::from_millis(800));
+    let drawn = b.script(
+        "const c = document.getElementById('chart');\
+         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;\
+         for (let i = 0; i < d.length; i += 4) if (d[i] < 100 && d[i + 2] > 200 && d[i + 3] > 200) return true;\
+         return false",
+    );
+    assert_eq!(drawn, true, "the chart drew nothing for plant/boiler/temp");
     let shot = b.screenshot();
     let png = base64_decode(shot.as_str().unwrap_or(""));
     let artifact = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");

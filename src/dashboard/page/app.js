@@ -150,11 +150,28 @@ function plugRow(name, p) {
 
 function render() {
   const now = Date.now(), f = $("filter").value.trim();
+  // A tree: each level of a topic is a row once; a click on a branch folds it.
   const rows = [];
+  let prev = [];
   for (const [topic, t] of [...topics.entries()].sort((a, b) => a[0].localeCompare(b[0]))) {
     t.times = t.times.filter((x) => now - x < 10000);
     if (f && !topic.includes(f)) continue;
-    rows.push(`<tr class="pick${topic === chosen ? " chosen" : ""}" data-topic="${esc(topic)}"><td>${esc(topic)}</td>` +
+    const levels = topic.split("/");
+    let hidden = false;
+    for (let d = 0; d < levels.length - 1; d++) {
+      const prefix = levels.slice(0, d + 1).join("/");
+      if (hidden) break;
+      if (prev.slice(0, d + 1).join("/") !== prefix || prev.length <= d + 1) {
+        rows.push(`<tr class="branch" data-prefix="${esc(prefix)}"><td style="padding-left:${d + 0.4}em">` +
+          `${folded.has(prefix) ? "▸" : "▾"} ${esc(levels[d])}/</td><td></td><td></td><td></td></tr>`);
+      }
+      hidden = folded.has(prefix);
+    }
+    prev = levels;
+    if (hidden) continue;
+    const d = levels.length - 1;
+    rows.push(`<tr class="pick${topic === chosen ? " chosen" : ""}" data-topic="${esc(topic)}" title="${esc(topic)}">` +
+      `<td style="padding-left:${d + 0.4}em">${esc(levels[d])}</td>` +
       `<td>${(t.times.length / 10).toFixed(1)}</td><td>${t.count}</td><td class="payload">${esc(t.last.slice(0, 200))}</td></tr>`);
   }
   $("topics").tBodies[0].innerHTML = rows.join("");
@@ -162,7 +179,15 @@ function render() {
   while (points.length && now - points[0][0] > 120000) points.shift();
   chart();
 }
+const folded = new Set();
 $("topics").addEventListener("click", (e) => {
+  const branch = e.target.closest("tr.branch");
+  if (branch) {
+    const p = branch.dataset.prefix;
+    folded.has(p) ? folded.delete(p) : folded.add(p);
+    render();
+    return;
+  }
   const tr = e.target.closest("tr.pick");
   if (!tr) return;
   chosen = tr.dataset.topic; points.length = 0;
@@ -184,6 +209,11 @@ function chart() {
     i ? g.lineTo(x, y) : g.moveTo(x, y);
   });
   g.stroke();
+  // The newest value as a dot, so even a single reading shows.
+  const [lt, lv] = points[points.length - 1];
+  g.fillStyle = "#2563eb"; g.beginPath();
+  g.arc(((lt - t0) / 120000) * c.width, c.height - 10 - ((lv - lo) / span) * (c.height - 20), 3, 0, 7);
+  g.fill();
   g.fillStyle = "#222"; g.fillText(hi.toFixed(2), 4, 12); g.fillText(lo.toFixed(2), 4, c.height - 4);
 }
 
