@@ -138,6 +138,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("outpost.yaml");
         let json = r#"{"gateway":{"id":"site1"},"broker":{"limits":{"max-connections":50}},
+            "dashboard":{"bind":"127.0.0.1:8080"},
             "bridges":{"cloud-1":{"url":"mqtt://127.0.0.1:1883","rules":[{"direction":"out","local":"a/#","remote":"b/{#}"}],"max-packet-size":"64KiB"}}}"#;
         assert_eq!(
             apply(json, &out, Some(Path::new("/var/snap/outpost/common"))).unwrap(),
@@ -146,6 +147,10 @@ mod tests {
         let c = Config::load(&out).unwrap();
         assert_eq!((c.gateway.id.as_str(), c.broker.limits.max_connections), ("site1", 50));
         assert_eq!(c.bridges[0].name, "cloud-1", "names stay as written");
+        assert_eq!(
+            c.dashboard.bind.map(|b| b.0.to_string()).as_deref(),
+            Some("127.0.0.1:8080")
+        );
         assert_eq!(c.gateway.data_dir, Path::new("/var/snap/outpost/common"));
         assert_eq!(
             apply(json, &out, Some(Path::new("/var/snap/outpost/common"))).unwrap(),
@@ -169,6 +174,7 @@ mod tests {
             ),
             (r#"{"plugs":{"poll":"fast"}}"#, "plugs.poll"),
             (r#"{"broker":{"listners":[]}}"#, "broker.listners"),
+            (r#"{"dashboard":{"bind":"0.0.0.0:8080"}}"#, "dashboard.bind"),
         ];
         for (json, key) in cases {
             let e = apply(json, &out, None).unwrap_err();

@@ -273,9 +273,24 @@ fn the_page_logs_in_and_shows_live_topics_and_bridges() {
         .expect("mosquitto_pub (Debian package mosquitto-clients) must be installed");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The message in the topic view; the bridge (its upstream is down) in the bridges panel.
+    // A device made with the CLI shows in the devices panel from its state topic.
+    let out = std::process::Command::new(BIN)
+        .args(["devices", "add", "kitchen", "--config"])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mqtt_url = format!("mqtt://127.0.0.1:{port}");
-    let want = ["plant/", "boiler/", "temp\t", "71.25", "cloud\tdown", &mqtt_url];
-    let t = b.wait_text(&want, Duration::from_secs(10));
+    let want = [
+        "plant/",
+        "boiler/",
+        "temp\t",
+        "71.25",
+        "cloud\tdown",
+        &mqtt_url,
+        "kitchen\tlast seen never\trejected 0",
+    ];
+    let t = b.wait_text(&want, Duration::from_secs(15));
     // The topic sits in the tree under its levels, and clicking it charts its value.
     let path = b.script(
         "const rows = [...document.querySelectorAll('#topics tbody tr')].map(r => r.cells[0].innerText.trim());\

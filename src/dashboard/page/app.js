@@ -139,7 +139,8 @@ function bridgeRow(name, b) {
   return `<tr><td>${esc(name)}</td><td class="${b.connected ? "up" : "down"}">${b.connected ? "up" : "down"}</td>` +
     `<td>queued ${esc(b.queued)}</td><td>oldest ${esc(age)}</td><td>dropped ${esc(dropped)}</td></tr>`;
 }
-function deviceRow(name, d) {
+function deviceRow(name, state) {
+  const d = state.counters || {};
   const rej = Object.values(d.rejected || {}).reduce((a, x) => a + x, 0);
   const seenAt = d.last_seen_ms ? new Date(d.last_seen_ms).toLocaleTimeString() : "never";
   return `<tr><td>${esc(name)}</td><td>last seen ${esc(seenAt)}</td><td>rejected ${esc(rej)}</td></tr>`;
