@@ -749,8 +749,14 @@ async fn down<W: AsyncWrite + Unpin>(
                     Ok(None) => break,
                     Err(e) => return End::EngineClosed(format!("engine sent a bad packet: {e}")),
                 };
+                let publish = frame.kind == kind::PUBLISH;
                 match on_engine_packet(ctx, frame) {
-                    Ok(Some(b)) => to_client.extend_from_slice(&b),
+                    Ok(Some(b)) => {
+                        if publish {
+                            Metrics::inc(&m.publishes_out);
+                        }
+                        to_client.extend_from_slice(&b)
+                    }
                     Ok(None) => {}
                     Err(why) => {
                         if let Some(d) = codec::disconnect(ctx.proto, Goodbye::ProtocolError) {

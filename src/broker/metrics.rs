@@ -13,6 +13,8 @@ pub struct Metrics {
     /// Sockets closed before CONNECT: handshake timeouts and failures.
     pub handshakes_failed: AtomicU64,
     pub publishes_in: AtomicU64,
+    /// PUBLISH packets delivered to clients.
+    pub publishes_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub publish_denied: AtomicU64,
@@ -50,6 +52,7 @@ impl Metrics {
             "connects_refused": g(&self.connects_refused),
             "handshakes_failed": g(&self.handshakes_failed),
             "publishes_in": g(&self.publishes_in),
+            "publishes_out": g(&self.publishes_out),
             "bytes_in": g(&self.bytes_in),
             "bytes_out": g(&self.bytes_out),
             "publish_denied": g(&self.publish_denied),

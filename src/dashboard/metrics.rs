@@ -72,6 +72,12 @@ pub fn render(doc: &Value) -> String {
             &b["publishes_in"],
         ),
         (
+            "outpost_messages_out_total",
+            "counter",
+            "PUBLISH packets delivered to clients.",
+            &b["publishes_out"],
+        ),
+        (
             "outpost_bytes_in_total",
             "counter",
             "Bytes received from clients.",

@@ -53,6 +53,9 @@ async fn metrics_move_with_traffic_and_healthz_sees_the_spool() {
         Some(0.0)
     );
     let sent_before = value(&before, "outpost_messages_in_total", None).unwrap_or(0.0);
+    let out_before = value(&before, "outpost_messages_out_total", None).unwrap_or(0.0);
+    let (w, mut wev) = connect(opts(port, "watch")).await.unwrap();
+    subscribe(&w, &mut wev, "sensor/#", QoS::AtMostOnce).await;
 
     let (c, ev) = connect(opts(port, "pub")).await.unwrap();
     drive(ev);
@@ -67,13 +70,16 @@ async fn metrics_move_with_traffic_and_healthz_sees_the_spool() {
         let s = scrape(dport);
         let queued = value(&s, "outpost_bridge_queued_messages", Some(("bridge", "cloud")));
         let inn = value(&s, "outpost_messages_in_total", None).unwrap_or(0.0);
-        if queued == Some(5.0) && inn >= sent_before + 5.0 {
+        let out = value(&s, "outpost_messages_out_total", None).unwrap_or(0.0);
+        if queued == Some(5.0) && inn >= sent_before + 5.0 && out >= out_before + 5.0 {
             break;
         }
         assert!(
             Instant::now() < end,
-            "metrics did not move: queued {queued:?}, in {inn}"
+            "metrics did not move: queued {queued:?}, in {inn}, out {out}"
         );
+        // Keep the watcher's connection read.
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(10), wev.poll()).await {}
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
@@ -298,7 +304,9 @@ fn the_page_logs_in_and_shows_live_topics_and_bridges() {
          return rows.slice(i, i + 3)",
     );
     assert_eq!(path, serde_json::json!(["▾ plant/", "▾ boiler/", "temp"]), "{t}");
-    b.click("tr[data-topic='plant/boiler/temp']");
+    // The rows are redrawn twice a second, so a WebDriver element can go stale between find
+    // and click: find and click in one step in the page.
+    b.script("document.querySelector(\"tr[data-topic='plant/boiler/temp'] td\").click(); return 0");
     std::thread::sleep(Duration::from_millis(800));
     let drawn = b.script(
         "const c = document.getElementById('chart');\
