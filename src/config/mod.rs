@@ -166,6 +166,24 @@ pub struct Tls {
     pub client_ca: Option<PathBuf>,
 }
 
+impl Tls {
+    /// Every file named exists and can be read; the error names `key.cert`/`.key`/`.client_ca`.
+    fn files_readable(&self, key: &str) -> Result<(), (String, String)> {
+        for (name, path) in [
+            ("cert", Some(&self.cert)),
+            ("key", Some(&self.key)),
+            ("client_ca", self.client_ca.as_ref()),
+        ] {
+            if let Some(p) = path {
+                if let Err(e) = std::fs::metadata(p) {
+                    return Err((format!("{key}.{name}"), format!("cannot read {}: {e}", p.display())));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
@@ -325,20 +343,7 @@ impl Config {
                 );
             }
             if let Some(tls) = &self.dashboard.tls {
-                for (name, path) in [
-                    ("cert", Some(&tls.cert)),
-                    ("key", Some(&tls.key)),
-                    ("client_ca", tls.client_ca.as_ref()),
-                ] {
-                    if let Some(p) = path {
-                        if let Err(e) = std::fs::metadata(p) {
-                            return err(
-                                format!("dashboard.tls.{name}"),
-                                format!("cannot read {}: {e}", p.display()),
-                            );
-                        }
-                    }
-                }
+                tls.files_readable("dashboard.tls")?;
             }
             if b.listeners.iter().any(|l| l.bind.0 == bind.0 && bind.0.port() != 0) {
                 return err(
@@ -365,17 +370,7 @@ impl Config {
                 );
             }
             if let Some(tls) = &l.tls {
-                for (name, path) in [
-                    ("cert", Some(&tls.cert)),
-                    ("key", Some(&tls.key)),
-                    ("client_ca", tls.client_ca.as_ref()),
-                ] {
-                    if let Some(p) = path {
-                        if let Err(e) = std::fs::metadata(p) {
-                            return err(format!("{key}.tls.{name}"), format!("cannot read {}: {e}", p.display()));
-                        }
-                    }
-                }
+                tls.files_readable(&format!("{key}.tls"))?;
             }
             if !l.bind.0.ip().is_loopback() && l.anonymous.is_none() && b.users.is_empty() {
                 return err(

@@ -200,25 +200,20 @@ impl Browser {
         self.cmd("/execute/sync", serde_json::json!({"script": js, "args": []}))
     }
 
-    fn type_into(&self, css: &str, text: &str) {
+    /// The WebDriver id of the element `css` selects.
+    fn element(&self, css: &str) -> String {
         let el = self.cmd("/element", serde_json::json!({"using": "css selector", "value": css}));
-        let id = el
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(|v| v.as_str())
-            .unwrap()
-            .to_string();
+        let id = el.as_object().and_then(|o| o.values().next()).and_then(|v| v.as_str());
+        id.unwrap_or_else(|| panic!("no element {css}: {el}")).to_string()
+    }
+
+    fn type_into(&self, css: &str, text: &str) {
+        let id = self.element(css);
         self.cmd(&format!("/element/{id}/value"), serde_json::json!({ "text": text }));
     }
 
     fn click(&self, css: &str) {
-        let el = self.cmd("/element", serde_json::json!({"using": "css selector", "value": css}));
-        let id = el
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(|v| v.as_str())
-            .unwrap()
-            .to_string();
+        let id = self.element(css);
         self.cmd(&format!("/element/{id}/click"), serde_json::json!({}));
     }
 
