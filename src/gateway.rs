@@ -157,7 +157,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
 /// The status client pings the engine this often; the watchdog wants an answer within
 /// `ENGINE_SILENCE_MS`.
 const STATUS_KEEPALIVE: Duration = Duration::from_secs(5);
-const ENGINE_SILENCE_MS: i64 = 20_000;
+pub const ENGINE_SILENCE_MS: i64 = 20_000;
 
 /// `outpost/<id>/status`: retained `online` while the gateway serves, `offline` when it stops
 /// (and as the will, should the link to the engine break).

@@ -79,16 +79,7 @@ impl Listener {
                 },
                 _ = stop.cancelled() => return,
             };
-            // Every socket, logged in or not, holds a slot: this bounds what half-open sockets cost.
-            let Ok(slot) = shared.sockets_allowed.clone().try_acquire_owned() else {
-                log::warn!("{}: too many open sockets, dropping {peer}", self.info.name);
-                drop(stream);
-                continue;
-            };
-            // Sockets not yet logged in have a smaller pool of their own, so silent ones cannot
-            // crowd out clients.
-            let Ok(prelogin) = shared.prelogin_allowed.clone().try_acquire_owned() else {
-                log::warn!("{}: too many sockets still logging in, dropping {peer}", self.info.name);
+            let Some((slot, prelogin)) = admit(&shared, &self.info.name, peer) else {
                 drop(stream);
                 continue;
             };
@@ -165,19 +156,11 @@ impl super::FrontDoor {
             bind: bind.to_string(),
             anonymous: bind.ip().is_loopback(),
         };
-        let Ok(slot) = shared.sockets_allowed.clone().try_acquire_owned() else {
-            log::warn!("{}: too many open sockets, dropping {peer}", info.name);
-            return;
-        };
-        let Ok(prelogin) = shared.prelogin_allowed.clone().try_acquire_owned() else {
-            log::warn!("{}: too many sockets still logging in, dropping {peer}", info.name);
+        let Some((slot, prelogin)) = admit(&shared, &info.name, peer) else {
             return;
         };
         let deadline = Instant::now() + shared.limits.connect_timeout.0;
-        let max = shared.limits.max_packet_size.0 as usize + 64;
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max));
+        let config = ws_config(shared.limits.max_packet_size.0 as usize + 64);
         let close = self.close.clone();
         self.tracker.spawn(async move {
             let ws = async_tungstenite::WebSocketStream::from_raw_socket(
@@ -191,6 +174,41 @@ impl super::FrontDoor {
             drop(slot);
         });
     }
+}
+
+/// Takes the two slots every new socket needs, or logs why it is dropped.
+fn admit(
+    shared: &Shared,
+    name: &str,
+    peer: SocketAddr,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit)> {
+    // Every socket, logged in or not, holds a slot: this bounds what half-open sockets cost.
+    let Ok(slot) = shared.sockets_allowed.clone().try_acquire_owned() else {
+        log::warn!("{name}: too many open sockets, dropping {peer}");
+        return None;
+    };
+    // Sockets not yet logged in have a smaller pool of their own, so silent ones cannot
+    // crowd out clients.
+    let Ok(prelogin) = shared.prelogin_allowed.clone().try_acquire_owned() else {
+        log::warn!("{name}: too many sockets still logging in, dropping {peer}");
+        return None;
+    };
+    Some((slot, prelogin))
+}
+
+/// Messages and frames are limited to the broker's packet limit, before any login.
+fn ws_config(max: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// The MQTT WebSocket subprotocol to answer, of those a client offers (`Sec-WebSocket-Protocol`).
+pub fn mqtt_subprotocol(offered: &str) -> Option<&str> {
+    offered
+        .split(',')
+        .map(str::trim)
+        .find(|p| *p == "mqtt" || *p == "mqttv3.1")
 }
 
 type WsStream<S> = ws_stream_tungstenite::WsStream<async_tungstenite::tokio::TokioAdapter<S>>;
@@ -209,19 +227,13 @@ where
             .get("sec-websocket-protocol")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        if let Some(p) = offered
-            .split(',')
-            .map(str::trim)
-            .find(|p| *p == "mqtt" || *p == "mqttv3.1")
-        {
+        if let Some(p) = mqtt_subprotocol(offered) {
             resp.headers_mut()
                 .insert("sec-websocket-protocol", HeaderValue::from_str(p).expect("ascii"));
         }
         Ok(resp)
     };
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
+    let config = ws_config(max);
     let ws = async_tungstenite::tokio::accept_hdr_async_with_config(stream, pick, Some(config)).await?;
     Ok(ws_stream_tungstenite::WsStream::new(ws))
 }

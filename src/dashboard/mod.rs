@@ -75,16 +75,13 @@ pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard:
     })
 }
 
-/// The engine is called silent after this long without an answer.
-const ENGINE_SILENCE_MS: i64 = 20_000;
-
 impl View {
     /// Healthy when the engine answers and, with bridges configured, their spool directory
     /// takes a write. Returns the problems otherwise.
     pub fn health(&self) -> Vec<String> {
         let mut problems = vec![];
         let silent = crate::bridge::spool::now_ms() - self.engine_contact.load(Ordering::Relaxed);
-        if silent > ENGINE_SILENCE_MS {
+        if silent > crate::gateway::ENGINE_SILENCE_MS {
             problems.push(format!("broker engine has not answered for {} s", silent / 1000));
         }
         let status = self.status.load();
@@ -273,11 +270,7 @@ fn upgrade(mut req: Request<Incoming>, door: &FrontDoor, peer: SocketAddr, local
     hs.insert(UPGRADE, HeaderValue::from_static("websocket"));
     hs.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     hs.insert(SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64"));
-    if let Some(p) = offered
-        .split(',')
-        .map(str::trim)
-        .find(|p| *p == "mqtt" || *p == "mqttv3.1")
-    {
+    if let Some(p) = crate::broker::listener::mqtt_subprotocol(&offered) {
         hs.insert("sec-websocket-protocol", HeaderValue::from_str(p).expect("ascii"));
     }
     r
