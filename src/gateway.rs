@@ -2,12 +2,11 @@
 //! reload users and ACLs on SIGHUP, then drain and say goodbye on the status topic.
 
 use crate::bridge::Bridges;
-use crate::broker::{self, Broker, Bus};
+use crate::broker::{Broker, Bus};
 use crate::config::Config;
 use crate::devices::service::DeviceService;
 use crate::system::notify;
 use anyhow::{Context, Result};
-use rumqttc::{AsyncClient, LastWill, QoS};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -20,12 +19,12 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     std::fs::create_dir_all(&cfg.gateway.data_dir)
         .with_context(|| format!("gateway.data_dir: cannot create {}", cfg.gateway.data_dir.display()))?;
     let broker = Broker::start(&cfg).await?;
-    let status = StatusTopic::start(&broker, &cfg.gateway.id).await?;
+    let bus = Bus::start(broker.shared.clone());
+    let status = StatusTopic::start(&broker, bus.clone(), &cfg.gateway.id).await;
     let dashboard = match &cfg.dashboard.bind {
         Some(b) => Some(crate::dashboard::Dashboard::bind(b.0, cfg.dashboard.tls.as_ref()).await?),
         None => None,
     };
-    let bus = Bus::start(broker.shared.clone());
     let mut bridges = Bridges::new(broker.shared.clone(), bus.clone(), &cfg.gateway);
     bridges.apply(&cfg.bridges).await?;
     let stop_grants = tokio_util::sync::CancellationToken::new();
@@ -154,69 +153,54 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// The status client pings the engine this often; the watchdog wants an answer within
+/// How often the router is sent a probe message; the watchdog wants one back within
 /// `ENGINE_SILENCE_MS`.
-const STATUS_KEEPALIVE: Duration = Duration::from_secs(5);
+const PROBE_EVERY: Duration = Duration::from_secs(2);
 pub const ENGINE_SILENCE_MS: i64 = 20_000;
 
-/// `outpost/<id>/status`: retained `online` while the gateway serves, `offline` when it stops
-/// (and as the will, should the link to the engine break).
+/// `outpost/<id>/status`: retained `online` while the gateway serves, `offline` when it stops.
+/// Beside it, a probe that goes through the router and back, so the watchdog and `/healthz`
+/// notice a router that stops routing.
 struct StatusTopic {
-    client: AsyncClient,
+    bus: Bus,
     topic: String,
     task: tokio::task::JoinHandle<()>,
-    /// When the engine last answered this client (ms since epoch).
+    /// When a probe last came back through the router (ms since epoch).
     last_contact: Arc<AtomicI64>,
 }
 
 impl StatusTopic {
-    async fn start(broker: &Broker, id: &str) -> Result<StatusTopic> {
+    async fn start(broker: &Broker, bus: Bus, id: &str) -> StatusTopic {
         let topic = format!("outpost/{id}/status");
-        let mut opts = broker::engine_client(&broker.shared.engine, &format!("outpost-status-{id}"));
-        opts.set_keep_alive(STATUS_KEEPALIVE);
-        opts.set_last_will(LastWill::new(&topic, "offline", QoS::AtLeastOnce, true));
-        let (client, mut events) = AsyncClient::new(opts, 16);
-        client.publish(&topic, QoS::AtLeastOnce, true, "online").await?;
-        // Wait for the engine to take `online` before calling the gateway ready.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match tokio::time::timeout_at(deadline, events.poll()).await {
-                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e).context("status topic: engine connection"),
-                Err(_) => anyhow::bail!("status topic: engine did not answer in 10s"),
-            }
-        }
+        bus.publish(&topic, bytes::Bytes::from_static(b"online"), 1, true, None)
+            .await;
+        let probe = format!("$SYS/outpost/{id}/probe");
+        let mut client = broker.shared.local_client("status-probe", std::slice::from_ref(&probe));
         let last_contact = Arc::new(AtomicI64::new(crate::bridge::spool::now_ms()));
         let contact = last_contact.clone();
+        let probe_bus = bus.clone();
         let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROBE_EVERY);
             loop {
-                match events.poll().await {
-                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                    Ok(rumqttc::Event::Incoming(_)) => contact.store(crate::bridge::spool::now_ms(), Ordering::Relaxed),
-                    Ok(_) => {}
-                    Err(e) => {
-                        log::warn!("status topic: {e}; reconnecting");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
+                tokio::select! {
+                    _ = tick.tick() => probe_bus.publish(&probe, bytes::Bytes::new(), 0, false, None).await,
+                    _ = client.recv() => contact.store(crate::bridge::spool::now_ms(), Ordering::Relaxed),
                 }
             }
         });
-        Ok(StatusTopic {
-            client,
+        StatusTopic {
+            bus,
             topic,
             task,
             last_contact,
-        })
+        }
     }
 
     async fn offline(self) {
-        let _ = self
-            .client
-            .publish(&self.topic, QoS::AtLeastOnce, true, "offline")
+        self.bus
+            .publish(&self.topic, bytes::Bytes::from_static(b"offline"), 1, true, None)
             .await;
-        let _ = self.client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+        self.task.abort();
     }
 }
 

@@ -70,6 +70,8 @@ struct Rule {
     on: Vec<String>,
     publish: Vec<String>,
     subscribe: Vec<String>,
+    deny_publish: Vec<String>,
+    deny_subscribe: Vec<String>,
 }
 
 struct UserEntry {
@@ -118,6 +120,8 @@ impl Policy {
                         .collect(),
                     publish: r.allow.publish.clone(),
                     subscribe: r.allow.subscribe.clone(),
+                    deny_publish: r.deny.publish.clone(),
+                    deny_subscribe: r.deny.subscribe.clone(),
                 })
                 .collect(),
         }
@@ -156,13 +160,23 @@ impl Policy {
             return false;
         }
         self.allowed(id, |r| &r.publish, |f| topics::matches(topic, f))
+            && !self.allowed(id, |r| &r.deny_publish, |f| topics::matches(topic, f))
     }
 
+    /// A subscription must lie inside an allowed filter, and not inside a denied one.
     pub fn may_subscribe(&self, id: &Identity, filter: &str) -> bool {
         let Some(inner) = topics::strip_share(filter) else {
             return false;
         };
         self.allowed(id, |r| &r.subscribe, |f| topics::covers(f, inner))
+            && !self.allowed(id, |r| &r.deny_subscribe, |f| topics::covers(f, inner))
+    }
+
+    /// May a message on `topic` be delivered: some allowed subscribe filter matches it, and no
+    /// denied one does.
+    pub fn may_read(&self, id: &Identity, topic: &str) -> bool {
+        self.allowed(id, |r| &r.subscribe, |f| topics::matches(topic, f))
+            && !self.allowed(id, |r| &r.deny_subscribe, |f| topics::matches(topic, f))
     }
 
     fn allowed(&self, id: &Identity, list: impl Fn(&Rule) -> &Vec<String>, check: impl Fn(&str) -> bool) -> bool {
@@ -180,7 +194,11 @@ impl Policy {
 
 /// Fills `{username}` and `{client_id}` in a filter. A value holding `/`, `+` or `#` would
 /// widen the filter, so such a rule does not apply (nor one needing a username the client lacks).
-fn substitute(filter: &str, id: &Identity) -> Option<String> {
+/// Borrows when there is nothing to fill (the common case, checked at every delivery).
+fn substitute<'a>(filter: &'a str, id: &Identity) -> Option<std::borrow::Cow<'a, str>> {
+    if !filter.contains('{') {
+        return Some(std::borrow::Cow::Borrowed(filter));
+    }
     let mut out = filter.to_string();
     if out.contains("{username}") {
         let u = id.username.as_deref()?;
@@ -195,7 +213,7 @@ fn substitute(filter: &str, id: &Identity) -> Option<String> {
         }
         out = out.replace("{client_id}", &id.client_id);
     }
-    Some(out)
+    Some(std::borrow::Cow::Owned(out))
 }
 
 /// An argon2id PHC string for a password, as `outpost passwd` prints it.
@@ -228,6 +246,7 @@ mod tests {
                         publish: vec!["devices/{username}/#".into()],
                         subscribe: vec!["devices/{username}/cmd/#".into()],
                     },
+                    deny: AclAllow::default(),
                 },
                 AclRule {
                     who: "anonymous".into(),
@@ -235,6 +254,10 @@ mod tests {
                     allow: AclAllow {
                         publish: vec![],
                         subscribe: vec!["public/#".into()],
+                    },
+                    deny: AclAllow {
+                        publish: vec![],
+                        subscribe: vec!["public/secret/#".into()],
                     },
                 },
             ],
@@ -267,6 +290,9 @@ mod tests {
         assert!(
             p.may_subscribe(&anon, "public/a") && !p.may_subscribe(&anon, "#") && !p.may_publish(&anon, "public/a")
         );
+        // A deny wins: the denied filter itself is refused, a wider one never reads inside it.
+        assert!(!p.may_subscribe(&anon, "public/secret/#") && !p.may_subscribe(&anon, "public/secret/x"));
+        assert!(p.may_read(&anon, "public/a") && !p.may_read(&anon, "public/secret/x") && !p.may_read(&anon, "x"));
         let sneaky = Identity {
             username: Some("#".into()),
             client_id: "y".into(),

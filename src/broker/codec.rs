@@ -1,11 +1,12 @@
-//! MQTT packets as the front door sees them: whole frames cut from the byte stream, and the few
-//! packets it must read or write (CONNECT, CONNACK, PUBLISH, SUBSCRIBE, SUBACK, UNSUBSCRIBE,
-//! acks, DISCONNECT) for MQTT 3.1.1 and 5 alike. Decoding and encoding are rumqttc's codecs;
-//! this module only chooses the version and keeps the original bytes to forward untouched.
+//! MQTT packets as the broker reads and writes them, for 3.1.1 and 5 alike: whole frames cut
+//! from the byte stream, client packets decoded into one version-neutral [`In`], and the
+//! packets the broker sends encoded for the client's version. The byte-level work is rumqttc's
+//! codecs; this module chooses the version and checks what the specification asks of a server.
 
+use super::router::message::{Message, Props};
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::{self as m4, v4};
-use rumqttc::v5::mqttbytes::v5;
+use rumqttc::v5::mqttbytes::{self as m5, v5};
 
 /// The protocol a client speaks, from its CONNECT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +99,9 @@ impl Frame {
     fn body(&self) -> &[u8] {
         &self.bytes[self.header_len..]
     }
+    fn flags(&self) -> u8 {
+        self.bytes[0] & 0x0f
+    }
 }
 
 /// The protocol level a CONNECT asks for (3 = 3.1, 4 = 3.1.1, 5 = 5), read before decoding.
@@ -108,7 +112,7 @@ pub fn protocol_level(frame: &Frame) -> Option<(String, u8)> {
     Some((name, *b.get(2 + n)?))
 }
 
-/// What the front door needs of a CONNECT, for either protocol; the rest is kept to re-encode.
+/// What the broker needs of a CONNECT, for either protocol.
 #[derive(Clone, Debug)]
 pub struct Connect {
     pub proto: Proto,
@@ -116,28 +120,30 @@ pub struct Connect {
     pub username: Option<String>,
     pub password: Option<String>,
     pub keep_alive: u16,
+    /// 3.1.1 clean session, or MQTT 5 clean start.
     pub clean: bool,
+    /// MQTT 5 session expiry (seconds; `u32::MAX` never). `None` for 3.1.1 (the broker's setting).
+    pub session_expiry: Option<u32>,
+    /// MQTT 5: what the client will take at once and how big (0: no limit said).
+    pub receive_max: u16,
+    pub max_packet: u32,
+    pub topic_alias_max: u16,
     pub will: Option<Will>,
     /// MQTT 5 enhanced authentication, which outpost does not offer.
     pub auth_method: Option<String>,
-    raw: RawConnect,
 }
 
-/// A client's last will, as the front door needs it (ACL check, retained store, bridges).
+/// A client's last will.
 #[derive(Clone, Debug)]
 pub struct Will {
     pub topic: String,
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
-    /// MQTT 5 will delay: the engine may cancel the will if the client comes back.
-    pub delayed: bool,
-}
-
-#[derive(Clone, Debug)]
-enum RawConnect {
-    V4(v4::Connect),
-    V5(v5::Connect, Option<v5::LastWill>),
+    /// MQTT 5 will delay in seconds.
+    pub delay: u32,
+    pub props: Option<Box<Props>>,
+    pub expiry: Option<u32>,
 }
 
 /// Why a CONNECT is refused; mapped to the right CONNACK code for each protocol.
@@ -157,21 +163,41 @@ pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
     if frame.kind != kind::CONNECT {
         return Err(malformed("the first packet must be CONNECT"));
     }
-    if frame.bytes[0] & 0x0f != 0 {
+    if frame.flags() != 0 {
         return Err(malformed("CONNECT with reserved flags set"));
     }
     let (_, level) = protocol_level(frame).ok_or_else(|| malformed("CONNECT too short"))?;
+    // The connect flags' reserved bit (0) must be zero [MQTT-3.1.2-3].
+    let b = frame.body();
+    let name_len = u16::from_be_bytes([b[0], b[1]]) as usize;
+    if b.get(2 + name_len + 1).is_some_and(|f| f & 0x01 != 0) {
+        return Err(malformed("CONNECT flags' reserved bit is set"));
+    }
     match level {
         5 => {
             let (c, will, login) = v5::Connect::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
+            let p = c.properties.as_ref();
             let will_info = match &will {
-                Some(w) => Some(Will {
-                    topic: String::from_utf8(w.topic.to_vec()).map_err(|_| malformed("will topic is not UTF-8"))?,
-                    payload: w.message.clone(),
-                    qos: w.qos as u8,
-                    retain: w.retain,
-                    delayed: w.properties.as_ref().and_then(|p| p.delay_interval).unwrap_or(0) > 0,
-                }),
+                Some(w) => {
+                    let wp = w.properties.as_ref();
+                    Some(Will {
+                        topic: String::from_utf8(w.topic.to_vec()).map_err(|_| malformed("will topic is not UTF-8"))?,
+                        payload: w.message.clone(),
+                        qos: w.qos as u8,
+                        retain: w.retain,
+                        delay: wp.and_then(|p| p.delay_interval).unwrap_or(0),
+                        expiry: wp.and_then(|p| p.message_expiry_interval),
+                        props: wp.and_then(|p| {
+                            Props::from_parts(
+                                p.payload_format_indicator,
+                                p.content_type.clone(),
+                                p.response_topic.clone(),
+                                p.correlation_data.clone(),
+                                p.user_properties.clone(),
+                            )
+                        }),
+                    })
+                }
                 None => None,
             };
             Ok(Connect {
@@ -181,9 +207,12 @@ pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
                 password: login.as_ref().map(|l| l.password.clone()),
                 keep_alive: c.keep_alive,
                 clean: c.clean_start,
+                session_expiry: Some(p.and_then(|p| p.session_expiry_interval).unwrap_or(0)),
+                receive_max: p.and_then(|p| p.receive_maximum).unwrap_or(u16::MAX),
+                max_packet: p.and_then(|p| p.max_packet_size).unwrap_or(0),
+                topic_alias_max: p.and_then(|p| p.topic_alias_max).unwrap_or(0),
                 will: will_info,
-                auth_method: c.properties.as_ref().and_then(|p| p.authentication_method.clone()),
-                raw: RawConnect::V5(c, will),
+                auth_method: p.and_then(|p| p.authentication_method.clone()),
             })
         }
         _ => {
@@ -195,44 +224,22 @@ pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
                 password: c.login.as_ref().map(|l| l.password.clone()),
                 keep_alive: c.keep_alive,
                 clean: c.clean_session,
+                session_expiry: None,
+                receive_max: u16::MAX,
+                max_packet: 0,
+                topic_alias_max: 0,
                 will: c.last_will.as_ref().map(|w| Will {
                     topic: w.topic.clone(),
                     payload: w.message.clone(),
                     qos: w.qos as u8,
                     retain: w.retain,
-                    delayed: false,
+                    delay: 0,
+                    props: None,
+                    expiry: None,
                 }),
                 auth_method: None,
-                raw: RawConnect::V4(c),
             })
         }
-    }
-}
-
-impl Connect {
-    /// The same CONNECT with the engine's credentials, client id and keep-alive.
-    /// `fresh` asks the engine for a clean session whatever the client asked.
-    pub fn for_engine(&self, client_id: &str, user: &str, pass: &str, keep_alive: u16, fresh: bool) -> Bytes {
-        let mut out = BytesMut::new();
-        match &self.raw {
-            RawConnect::V4(c) => {
-                let mut c = c.clone();
-                c.client_id = client_id.to_string();
-                c.keep_alive = keep_alive;
-                c.clean_session |= fresh;
-                c.login = Some(v4::Login::new(user, pass));
-                c.write(&mut out).expect("re-encoding a decoded CONNECT");
-            }
-            RawConnect::V5(c, will) => {
-                let mut c = c.clone();
-                c.client_id = client_id.to_string();
-                c.keep_alive = keep_alive;
-                c.clean_start |= fresh;
-                c.write(will, &Some(v5::Login::new(user, pass)), &mut out)
-                    .expect("re-encoding a decoded CONNECT");
-            }
-        }
-        out.freeze()
     }
 }
 
@@ -277,42 +284,50 @@ pub fn connack_refusal(proto: Proto, why: Refusal) -> Bytes {
     out.freeze()
 }
 
-/// Reads the engine's CONNACK: was the connection accepted? For MQTT 5, the CONNACK is
-/// re-encoded with the front door's own limits (Receive Maximum, Maximum Packet Size).
-/// The MQTT 5 limits the front door announces in CONNACK, replacing the engine's.
+/// What the broker tells an MQTT 5 client in its CONNACK.
 pub struct Announce {
     pub receive_max: u16,
     pub max_packet: u32,
     pub topic_alias_max: u16,
-    /// The client id the front door made for a client that sent none.
+    /// The client id made for a client that sent none.
     pub assigned_id: Option<String>,
+    /// Set when the broker keeps the client's session for less than it asked.
+    pub session_expiry: Option<u32>,
+    /// Set when the broker overrides the client's keep-alive (it asked for none, or too long).
+    pub server_keep_alive: Option<u16>,
 }
 
-pub fn engine_connack(proto: Proto, frame: &Frame, a: &Announce) -> Result<(bool, Bytes), FrameError> {
-    if frame.kind != kind::CONNACK {
-        return Err(malformed("engine did not answer with CONNACK"));
-    }
+/// The CONNACK that accepts a connection.
+pub fn connack_ok(proto: Proto, session_present: bool, a: &Announce) -> Bytes {
+    let mut out = BytesMut::new();
     match proto {
         Proto::V4 => {
-            let ack = v4::ConnAck::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
-            Ok((ack.code == v4::ConnectReturnCode::Success, frame.bytes.clone()))
+            v4::ConnAck::new(v4::ConnectReturnCode::Success, session_present)
+                .write(&mut out)
+                .expect("encoding CONNACK");
         }
         Proto::V5 => {
-            let mut ack = v5::ConnAck::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
-            let ok = ack.code == v5::ConnectReturnCode::Success;
-            if ok {
-                let mut props = ack.properties.take().unwrap_or_else(empty_connack_props);
-                props.receive_max = Some(a.receive_max);
-                props.max_packet_size = Some(a.max_packet);
-                props.topic_alias_max = Some(a.topic_alias_max);
-                props.assigned_client_identifier = a.assigned_id.clone();
-                ack.properties = Some(props);
+            let mut props = empty_connack_props();
+            props.receive_max = Some(a.receive_max);
+            props.max_packet_size = Some(a.max_packet);
+            props.topic_alias_max = Some(a.topic_alias_max);
+            props.assigned_client_identifier = a.assigned_id.clone();
+            props.session_expiry_interval = a.session_expiry;
+            props.server_keep_alive = a.server_keep_alive;
+            props.retain_available = Some(1);
+            props.wildcard_subscription_available = Some(1);
+            props.subscription_identifiers_available = Some(1);
+            props.shared_subscription_available = Some(1);
+            v5::ConnAck {
+                session_present,
+                code: v5::ConnectReturnCode::Success,
+                properties: Some(props),
             }
-            let mut out = BytesMut::new();
-            ack.write(&mut out).map_err(malformed)?;
-            Ok((ok, out.freeze()))
+            .write(&mut out)
+            .expect("encoding CONNACK");
         }
     }
+    out.freeze()
 }
 
 fn empty_connack_props() -> v5::ConnAckProperties {
@@ -337,7 +352,7 @@ fn empty_connack_props() -> v5::ConnAckProperties {
     }
 }
 
-/// What the front door needs of a PUBLISH.
+/// A PUBLISH from a client.
 #[derive(Clone, Debug)]
 pub struct Publish {
     /// Empty when an MQTT 5 client sends only a topic alias.
@@ -345,232 +360,426 @@ pub struct Publish {
     pub alias: Option<u16>,
     pub qos: u8,
     pub retain: bool,
+    pub dup: bool,
     pub pkid: u16,
     pub payload: Bytes,
+    pub props: Option<Box<Props>>,
+    /// MQTT 5 message expiry interval, seconds.
+    pub expiry: Option<u32>,
+}
+
+/// One filter of a SUBSCRIBE with its options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubReq {
+    pub filter: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    /// 0: send retained at subscribe, 1: only if the subscription is new, 2: never.
+    pub retain_handling: u8,
+}
+
+/// A client packet, decoded.
+#[derive(Debug)]
+pub enum In {
+    Publish(Publish),
+    PubAck(u16),
+    PubRec(u16),
+    PubRel(u16),
+    PubComp(u16),
+    Subscribe {
+        pkid: u16,
+        filters: Vec<SubReq>,
+        id: Option<u32>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    PingReq,
+    Disconnect {
+        reason: u8,
+        session_expiry: Option<u32>,
+    },
+}
+
+fn pkid_of(frame: &Frame) -> Result<u16, FrameError> {
+    let b = frame.body();
+    match (b.first(), b.get(1)) {
+        (Some(&h), Some(&l)) => Ok(u16::from_be_bytes([h, l])),
+        _ => Err(malformed("packet without packet id")),
+    }
+}
+
+/// Decodes a packet a client sent after CONNECT. Anything the specification calls malformed or
+/// a protocol error is an `Err`: the caller closes the connection.
+pub fn decode(proto: Proto, frame: &Frame) -> Result<In, FrameError> {
+    let flags = frame.flags();
+    let fixed = |want: u8, what: &str| {
+        if flags == want {
+            Ok(())
+        } else {
+            Err(malformed(format!("{what} with wrong fixed-header flags")))
+        }
+    };
+    match frame.kind {
+        kind::PUBLISH => decode_publish(proto, frame).map(In::Publish),
+        kind::PUBACK => fixed(0, "PUBACK").and_then(|_| pkid_of(frame)).map(In::PubAck),
+        kind::PUBREC => fixed(0, "PUBREC").and_then(|_| pkid_of(frame)).map(In::PubRec),
+        kind::PUBREL => fixed(2, "PUBREL").and_then(|_| pkid_of(frame)).map(In::PubRel),
+        kind::PUBCOMP => fixed(0, "PUBCOMP").and_then(|_| pkid_of(frame)).map(In::PubComp),
+        kind::SUBSCRIBE => {
+            fixed(2, "SUBSCRIBE")?;
+            decode_subscribe(proto, frame)
+        }
+        kind::UNSUBSCRIBE => {
+            fixed(2, "UNSUBSCRIBE")?;
+            let (pkid, filters) = match proto {
+                Proto::V4 => {
+                    let u = v4::Unsubscribe::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
+                    (u.pkid, u.topics)
+                }
+                Proto::V5 => {
+                    let u = v5::Unsubscribe::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
+                    (u.pkid, u.filters)
+                }
+            };
+            if filters.is_empty() {
+                return Err(malformed("UNSUBSCRIBE without filters"));
+            }
+            Ok(In::Unsubscribe { pkid, filters })
+        }
+        kind::PINGREQ => fixed(0, "PINGREQ").map(|_| In::PingReq),
+        kind::DISCONNECT => {
+            fixed(0, "DISCONNECT")?;
+            match proto {
+                Proto::V4 => Ok(In::Disconnect {
+                    reason: 0,
+                    session_expiry: None,
+                }),
+                Proto::V5 if frame.body().is_empty() => Ok(In::Disconnect {
+                    reason: 0,
+                    session_expiry: None,
+                }),
+                Proto::V5 => {
+                    let d = v5::Disconnect::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
+                    Ok(In::Disconnect {
+                        reason: frame.body()[0],
+                        session_expiry: d.properties.and_then(|p| p.session_expiry_interval),
+                    })
+                }
+            }
+        }
+        kind::CONNECT => Err(malformed("a second CONNECT")),
+        kind::AUTH => Err(malformed("AUTH without enhanced authentication")),
+        _ => Err(malformed("a packet type a client may not send")),
+    }
 }
 
 pub fn decode_publish(proto: Proto, frame: &Frame) -> Result<Publish, FrameError> {
+    let qos = (frame.bytes[0] >> 1) & 0x03;
+    if qos == 3 {
+        return Err(malformed("PUBLISH with QoS 3"));
+    }
+    if qos == 0 && frame.bytes[0] & 0x08 != 0 {
+        return Err(malformed("QoS 0 PUBLISH with DUP set"));
+    }
     match proto {
         Proto::V4 => {
             let p = v4::Publish::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
+            if qos > 0 && p.pkid == 0 {
+                return Err(malformed("PUBLISH with packet id 0"));
+            }
             Ok(Publish {
                 topic: p.topic,
                 alias: None,
                 qos: p.qos as u8,
                 retain: p.retain,
+                dup: p.dup,
                 pkid: p.pkid,
                 payload: p.payload,
+                props: None,
+                expiry: None,
             })
         }
         Proto::V5 => {
             let p = v5::Publish::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
+            if qos > 0 && p.pkid == 0 {
+                return Err(malformed("PUBLISH with packet id 0"));
+            }
             let topic = String::from_utf8(p.topic.to_vec()).map_err(|_| malformed("topic is not UTF-8"))?;
+            let pr = p.properties;
+            if pr.as_ref().is_some_and(|pr| !pr.subscription_identifiers.is_empty()) {
+                return Err(malformed("a client PUBLISH may not carry subscription identifiers"));
+            }
+            if pr
+                .as_ref()
+                .is_some_and(|pr| pr.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err())
+            {
+                return Err(malformed("payload marked UTF-8 is not"));
+            }
             Ok(Publish {
                 topic,
-                alias: p.properties.as_ref().and_then(|pr| pr.topic_alias),
+                alias: pr.as_ref().and_then(|pr| pr.topic_alias),
                 qos: p.qos as u8,
                 retain: p.retain,
+                dup: p.dup,
                 pkid: p.pkid,
                 payload: p.payload,
+                expiry: pr.as_ref().and_then(|pr| pr.message_expiry_interval),
+                props: pr.and_then(|pr| {
+                    Props::from_parts(
+                        pr.payload_format_indicator,
+                        pr.content_type,
+                        pr.response_topic,
+                        pr.correlation_data,
+                        pr.user_properties,
+                    )
+                }),
             })
         }
     }
 }
 
-/// Why a subscription filter is refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SubDenied {
-    NotAuthorized,
-    InvalidFilter,
-}
-
-/// A decoded SUBSCRIBE: filters with their requested QoS.
-#[derive(Clone, Debug)]
-pub struct Subscribe {
-    pub pkid: u16,
-    pub filters: Vec<String>,
-    raw: RawSubscribe,
-}
-
-#[derive(Clone, Debug)]
-enum RawSubscribe {
-    V4(v4::Subscribe),
-    V5(v5::Subscribe),
-}
-
-pub fn decode_subscribe(proto: Proto, frame: &Frame) -> Result<Subscribe, FrameError> {
-    if frame.bytes[0] & 0x0f != 0x02 {
-        return Err(malformed("SUBSCRIBE with wrong fixed-header flags"));
-    }
-    match proto {
+fn decode_subscribe(proto: Proto, frame: &Frame) -> Result<In, FrameError> {
+    let (pkid, filters, id) = match proto {
         Proto::V4 => {
+            // Reserved bits of each requested QoS byte must be zero [MQTT-3-8.3-4].
             let s = v4::Subscribe::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
-            Ok(Subscribe {
-                pkid: s.pkid,
-                filters: s.filters.iter().map(|f| f.path.clone()).collect(),
-                raw: RawSubscribe::V4(s),
-            })
+            check_option_bytes(frame, proto)?;
+            let f: Vec<SubReq> = s
+                .filters
+                .into_iter()
+                .map(|f| SubReq {
+                    filter: f.path,
+                    qos: f.qos as u8,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: 0,
+                })
+                .collect();
+            (s.pkid, f, None)
         }
         Proto::V5 => {
             let s = v5::Subscribe::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
-            Ok(Subscribe {
-                pkid: s.pkid,
-                filters: s.filters.iter().map(|f| f.path.clone()).collect(),
-                raw: RawSubscribe::V5(s),
-            })
+            check_option_bytes(frame, proto)?;
+            let id = match s.properties.as_ref().and_then(|p| p.id) {
+                Some(0) => return Err(malformed("subscription identifier 0")),
+                Some(n) if n > 268_435_455 => return Err(malformed("subscription identifier too large")),
+                Some(n) => Some(n as u32),
+                None => None,
+            };
+            let f: Vec<SubReq> = s
+                .filters
+                .into_iter()
+                .map(|f| SubReq {
+                    filter: f.path,
+                    qos: f.qos as u8,
+                    no_local: f.nolocal,
+                    retain_as_published: f.preserve_retain,
+                    retain_handling: match f.retain_forward_rule {
+                        v5::RetainForwardRule::OnEverySubscribe => 0,
+                        v5::RetainForwardRule::OnNewSubscribe => 1,
+                        v5::RetainForwardRule::Never => 2,
+                    },
+                })
+                .collect();
+            (s.pkid, f, id)
         }
+    };
+    if filters.is_empty() {
+        return Err(malformed("SUBSCRIBE without filters"));
+    }
+    Ok(In::Subscribe { pkid, filters, id })
+}
+
+/// Walks a SUBSCRIBE's payload and refuses reserved bits in the options bytes (rumqttc's
+/// reader accepts them; the specification says close).
+fn check_option_bytes(frame: &Frame, proto: Proto) -> Result<(), FrameError> {
+    let b = frame.body();
+    let mut i = 2;
+    if proto == Proto::V5 {
+        let (len, n) = varint(&b[i..]).ok_or_else(|| malformed("bad properties length"))?;
+        i += n + len;
+    }
+    while i < b.len() {
+        let n = u16::from_be_bytes([b[i], *b.get(i + 1).ok_or_else(|| malformed("short filter"))?]) as usize;
+        i += 2 + n;
+        let opts = *b.get(i).ok_or_else(|| malformed("filter without options"))?;
+        let reserved = match proto {
+            Proto::V4 => opts & 0xfc != 0,
+            Proto::V5 => opts & 0xc0 != 0 || (opts >> 4) & 0x03 == 3,
+        };
+        if reserved || opts & 0x03 == 3 {
+            return Err(malformed("SUBSCRIBE options with reserved bits set"));
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+fn varint(b: &[u8]) -> Option<(usize, usize)> {
+    let mut v = 0usize;
+    for (i, byte) in b.iter().take(4).enumerate() {
+        v += ((byte & 0x7f) as usize) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// How one delivered PUBLISH goes out.
+pub struct OutPublish<'a> {
+    pub msg: &'a Message,
+    pub qos: u8,
+    pub pkid: u16,
+    pub dup: bool,
+    pub retain: bool,
+    pub sub_ids: &'a [u32],
+    /// MQTT 5 topic alias: `(alias, send the topic too)`.
+    pub alias: Option<(u16, bool)>,
+    /// Seconds left of the message's expiry, if it has one.
+    pub expiry_left: Option<u32>,
+}
+
+/// Appends a PUBLISH to `out`; returns its size. MQTT 3.1.1 gets no properties (it has none).
+pub fn encode_publish(proto: Proto, p: &OutPublish, out: &mut BytesMut) -> usize {
+    let before = out.len();
+    match proto {
+        Proto::V4 => {
+            let mut w = v4::Publish::new(&*p.msg.topic, m4::qos(p.qos).unwrap_or(m4::QoS::AtMostOnce), Vec::new());
+            w.payload = p.msg.payload.clone();
+            w.pkid = p.pkid;
+            w.dup = p.dup;
+            w.retain = p.retain;
+            w.write(out).expect("encoding PUBLISH");
+        }
+        Proto::V5 => {
+            let props = p.msg.props.as_deref();
+            let mut pr = v5::PublishProperties {
+                payload_format_indicator: props.and_then(|x| x.payload_format),
+                message_expiry_interval: p.expiry_left,
+                topic_alias: p.alias.map(|a| a.0),
+                response_topic: props.and_then(|x| x.response_topic.clone()),
+                correlation_data: props.and_then(|x| x.correlation_data.clone()),
+                user_properties: props.map(|x| x.user_properties.clone()).unwrap_or_default(),
+                subscription_identifiers: p.sub_ids.iter().map(|i| *i as usize).collect(),
+                content_type: props.and_then(|x| x.content_type.clone()),
+            };
+            let empty = pr.payload_format_indicator.is_none()
+                && pr.message_expiry_interval.is_none()
+                && pr.topic_alias.is_none()
+                && pr.response_topic.is_none()
+                && pr.correlation_data.is_none()
+                && pr.user_properties.is_empty()
+                && pr.subscription_identifiers.is_empty()
+                && pr.content_type.is_none();
+            let topic = match p.alias {
+                Some((_, false)) => Bytes::new(),
+                _ => Bytes::copy_from_slice(p.msg.topic.as_bytes()),
+            };
+            let w = v5::Publish {
+                dup: p.dup,
+                qos: m5::qos(p.qos).unwrap_or(m5::QoS::AtMostOnce),
+                retain: p.retain,
+                topic,
+                pkid: p.pkid,
+                payload: p.msg.payload.clone(),
+                properties: if empty {
+                    None
+                } else {
+                    Some(std::mem::replace(&mut pr, empty_publish_props()))
+                },
+            };
+            w.write(out).expect("encoding PUBLISH");
+        }
+    }
+    out.len() - before
+}
+
+fn empty_publish_props() -> v5::PublishProperties {
+    v5::PublishProperties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        topic_alias: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: vec![],
+        subscription_identifiers: vec![],
+        content_type: None,
     }
 }
 
-impl Subscribe {
-    /// The same SUBSCRIBE holding only the filters at `keep`, each under the given name.
-    pub fn subset(&self, keep: &[(usize, String)]) -> Bytes {
-        let mut out = BytesMut::new();
-        match &self.raw {
-            RawSubscribe::V4(s) => {
-                let filters = keep
-                    .iter()
-                    .map(|(i, path)| {
-                        let mut f = s.filters[*i].clone();
-                        f.path = path.clone();
-                        f
-                    })
-                    .collect();
-                v4::Subscribe { pkid: s.pkid, filters }
-                    .write(&mut out)
-                    .expect("encoding SUBSCRIBE");
-            }
-            RawSubscribe::V5(s) => {
-                let filters = keep
-                    .iter()
-                    .map(|(i, path)| {
-                        let mut f = s.filters[*i].clone();
-                        f.path = path.clone();
-                        f
-                    })
-                    .collect();
-                v5::Subscribe {
-                    pkid: s.pkid,
-                    filters,
-                    properties: s.properties.clone(),
-                }
-                .write(&mut out)
-                .expect("encoding SUBSCRIBE");
-            }
-        }
-        out.freeze()
+/// The size a PUBLISH of `msg` will have at least (topic, payload, properties), to test it
+/// against a client's Maximum Packet Size before it takes a packet id.
+pub fn publish_size(proto: Proto, msg: &Message, qos: u8) -> usize {
+    let props = match (proto, msg.props.as_deref()) {
+        (Proto::V5, Some(p)) => p.wire_len() + 5,
+        (Proto::V5, None) => 1,
+        _ => 0,
+    };
+    let body = 2 + msg.topic.len() + if qos > 0 { 2 } else { 0 } + props + msg.payload.len();
+    1 + varint_len(body) + body
+}
+
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
     }
 }
 
-/// One entry of a SUBACK: granted (with the engine's code) or refused by the front door.
-#[derive(Clone, Copy, Debug)]
-pub enum SubResult {
-    FromEngine,
-    Denied(SubDenied),
+/// A SUBACK: per filter, the granted QoS or a refusal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubCode {
+    Granted(u8),
+    NotAuthorized,
+    InvalidFilter,
+    /// A shared subscription with No Local (a protocol error in MQTT 5, refused here instead).
+    Unspecified,
 }
 
-/// Builds the SUBACK the client gets: the engine's codes for forwarded filters (in order, from
-/// `engine`, or none when nothing was forwarded) and refusals for the others.
-/// Returns the packet and, per filter, whether it was granted.
-pub fn merge_suback(
-    proto: Proto,
-    pkid: u16,
-    plan: &[SubResult],
-    engine: Option<&Frame>,
-) -> Result<(Bytes, Vec<bool>), FrameError> {
+pub fn suback(proto: Proto, pkid: u16, codes: &[SubCode]) -> Bytes {
     let mut out = BytesMut::new();
-    let mut granted = Vec::with_capacity(plan.len());
     match proto {
         Proto::V4 => {
             use v4::SubscribeReasonCode as R;
-            let mut from = match engine {
-                Some(f) => v4::SubAck::read(f.v4_header(), f.bytes.clone())
-                    .map_err(malformed)?
-                    .return_codes
-                    .into_iter(),
-                None => Vec::new().into_iter(),
-            };
-            let codes: Vec<R> = plan
+            let c = codes
                 .iter()
-                .map(|p| match p {
-                    SubResult::FromEngine => from.next().unwrap_or(R::Failure),
-                    SubResult::Denied(_) => R::Failure,
+                .map(|c| match c {
+                    SubCode::Granted(q) => R::Success(m4::qos(*q).unwrap_or(m4::QoS::AtMostOnce)),
+                    _ => R::Failure,
                 })
                 .collect();
-            granted.extend(codes.iter().map(|c| matches!(c, R::Success(_))));
-            v4::SubAck::new(pkid, codes).write(&mut out).map_err(malformed)?;
+            v4::SubAck::new(pkid, c).write(&mut out).expect("encoding SUBACK");
         }
         Proto::V5 => {
             use v5::SubscribeReasonCode as R;
-            let (mut from, properties) = match engine {
-                Some(f) => {
-                    let ack = v5::SubAck::read(f.v5_header(), f.bytes.clone()).map_err(malformed)?;
-                    (ack.return_codes.into_iter(), ack.properties)
-                }
-                None => (Vec::new().into_iter(), None),
-            };
-            let codes: Vec<R> = plan
+            let c = codes
                 .iter()
-                .map(|p| match p {
-                    SubResult::FromEngine => from.next().unwrap_or(R::Unspecified),
-                    SubResult::Denied(SubDenied::NotAuthorized) => R::NotAuthorized,
-                    SubResult::Denied(SubDenied::InvalidFilter) => R::TopicFilterInvalid,
+                .map(|c| match c {
+                    SubCode::Granted(q) => R::Success(m5::qos(*q).unwrap_or(m5::QoS::AtMostOnce)),
+                    SubCode::NotAuthorized => R::NotAuthorized,
+                    SubCode::InvalidFilter => R::TopicFilterInvalid,
+                    SubCode::Unspecified => R::Unspecified,
                 })
                 .collect();
-            granted.extend(codes.iter().map(|c| matches!(c, R::Success(_))));
             v5::SubAck {
                 pkid,
-                return_codes: codes,
-                properties,
-            }
-            .write(&mut out)
-            .map_err(malformed)?;
-        }
-    }
-    Ok((out.freeze(), granted))
-}
-
-/// A decoded UNSUBSCRIBE.
-pub fn decode_unsubscribe(proto: Proto, frame: &Frame) -> Result<(u16, Vec<String>), FrameError> {
-    if frame.bytes[0] & 0x0f != 0x02 {
-        return Err(malformed("UNSUBSCRIBE with wrong fixed-header flags"));
-    }
-    match proto {
-        Proto::V4 => {
-            let u = v4::Unsubscribe::read(frame.v4_header(), frame.bytes.clone()).map_err(malformed)?;
-            Ok((u.pkid, u.topics))
-        }
-        Proto::V5 => {
-            let u = v5::Unsubscribe::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
-            Ok((u.pkid, u.filters))
-        }
-    }
-}
-
-/// An UNSUBSCRIBE of the given filters (the engine's names for them).
-pub fn unsubscribe(proto: Proto, pkid: u16, filters: Vec<String>) -> Bytes {
-    let mut out = BytesMut::new();
-    match proto {
-        Proto::V4 => {
-            v4::Unsubscribe { pkid, topics: filters }
-                .write(&mut out)
-                .expect("encoding UNSUBSCRIBE");
-        }
-        Proto::V5 => {
-            v5::Unsubscribe {
-                pkid,
-                filters,
+                return_codes: c,
                 properties: None,
             }
             .write(&mut out)
-            .expect("encoding UNSUBSCRIBE");
+            .expect("encoding SUBACK");
         }
     }
     out.freeze()
 }
 
-/// The one UNSUBACK a client gets: per filter, whether it held it (the engine sends one
-/// UNSUBACK per removed filter and none for the others, so the front door answers itself).
+/// The UNSUBACK: per filter, whether the session held it.
 pub fn unsuback(proto: Proto, pkid: u16, held: &[bool]) -> Bytes {
     let mut out = BytesMut::new();
     match proto {
@@ -595,20 +804,17 @@ pub fn unsuback(proto: Proto, pkid: u16, held: &[bool]) -> Bytes {
     out.freeze()
 }
 
-/// The packet id of a SUBACK or UNSUBACK.
-pub fn ack_pkid(frame: &Frame) -> Option<u16> {
-    let b = frame.body();
-    Some(u16::from_be_bytes([*b.first()?, *b.get(1)?]))
+/// How the broker answers a PUBLISH it received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckCode {
+    Success,
+    NoMatchingSubscribers,
+    NotAuthorized,
+    QuotaExceeded,
 }
 
-/// A bare PUBREL (the engine ignores PUBRELs that carry MQTT 5 properties).
-pub fn pubrel(pkid: u16) -> Bytes {
-    let [h, l] = pkid.to_be_bytes();
-    Bytes::copy_from_slice(&[0x62, 0x02, h, l])
-}
-
-/// The ack a refused QoS 1/2 PUBLISH gets (PUBACK or PUBREC; "not authorized" in MQTT 5).
-pub fn denied_publish_ack(proto: Proto, qos: u8, pkid: u16) -> Bytes {
+/// PUBACK (QoS 1) or PUBREC (QoS 2) for a received PUBLISH.
+pub fn publish_ack(proto: Proto, qos: u8, pkid: u16, code: AckCode) -> Bytes {
     let mut out = BytesMut::new();
     match (proto, qos) {
         (Proto::V4, 1) => {
@@ -619,21 +825,36 @@ pub fn denied_publish_ack(proto: Proto, qos: u8, pkid: u16) -> Bytes {
         }
         (Proto::V5, 1) => {
             let mut a = v5::PubAck::new(pkid, None);
-            a.reason = v5::PubAckReason::NotAuthorized;
+            a.reason = match code {
+                AckCode::Success => v5::PubAckReason::Success,
+                AckCode::NoMatchingSubscribers => v5::PubAckReason::NoMatchingSubscribers,
+                AckCode::NotAuthorized => v5::PubAckReason::NotAuthorized,
+                AckCode::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
+            };
             a.write(&mut out).expect("encoding PUBACK");
         }
         (Proto::V5, _) => {
             let mut a = v5::PubRec::new(pkid, None);
-            a.reason = v5::PubRecReason::NotAuthorized;
+            a.reason = match code {
+                AckCode::Success => v5::PubRecReason::Success,
+                AckCode::NoMatchingSubscribers => v5::PubRecReason::NoMatchingSubscribers,
+                AckCode::NotAuthorized => v5::PubRecReason::NotAuthorized,
+                AckCode::QuotaExceeded => v5::PubRecReason::QuotaExceeded,
+            };
             a.write(&mut out).expect("encoding PUBREC");
         }
     }
     out.freeze()
 }
 
-/// PUBCOMP for a PUBREL the front door answers itself (MQTT 5: "packet identifier not found",
-/// since a refused QoS 2 publish ends at its PUBREC).
-pub fn pubcomp(proto: Proto, pkid: u16) -> Bytes {
+/// PUBREL for a delivery whose PUBREC came in.
+pub fn pubrel(pkid: u16) -> Bytes {
+    let [h, l] = pkid.to_be_bytes();
+    Bytes::copy_from_slice(&[0x62, 0x02, h, l])
+}
+
+/// PUBCOMP for a client's PUBREL; `found` is false for an id the session does not hold.
+pub fn pubcomp(proto: Proto, pkid: u16, found: bool) -> Bytes {
     let mut out = BytesMut::new();
     match proto {
         Proto::V4 => {
@@ -641,28 +862,16 @@ pub fn pubcomp(proto: Proto, pkid: u16) -> Bytes {
         }
         Proto::V5 => {
             let mut c = v5::PubComp::new(pkid, None);
-            c.reason = v5::PubCompReason::PacketIdentifierNotFound;
+            if !found {
+                c.reason = v5::PubCompReason::PacketIdentifierNotFound;
+            }
             c.write(&mut out).expect("encoding ack");
         }
     }
     out.freeze()
 }
 
-/// The reason code of an MQTT 5 DISCONNECT (0 when absent).
-pub fn disconnect_reason(frame: &Frame) -> u8 {
-    frame.body().first().copied().unwrap_or(0)
-}
-
-/// The packet id of a PUBREL.
-pub fn pubrel_pkid(frame: &Frame) -> Result<u16, FrameError> {
-    let b = frame.body();
-    match (b.first(), b.get(1)) {
-        (Some(&h), Some(&l)) => Ok(u16::from_be_bytes([h, l])),
-        _ => Err(malformed("PUBREL without packet id")),
-    }
-}
-
-/// Why the front door closes a connection, told to MQTT 5 clients in a DISCONNECT.
+/// Why the broker closes a connection, told to MQTT 5 clients in a DISCONNECT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Goodbye {
     Malformed,
@@ -677,7 +886,7 @@ pub enum Goodbye {
     SessionTakenOver,
 }
 
-/// The DISCONNECT an MQTT 5 client is sent before the front door closes; none for 3.1.1.
+/// The DISCONNECT an MQTT 5 client is sent before the broker closes; none for 3.1.1.
 pub fn disconnect(proto: Proto, why: Goodbye) -> Option<Bytes> {
     use v5::DisconnectReasonCode as D;
     if proto == Proto::V4 {
@@ -701,6 +910,7 @@ pub fn disconnect(proto: Proto, why: Goodbye) -> Option<Bytes> {
 }
 
 pub const PINGREQ: [u8; 2] = [0xc0, 0x00];
+pub const PINGRESP: [u8; 2] = [0xd0, 0x00];
 pub const DISCONNECT_V4: [u8; 2] = [0xe0, 0x00];
 
 #[cfg(test)]
@@ -757,11 +967,8 @@ mod tests {
             while let Ok(Some(f)) = next_frame(&mut buf, 256) {
                 for proto in [Proto::V4, Proto::V5] {
                     let _ = decode_connect(&f);
-                    let _ = decode_publish(proto, &f);
-                    let _ = decode_subscribe(proto, &f);
-                    let _ = decode_unsubscribe(proto, &f);
+                    let _ = decode(proto, &f);
                     let _ = protocol_level(&f);
-                    let _ = pubrel_pkid(&f);
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! The accept loop of one listener: TCP, TLS or WebSocket. Handshakes run in the connection's
 //! own task under a deadline, so an idle or half-open socket never holds up anyone else.
 
-use super::handler::{self, ListenerInfo};
+use super::connection::{self as handler, ListenerInfo};
 use super::Shared;
 use crate::config::{self, ListenerProtocol};
 use anyhow::{Context, Result};

@@ -25,14 +25,12 @@ pub struct Metrics {
     pub oversized_packets: AtomicU64,
     /// Connections closed for exceeding `max_inflight`.
     pub inflight_exceeded: AtomicU64,
+    /// Deliveries not made because the subscriber may not read the topic (a deny rule, an
+    /// ended grant, a wider subscription than the ACL allows reading).
+    pub delivery_denied: AtomicU64,
 }
 
 impl Metrics {
-    /// Times the engine skipped a slow subscriber past messages no longer in its filter log.
-    pub fn engine_skips(&self) -> u64 {
-        crate::system::logging::engine_skips()
-    }
-
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -60,7 +58,7 @@ impl Metrics {
             "malformed_packets": g(&self.malformed_packets),
             "oversized_packets": g(&self.oversized_packets),
             "inflight_exceeded": g(&self.inflight_exceeded),
-            "engine_skips": self.engine_skips(),
+            "delivery_denied": g(&self.delivery_denied),
         })
     }
 }

@@ -1,41 +1,53 @@
-//! The local MQTT broker: outpost's front door (listeners, authentication, ACLs, limits) in
-//! front of the rumqttd engine, which does the routing. Everything in the gateway meets here.
+//! The local MQTT broker: listeners, connections (authentication, ACLs, limits, the MQTT
+//! 3.1.1 and 5 protocol), and the router (subscription index, per-session queues, retained
+//! messages). Everything in the gateway meets here: its own components are clients too,
+//! in process ([`LocalClient`], [`Bus`]).
 
 pub mod auth;
 pub mod codec;
-pub mod engine;
-mod handler;
+mod connection;
 pub mod listener;
 pub mod metrics;
 pub mod retained;
+pub mod router;
 pub mod topics;
 
 use crate::config::{self, Config};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use arc_swap::ArcSwap;
 use auth::Policy;
-use engine::{Engine, EngineLimits};
 use metrics::Metrics;
 use retained::{Retained, RetainedStore};
-use std::collections::{HashMap, HashSet};
+use router::message::{now_ms, Message};
+use router::session::{QueueLimits, Session, SubOpts};
+use router::{Router, NEVER};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How sessions are kept, from `broker.sessions`.
+#[derive(Clone, Debug)]
+pub struct SessionsCfg {
+    /// Seconds a 3.1.1 persistent session (clean session 0) outlives its connection.
+    pub persistent_session_expiry: u32,
+    /// The most an MQTT 5 client may ask for.
+    pub max_session_expiry: u32,
+}
+
 /// State every connection shares.
 pub struct Shared {
     /// Users and ACL in force; replaced whole on reload.
     pub policy: ArcSwap<Policy>,
     pub metrics: Arc<Metrics>,
-    pub engine: Engine,
+    pub router: Router,
     pub retained: RetainedStore,
     pub limits: config::Limits,
-    /// Filters each client id holds, kept across its connections like the engine's sessions,
-    /// so the front door can answer UNSUBSCRIBEs the engine would leave unanswered.
-    pub subscriptions: Mutex<HashMap<String, HashSet<String>>>,
+    pub sessions_cfg: SessionsCfg,
     /// Logged-in clients (max_connections).
     pub sessions_allowed: Arc<Semaphore>,
     /// Open sockets of any kind, logged in or still handshaking.
@@ -49,23 +61,19 @@ pub struct Shared {
     /// Devices' credentials and ACLs from the keystore; swapped when it changes.
     pub devices: ArcSwap<HashMap<String, DeviceCred>>,
     /// Connected clients by user name ("" for anonymous), so revoking a device, or the end of
-    /// a grant, closes the connections it concerns at once.
+    /// a login, closes the connections it concerns at once.
     by_user: Mutex<HashMap<String, Vec<Conn>>>,
     /// Time-limited grants in force, and who may ask for them.
     pub grants: ArcSwap<GrantState>,
     /// Request topics only some users may publish on (grant requests, provisioning), with them.
     pub admin_topics: ArcSwap<Vec<(String, Vec<String>)>>,
-    /// One connection at a time takes over a client id's session (see `take_over`).
-    takeovers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Wills waiting out their MQTT 5 delay, by session key: a reconnect cancels them.
+    delayed_wills: Mutex<HashMap<Arc<str>, CancellationToken>>,
 }
 
 struct Conn {
     id: u64,
     token: CancellationToken,
-    /// Set when the token is cancelled because the same client id connected again.
-    taken_over: Arc<std::sync::atomic::AtomicBool>,
-    identity: auth::Identity,
-    engine_id: String,
 }
 
 /// The grants the front door checks beside the static ACL.
@@ -166,52 +174,44 @@ impl Shared {
         self.policy.load().may_subscribe(id, filter)
     }
 
-    /// Registers a connection; its token is cancelled by [`Shared::kick`] or
-    /// [`Shared::enforce_subscriptions`].
-    pub fn register(
-        &self,
-        identity: &auth::Identity,
-        engine_id: &str,
-    ) -> (u64, CancellationToken, Arc<std::sync::atomic::AtomicBool>) {
+    /// May `id` receive a message on `topic`? Checked at every delivery, so a subscription to
+    /// `#` never carries what its holder may not read, and an ended grant stops at once.
+    pub fn may_read(&self, id: &auth::Identity, topic: &str) -> bool {
+        let now = crate::grants::now_secs();
+        if self
+            .grants
+            .load()
+            .list
+            .iter()
+            .any(|g| g.allows_subscribe(id, topic, now))
+        {
+            return true;
+        }
+        if id.device {
+            let devices = self.devices.load();
+            return id
+                .username
+                .as_ref()
+                .and_then(|u| devices.get(u))
+                .is_some_and(|d| d.subscribe.iter().any(|f| topics::matches(topic, f)));
+        }
+        self.policy.load().may_read(id, topic)
+    }
+
+    /// Registers a connection; its token is cancelled by [`Shared::kick`].
+    pub fn register(&self, identity: &auth::Identity) -> (u64, CancellationToken, Arc<AtomicBool>) {
         let id = rand::random::<u64>();
         let token = CancellationToken::new();
-        let taken_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conn = Conn {
-            id,
-            token: token.clone(),
-            taken_over: taken_over.clone(),
-            identity: identity.clone(),
-            engine_id: engine_id.to_string(),
-        };
         self.by_user
             .lock()
             .expect("users lock")
             .entry(identity.username.clone().unwrap_or_default())
             .or_default()
-            .push(conn);
-        (id, token, taken_over)
-    }
-
-    /// Closes connections holding a subscription that nothing allows any more (a grant ended,
-    /// an ACL changed); returns how many. The engine cannot drop one subscription of a client,
-    /// so the client is disconnected (MQTT 5: DISCONNECT 0x87) and may come back without it.
-    pub fn enforce_subscriptions(&self) -> usize {
-        let subs = self.subscriptions.lock().expect("subscriptions lock");
-        let conns = self.by_user.lock().expect("users lock");
-        let mut n = 0;
-        for c in conns.values().flatten() {
-            let Some(held) = subs.get(&c.engine_id) else { continue };
-            if held.iter().any(|f| !self.may_subscribe(&c.identity, f)) && !c.token.is_cancelled() {
-                log::info!(
-                    "client {:?} of {:?}: a subscription is no longer allowed; disconnecting",
-                    c.identity.client_id,
-                    c.identity.username
-                );
-                c.token.cancel();
-                n += 1;
-            }
-        }
-        n
+            .push(Conn {
+                id,
+                token: token.clone(),
+            });
+        (id, token, Arc::new(AtomicBool::new(false)))
     }
 
     pub fn unregister(&self, user: &str, id: u64) {
@@ -221,37 +221,6 @@ impl Shared {
             if v.is_empty() {
                 m.remove(user);
             }
-        }
-    }
-
-    /// The lock a new connection of `engine_id` holds while it takes the session over.
-    pub fn takeover_slot(&self, engine_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut m = self.takeovers.lock().expect("takeovers lock");
-        m.retain(|_, v| Arc::strong_count(v) > 1);
-        m.entry(engine_id.to_string()).or_default().clone()
-    }
-
-    /// Closes the connections that hold `engine_id`'s session and waits (up to 3 s) until they
-    /// are gone, so the engine never sees two connections of one client at once.
-    pub async fn take_over(&self, engine_id: &str) {
-        let held = |kick: bool| {
-            let conns = self.by_user.lock().expect("users lock");
-            let mut n = 0;
-            for c in conns.values().flatten().filter(|c| c.engine_id == engine_id) {
-                if kick {
-                    c.taken_over.store(true, std::sync::atomic::Ordering::Relaxed);
-                    c.token.cancel();
-                }
-                n += 1;
-            }
-            n
-        };
-        if held(true) == 0 {
-            return;
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        while held(false) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -269,19 +238,227 @@ impl Shared {
         v.len()
     }
 
-    /// Runs a message past the taps and the retained store; returns what to wait for.
-    pub fn ingress(&self, m: &Incoming, durable: bool, waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>) {
-        // The engine drops its retained message on any empty publish; the store follows it.
-        if m.retain || m.payload.is_empty() {
-            self.retained.put(Retained {
-                topic: m.topic.to_string(),
-                payload: m.payload.clone(),
-                qos: m.qos,
+    /// Delivery checks access per message, so nothing needs closing when access narrows (a
+    /// grant ended, an ACL changed): what is no longer allowed simply stops arriving.
+    /// Returns how many held subscriptions are no longer allowed, for the log.
+    pub fn enforce_subscriptions(&self) -> usize {
+        let mut n = 0;
+        for s in self.router.sessions().iter().filter(|s| !s.internal) {
+            let id = s.identity.load();
+            n += s.lock().subs.keys().filter(|f| !self.may_subscribe(&id, f)).count();
+        }
+        n
+    }
+
+    /// Attaches a connection to its session, cancelling a delayed will of the same session.
+    fn attach(
+        &self,
+        key: &str,
+        id: auth::Identity,
+        clean: bool,
+        expiry: u32,
+        token: CancellationToken,
+        taken_over: Arc<AtomicBool>,
+    ) -> router::Attached {
+        if let Some(w) = self.delayed_wills.lock().expect("wills lock").remove(key) {
+            w.cancel();
+        }
+        let req = router::AttachReq {
+            key: key.to_string(),
+            identity: id,
+            clean,
+            expiry,
+            internal: false,
+        };
+        self.router.attach(req, token, taken_over)
+    }
+
+    /// A connection ended: publish its will (now, or after its delay), keep or end the session.
+    fn detach(self: &Arc<Self>, session: &Arc<Session>, gen: u64, will: Option<codec::Will>, _failed: bool) {
+        let ended = self.router.detach(session, gen);
+        let expiry = session.lock().expiry;
+        if let Some(w) = will {
+            let delay = if ended { 0 } else { w.delay.min(expiry) };
+            if delay == 0 {
+                self.publish_will(session, &w);
+            } else {
+                let cancel = CancellationToken::new();
+                self.delayed_wills
+                    .lock()
+                    .expect("wills lock")
+                    .insert(session.key.clone(), cancel.clone());
+                let (me, s) = (self.clone(), session.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(delay as u64)) => {
+                            me.delayed_wills.lock().expect("wills lock").remove(&s.key);
+                            me.publish_will(&s, &w);
+                        }
+                        _ = cancel.cancelled() => {}
+                    }
+                });
+            }
+        }
+        if !ended && expiry != NEVER {
+            let (me, s) = (self.clone(), session.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(expiry as u64)).await;
+                if me.router.end_session(&s, gen) {
+                    log::debug!("session {} expired", s.key);
+                }
             });
         }
-        for t in self.taps.load().iter() {
-            waits.extend(t.accept(m, durable));
+    }
+
+    fn publish_will(&self, session: &Session, w: &codec::Will) {
+        // Checked again now: a reload may have taken the right away since CONNECT.
+        let id = session.identity.load();
+        if !self.may_publish(&id, &w.topic) {
+            log::info!(
+                "will of {:?} on {:?} no longer allowed; not published",
+                id.client_id,
+                w.topic
+            );
+            return;
         }
+        let msg = Arc::new(Message {
+            topic: Arc::from(w.topic.as_str()),
+            payload: w.payload.clone(),
+            qos: w.qos,
+            retain: w.retain,
+            props: w.props.clone(),
+            expires_ms: w.expiry.map(|e| now_ms() + e as i64 * 1000),
+            origin: None,
+            from: session.id,
+        });
+        self.ingress(&msg, false, &mut vec![]);
+    }
+
+    fn subscribe(&self, s: &Arc<Session>, filter: &str, opts: SubOpts, rh: u8) -> (bool, Vec<Arc<Message>>) {
+        self.router.subscribe(s, filter, opts, rh)
+    }
+
+    fn unsubscribe(&self, s: &Arc<Session>, filter: &str) -> bool {
+        self.router.unsubscribe(s, filter)
+    }
+
+    /// A message entering the broker: retained store, the taps (bridge spools), then every
+    /// session it is for. `waits` gets what must be durable before the publisher's ack.
+    pub fn ingress(&self, msg: &Arc<Message>, durable: bool, waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>) {
+        if msg.retain {
+            self.retained.put(Retained {
+                topic: msg.topic.to_string(),
+                payload: msg.payload.clone(),
+                qos: msg.qos,
+            });
+            self.router.retain(msg);
+        }
+        let m = Incoming {
+            topic: &msg.topic,
+            payload: &msg.payload,
+            qos: msg.qos,
+            retain: msg.retain,
+            origin: msg.origin.as_deref(),
+        };
+        for t in self.taps.load().iter() {
+            waits.extend(t.accept(&m, durable));
+        }
+        for t in self.router.route(msg) {
+            if !t.session.internal && !self.may_read(&t.session.identity.load(), &msg.topic) {
+                Metrics::inc(&self.metrics.delivery_denied);
+                continue;
+            }
+            self.router.push(&t, msg, false);
+        }
+    }
+
+    /// An in-process client for a component of the gateway, subscribed to `filters` at once.
+    pub fn local_client(self: &Arc<Self>, name: &str, filters: &[String]) -> LocalClient {
+        let id = auth::Identity {
+            username: None,
+            client_id: name.to_string(),
+            listener: String::new(),
+            device: false,
+        };
+        let req = router::AttachReq {
+            key: format!("$outpost:{name}"),
+            identity: id,
+            clean: true,
+            expiry: 0,
+            internal: true,
+        };
+        let a = self
+            .router
+            .attach(req, CancellationToken::new(), Arc::new(AtomicBool::new(false)));
+        let c = LocalClient {
+            shared: self.clone(),
+            session: a.session,
+            gen: a.gen,
+            buf: std::collections::VecDeque::new(),
+        };
+        for f in filters {
+            c.subscribe(f);
+        }
+        c
+    }
+}
+
+/// A component of the gateway as a client of the broker, in process: it subscribes and
+/// receives through a session like any client's (the same queue bounds), without a socket.
+pub struct LocalClient {
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    gen: u64,
+    buf: std::collections::VecDeque<router::session::Delivery>,
+}
+
+impl LocalClient {
+    /// Subscribes (at QoS 0: nothing in process needs acks); retained messages arrive first,
+    /// with `retain` set, live ones without (as MQTT delivers them).
+    pub fn subscribe(&self, filter: &str) {
+        let opts = SubOpts {
+            qos: 0,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+        };
+        let (_, retained) = self.shared.router.subscribe(&self.session, filter, opts, 0);
+        for m in retained {
+            let t = router::Target {
+                session: self.session.clone(),
+                qos: 0,
+                retain: true,
+                sub_ids: vec![],
+            };
+            self.shared.router.push(&t, &m, true);
+        }
+    }
+
+    pub fn unsubscribe(&self, filter: &str) {
+        self.shared.router.unsubscribe(&self.session, filter);
+    }
+
+    /// The next message for this client.
+    pub async fn recv(&mut self) -> router::session::Delivery {
+        loop {
+            if let Some(m) = self.buf.pop_front() {
+                return m;
+            }
+            if let Some(t) = self.session.take(self.gen, usize::MAX, 256, |_| true) {
+                self.shared.router.release(t.freed);
+                self.buf.extend(t.out.into_iter().map(|(_, d)| d));
+                if !self.buf.is_empty() {
+                    continue;
+                }
+            }
+            self.session.notify.notified().await;
+        }
+    }
+}
+
+impl Drop for LocalClient {
+    fn drop(&mut self) {
+        self.shared.router.detach(&self.session, self.gen);
     }
 }
 
@@ -313,47 +490,60 @@ pub struct FrontDoor {
 const DRAIN: Duration = Duration::from_millis(300);
 
 impl Broker {
-    /// Starts the engine, restores retained messages, and binds every listener. Clients are
-    /// let in by [`Broker::serve`], once whatever must see every message (the taps) is in place.
+    /// Restores retained messages and binds every listener. Clients are let in by
+    /// [`Broker::serve`], once whatever must see every message (the taps) is in place.
     pub async fn start(cfg: &Config) -> Result<Broker> {
         let limits = cfg.broker.limits.clone();
-        let engine = Engine::start(EngineLimits {
-            max_connections: limits.max_connections as usize,
-            max_packet_size: limits.max_packet_size.0 as usize,
-            // The engine keeps `segments` full segments plus the one being written.
-            segment_size: (limits.filter_log.0 as usize / 9).max(1024),
-            segments: 8,
-        })
-        .await?;
+        let sc = &cfg.broker.sessions;
+        let router = Router::new(
+            QueueLimits {
+                max_messages: sc.max_queued_messages as usize,
+                max_bytes: sc.max_queued_bytes.0 as usize,
+            },
+            sc.memory_budget.0 as usize,
+        );
         let data_dir = &cfg.gateway.data_dir;
         let (retained, existing) = RetainedStore::open(&data_dir.join("retained.db"))?;
-        // A store the engine cannot take in time is reported, not fatal: the broker still serves.
-        match restore_retained(&engine, &existing).await {
-            Ok(()) if !existing.is_empty() => log::info!("restored {} retained messages", existing.len()),
-            Ok(()) => {}
-            Err(e) => log::error!("restoring retained messages: {e:#}"),
+        for r in &existing {
+            router.retain(&Arc::new(Message {
+                topic: Arc::from(r.topic.as_str()),
+                payload: r.payload.clone(),
+                qos: r.qos,
+                retain: true,
+                props: None,
+                expires_ms: None,
+                origin: None,
+                from: 0,
+            }));
+        }
+        if !existing.is_empty() {
+            log::info!("restored {} retained messages", existing.len());
         }
         let mut listeners = vec![];
         for (i, l) in cfg.broker.listeners.iter().enumerate() {
             listeners.push(listener::Listener::bind(i, l).await?);
         }
+        let secs = |d: &Option<config::Dur>| d.as_ref().map_or(NEVER, |d| d.0.as_secs().min(NEVER as u64 - 1) as u32);
         let shared = Arc::new(Shared {
             policy: ArcSwap::from_pointee(Policy::from_config(&cfg.broker)),
             metrics: Arc::new(Metrics::default()),
-            engine,
+            router,
             retained,
             sessions_allowed: Arc::new(Semaphore::new(limits.max_connections as usize)),
             sockets_allowed: Arc::new(Semaphore::new(limits.max_connections as usize + 256)),
             prelogin_allowed: Arc::new(Semaphore::new(256)),
             auth_slots: Semaphore::new(2),
             limits,
-            subscriptions: Mutex::new(HashMap::new()),
+            sessions_cfg: SessionsCfg {
+                persistent_session_expiry: secs(&sc.persistent_session_expiry),
+                max_session_expiry: secs(&sc.max_session_expiry),
+            },
             taps: ArcSwap::from_pointee(vec![]),
             devices: ArcSwap::from_pointee(HashMap::new()),
             by_user: Mutex::new(HashMap::new()),
             grants: ArcSwap::from_pointee(GrantState::default()),
-            takeovers: Mutex::new(HashMap::new()),
             admin_topics: ArcSwap::from_pointee(vec![]),
+            delayed_wills: Mutex::new(HashMap::new()),
         });
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();
@@ -411,128 +601,39 @@ impl Broker {
     }
 }
 
-/// An MQTT client of the engine itself, for the gateway's own components.
-pub fn engine_client(engine: &Engine, client_id: &str) -> rumqttc::MqttOptions {
-    let mut o = rumqttc::MqttOptions::new(client_id, engine.v4.ip().to_string(), engine.v4.port());
-    o.set_credentials(engine.user.clone(), engine.secret.clone());
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_max_packet_size(256 * 1024 * 1024, 256 * 1024 * 1024);
-    o
-}
-
-/// A client of the engine already subscribed to `filters` (it has the SUBACK), so a component
-/// misses nothing sent once clients are let in.
-pub async fn subscribed_client(
-    engine: &Engine,
-    id: &str,
-    cap: usize,
-    filters: &[String],
-) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop)> {
-    let (client, mut events) = rumqttc::AsyncClient::new(engine_client(engine, id), cap);
-    if filters.is_empty() {
-        return Ok((client, events));
-    }
-    client
-        .subscribe_many(
-            filters
-                .iter()
-                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtLeastOnce)),
-        )
-        .await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match tokio::time::timeout_at(deadline, events.poll())
-            .await
-            .context("engine did not answer SUBSCRIBE in 10s")??
-        {
-            rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)) => return Ok((client, events)),
-            _ => continue,
-        }
-    }
-}
-
-/// Publishes the stored retained messages into the engine and waits until it has them all.
-async fn restore_retained(engine: &Engine, msgs: &[Retained]) -> Result<()> {
-    if msgs.is_empty() {
-        return Ok(());
-    }
-    let (client, mut events) =
-        rumqttc::AsyncClient::new(engine_client(engine, "outpost-restore"), msgs.len().min(1000) + 10);
-    let todo = msgs.to_vec();
-    let publisher = tokio::spawn(async move {
-        for m in todo {
-            // QoS 1 so every message is acknowledged before clients are let in.
-            client
-                .publish_bytes(m.topic, rumqttc::QoS::AtLeastOnce, true, m.payload)
-                .await?;
-        }
-        Ok::<_, rumqttc::ClientError>(client)
-    });
-    let mut acked = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30) + Duration::from_millis(msgs.len() as u64);
-    while acked < msgs.len() {
-        let ev = tokio::time::timeout_at(deadline, events.poll())
-            .await
-            .context("engine did not take the retained messages in 30s")??;
-        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = ev {
-            acked += 1;
-        }
-    }
-    let client = publisher.await??;
-    client.disconnect().await.ok();
-    let _ = tokio::time::timeout(Duration::from_secs(1), events.poll()).await;
-    Ok(())
-}
-
 /// The gateway's own way to publish into the broker (bridged-in messages, state topics): the
-/// same taps and retained store as a client's PUBLISH, then into the engine over one internal
-/// connection.
+/// same taps, retained store and routing as a client's PUBLISH, in process.
 #[derive(Clone)]
 pub struct Bus {
     shared: Arc<Shared>,
-    client: rumqttc::AsyncClient,
 }
 
 impl Bus {
     pub fn start(shared: Arc<Shared>) -> Bus {
-        let mut opts = engine_client(&shared.engine, "outpost-bus");
-        opts.set_inflight(1000);
-        // Kept by the engine across a reconnect, so rumqttc resends what was in flight.
-        opts.set_clean_session(false);
-        let (client, mut events) = rumqttc::AsyncClient::new(opts, 1000);
-        tokio::spawn(async move {
-            loop {
-                match events.poll().await {
-                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        log::warn!("internal bus: {e}; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        });
-        Bus { shared, client }
+        Bus { shared }
     }
 
     pub async fn publish(&self, topic: &str, payload: bytes::Bytes, qos: u8, retain: bool, origin: Option<&str>) {
-        // Only admins logged in to the front door may ask for grants; a bridge never may.
+        // Only admins logged in to the broker may ask for grants; a bridge never may.
         if origin.is_some() && self.shared.admin_topics.load().iter().any(|(t, _)| t == topic) {
             log::warn!("a message for {topic} came in over a bridge; dropped");
             return;
         }
-        let mut waits = vec![];
-        let m = Incoming {
-            topic,
-            payload: &payload,
-            qos,
-            retain,
-            origin,
-        };
-        self.shared.ingress(&m, false, &mut waits);
-        let qos = rumqttc::qos(qos.min(2)).unwrap_or(rumqttc::QoS::AtLeastOnce);
-        if let Err(e) = self.client.publish_bytes(topic, qos, retain, payload).await {
-            log::error!("internal bus: cannot publish to {topic}: {e}");
+        if !topics::valid_topic(topic) {
+            log::error!("internal bus: not a valid topic name: {topic:?}");
+            return;
         }
+        self.shared.router.wait_for_budget().await;
+        let msg = Arc::new(Message {
+            topic: Arc::from(topic),
+            payload,
+            qos: qos.min(2),
+            retain,
+            props: None,
+            expires_ms: None,
+            origin: origin.map(Arc::from),
+            from: 0,
+        });
+        self.shared.ingress(&msg, false, &mut vec![]);
     }
 }

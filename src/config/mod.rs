@@ -112,6 +112,7 @@ pub struct Broker {
     /// Who may publish and subscribe where. A packet is allowed when any matching rule allows it.
     pub acl: Vec<AclRule>,
     pub limits: Limits,
+    pub sessions: Sessions,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -203,6 +204,11 @@ pub struct AclRule {
     /// (`client:` takes a trailing `*`).
     pub who: String,
     pub allow: AclAllow,
+    /// What this rule forbids, in the same shape; a deny that matches wins over any allow.
+    /// Subscribing exactly a denied filter (or one inside it) is refused, and a wider
+    /// subscription never delivers a denied topic.
+    #[serde(default, skip_serializing_if = "AclAllow::is_empty")]
+    pub deny: AclAllow,
     /// Only on these listeners (their `bind` as written); all when empty. E.g. a free topic
     /// readable by anonymous clients on one public listener.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -218,6 +224,12 @@ pub struct AclAllow {
     pub subscribe: Vec<String>,
 }
 
+impl AclAllow {
+    pub fn is_empty(&self) -> bool {
+        self.publish.is_empty() && self.subscribe.is_empty()
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -231,10 +243,40 @@ pub struct Limits {
     pub connect_timeout: Dur,
     /// Longest client id accepted.
     pub max_client_id_len: usize,
-    /// Messages the engine keeps in memory per subscription filter. A subscriber that falls
-    /// further behind loses the oldest (counted as `engine_skips`); memory is bounded by the
-    /// number of distinct filters times this.
-    pub filter_log: Size,
+    /// Gone with the rumqttd engine; kept only to refuse it with what replaced it.
+    #[serde(default, skip_serializing)]
+    pub filter_log: Option<Size>,
+}
+
+/// How the broker keeps sessions and what their queues may hold.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sessions {
+    /// Messages one session's queue holds at most (waiting to be sent plus in flight); one more
+    /// is dropped for that session alone and counted.
+    pub max_queued_messages: u32,
+    /// Bytes one session's queue holds at most.
+    pub max_queued_bytes: Size,
+    /// Bytes all queues together may hold. When reached, the broker stops reading publishers
+    /// (TCP pushes back on them) until subscribers catch up; nothing is dropped for it.
+    pub memory_budget: Size,
+    /// How long a 3.1.1 persistent session (clean session 0) is kept after its connection
+    /// ends; `null` keeps it until the client cleans it (Mosquitto's default).
+    pub persistent_session_expiry: Option<Dur>,
+    /// The longest session expiry an MQTT 5 client may ask for; `null`: whatever it asks.
+    pub max_session_expiry: Option<Dur>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            max_queued_messages: 100_000,
+            max_queued_bytes: Size(64 * 1024 * 1024),
+            memory_budget: Size(256 * 1024 * 1024),
+            persistent_session_expiry: None,
+            max_session_expiry: None,
+        }
+    }
 }
 
 impl Default for Gateway {
@@ -269,9 +311,11 @@ impl Default for Broker {
                     publish: vec!["#".into()],
                     subscribe: vec!["#".into()],
                 },
+                deny: AclAllow::default(),
                 on: vec![],
             }],
             limits: Limits::default(),
+            sessions: Sessions::default(),
         }
     }
 }
@@ -284,7 +328,7 @@ impl Default for Limits {
             max_inflight: 100,
             connect_timeout: Dur(std::time::Duration::from_secs(10)),
             max_client_id_len: 256,
-            filter_log: Size(2 * 1024 * 1024),
+            filter_log: None,
         }
     }
 }
@@ -421,11 +465,16 @@ impl Config {
                     );
                 }
             }
-            for (kind, filters) in [("publish", &r.allow.publish), ("subscribe", &r.allow.subscribe)] {
+            for (kind, filters) in [
+                ("allow.publish", &r.allow.publish),
+                ("allow.subscribe", &r.allow.subscribe),
+                ("deny.publish", &r.deny.publish),
+                ("deny.subscribe", &r.deny.subscribe),
+            ] {
                 for (j, f) in filters.iter().enumerate() {
                     if !crate::broker::topics::valid_filter(f) {
                         return err(
-                            format!("{key}.allow.{kind}[{j}]"),
+                            format!("{key}.{kind}[{j}]"),
                             format!("`{f}` is not a valid MQTT topic filter"),
                         );
                     }
@@ -445,10 +494,32 @@ impl Config {
         if lim.max_inflight == 0 {
             return err("broker.limits.max_inflight".into(), "must be at least 1".into());
         }
-        if lim.filter_log.0 < 8 * 1024 || lim.filter_log.0 > 1 << 30 {
+        if lim.filter_log.is_some() {
             return err(
                 "broker.limits.filter_log".into(),
-                "must be between 8KiB and 1GiB".into(),
+                "no longer exists: outpost routes its own messages, and each session's queue is bounded by \
+                 broker.sessions.max_queued_messages and max_queued_bytes, all queues by broker.sessions.memory_budget; \
+                 remove this key"
+                    .into(),
+            );
+        }
+        let sc = &b.sessions;
+        if sc.max_queued_messages == 0 {
+            return err(
+                "broker.sessions.max_queued_messages".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if sc.max_queued_bytes.0 < 1024 {
+            return err(
+                "broker.sessions.max_queued_bytes".into(),
+                "must be at least 1KiB".into(),
+            );
+        }
+        if sc.memory_budget.0 < sc.max_queued_bytes.0.min(1024 * 1024) {
+            return err(
+                "broker.sessions.memory_budget".into(),
+                "must be at least 1MiB (or max_queued_bytes, if smaller)".into(),
             );
         }
         if lim.connect_timeout.0.is_zero() {

@@ -5,10 +5,10 @@
 
 use super::e2e::{self, Codec, Receiver, Reject};
 use super::keystore::{self, Device};
-use crate::broker::{self, Bus, DeviceCred, Shared};
+use crate::broker::LocalClient;
+use crate::broker::{Bus, DeviceCred, Shared};
 use crate::config;
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -98,22 +98,17 @@ impl DeviceService {
     }
 
     /// Subscribed to commands and to every device's packets before clients are let in.
-    pub async fn connect(&self, devices: &[Device]) -> anyhow::Result<(AsyncClient, rumqttc::EventLoop)> {
+    pub async fn connect(&self, devices: &[Device]) -> anyhow::Result<LocalClient> {
         let mut filters = vec!["devices/+/cmd/#".to_string()];
         for d in devices {
             if let Ok(base) = d.topic_base() {
                 filters.push(format!("{base}/{}/#", self.cfg.device_topic));
             }
         }
-        broker::subscribed_client(&self.shared.engine, "outpost-devices", 256, &filters).await
+        Ok(self.shared.local_client("devices", &filters))
     }
 
-    pub async fn run(
-        self,
-        initial: Vec<Device>,
-        (client, mut events): (AsyncClient, rumqttc::EventLoop),
-        stop: CancellationToken,
-    ) {
+    pub async fn run(self, initial: Vec<Device>, mut client: LocalClient, stop: CancellationToken) {
         let mut live: HashMap<String, Live> = initial
             .into_iter()
             .filter_map(|d| self.live(d).map(|l| (l.device.id.clone(), l)))
@@ -123,20 +118,9 @@ impl DeviceService {
         let mut last_state = Instant::now();
         loop {
             tokio::select! {
-                ev = events.poll() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = client.try_subscribe("devices/+/cmd/#", QoS::AtLeastOnce);
-                        for l in live.values() {
-                            let _ = client.try_subscribe(format!("{}/{}/#", l.base, self.cfg.device_topic), QoS::AtLeastOnce);
-                        }
-                    }
-                    // A retained command would be sent again at every restart: only live ones count.
-                    Ok(Event::Incoming(Packet::Publish(p))) if !p.retain => self.on_message(&mut live, &p.topic, p.payload, p.qos as u8).await,
-                    Ok(_) => {}
-                    Err(e) => {
-                        log::warn!("device service: {e}; reconnecting");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
+                // A retained command would be sent again at every restart: only live ones count.
+                d = client.recv() => if !d.retain {
+                    self.on_message(&mut live, &d.msg.topic, d.msg.payload.clone(), d.msg.qos).await
                 },
                 _ = poll.tick() => {
                     let now = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
@@ -156,7 +140,7 @@ impl DeviceService {
 
     /// Takes in a changed keystore: new devices are subscribed, removed, revoked and rotated
     /// ones disconnected.
-    fn reload(&self, client: &AsyncClient, live: &mut HashMap<String, Live>) {
+    fn reload(&self, client: &LocalClient, live: &mut HashMap<String, Live>) {
         let devices = match self.load() {
             Ok(d) => d,
             Err(e) => {
@@ -176,14 +160,14 @@ impl DeviceService {
             .collect();
         for id in gone {
             let l = live.remove(&id).expect("listed above");
-            let _ = client.try_unsubscribe(format!("{}/{}/#", l.base, self.cfg.device_topic));
+            client.unsubscribe(&format!("{}/{}/#", l.base, self.cfg.device_topic));
             let n = self.shared.kick(&id);
             log::info!("device {id}: revoked, rotated or removed; {n} connection(s) closed");
         }
         for d in devices {
             if !live.contains_key(&d.id) {
                 if let Some(l) = self.live(d) {
-                    let _ = client.try_subscribe(format!("{}/{}/#", l.base, self.cfg.device_topic), QoS::AtLeastOnce);
+                    client.subscribe(&format!("{}/{}/#", l.base, self.cfg.device_topic));
                     log::info!("device {}: active (e2e topic base {})", l.device.id, l.base);
                     live.insert(l.device.id.clone(), l);
                 }

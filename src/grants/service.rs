@@ -3,10 +3,10 @@
 //! answers grant requests and payment claims on the gateway's grant topics.
 
 use super::{Grant, GrantFile};
-use crate::broker::{self, Bus, GrantState, Shared};
+use crate::broker::LocalClient;
+use crate::broker::{Bus, GrantState, Shared};
 use crate::config::{self, Verifier};
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,25 +55,22 @@ impl GrantService {
     }
 
     /// Subscribed to the grant topics before clients are let in.
-    pub async fn connect(&self) -> anyhow::Result<(AsyncClient, rumqttc::EventLoop)> {
+    pub async fn connect(&self) -> anyhow::Result<LocalClient> {
         let mut filters = vec![self.request_topic.clone()];
         if self.cfg.claims {
             filters.push(self.claim_topic.clone());
         }
-        broker::subscribed_client(&self.shared.engine, "outpost-grants", 64, &filters).await
+        Ok(self.shared.local_client("grants", &filters))
     }
 
-    pub async fn run(
-        self: Arc<Self>,
-        (client, mut events): (AsyncClient, rumqttc::EventLoop),
-        stop: CancellationToken,
-    ) {
-        let (work, mut queue) = tokio::sync::mpsc::channel::<rumqttc::Publish>(64);
+    pub async fn run(self: Arc<Self>, mut client: LocalClient, stop: CancellationToken) {
+        let (work, mut queue) =
+            tokio::sync::mpsc::channel::<std::sync::Arc<crate::broker::router::message::Message>>(64);
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(p) = queue.recv().await {
                 let msg: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                let reply = if p.topic == me.request_topic {
+                let reply = if *p.topic == *me.request_topic {
                     me.request(&msg)
                 } else {
                     me.claim(&msg).await
@@ -94,24 +91,12 @@ impl GrantService {
         let mut polls = 0u32;
         loop {
             tokio::select! {
-                ev = events.poll() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = client.try_subscribe(self.request_topic.clone(), QoS::AtLeastOnce);
-                        if self.cfg.claims {
-                            let _ = client.try_subscribe(self.claim_topic.clone(), QoS::AtLeastOnce);
-                        }
-                    }
-                    // A retained request would come back at every restart: only live ones count.
-                    // Handled in order by the worker, off this loop: a slow verifier must not hold
-                    // up the expiry checks below.
-                    Ok(Event::Incoming(Packet::Publish(p))) if !p.retain => {
-                        if work.try_send(p).is_err() {
-                            CLAIMS_REFUSED.fetch_add(1, Ordering::Relaxed);
-                            log::warn!("grants: too many requests waiting; one dropped");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                // A retained request would come back at every restart: only live ones count.
+                // Handled in order by the worker, off this loop: a slow verifier must not hold
+                // up the expiry checks below.
+                d = client.recv() => if !d.retain && work.try_send(d.msg).is_err() {
+                    CLAIMS_REFUSED.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("grants: too many requests waiting; one dropped");
                 },
                 _ = tick.tick() => {
                     polls += 1;

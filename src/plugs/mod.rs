@@ -13,7 +13,6 @@ use crate::config::{self, PlugTopics};
 use average::MovingAverage;
 use bytes::Bytes;
 use client::PlugClient;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -113,33 +112,36 @@ pub fn start(cfg: config::Plugs, shared: Arc<broker::Shared>, bus: Bus, stop: Ca
             }
         });
     }
-    // Commands on `set` topics, from a client of the engine.
+    // Commands on `set` topics, from an in-process client of the broker.
     {
         let (ctx, stop) = (ctx.clone(), stop.clone());
+        let mut client = shared.local_client("plugs", &[PlugTopics::fill(&ctx.cfg.topics.set, "+")]);
         tokio::spawn(async move {
-            let filter = PlugTopics::fill(&ctx.cfg.topics.set, "+");
-            let (client, mut events) = AsyncClient::new(broker::engine_client(&shared.engine, "outpost-plugs"), 64);
             loop {
-                tokio::select! {
-                    ev = events.poll() => match ev {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => { let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce); }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let name = plug_of(&ctx.cfg.topics.set, &p.topic);
-                            let on = match String::from_utf8_lossy(&p.payload).trim().to_ascii_lowercase().as_str() {
-                                "on" | "1" | "true" => Some(true),
-                                "off" | "0" | "false" => Some(false),
-                                _ => None,
-                            };
-                            match (name.and_then(|n| commands.lock().expect("commands lock").get(&n).cloned()), on) {
-                                (Some(tx), Some(on)) => { let _ = tx.try_send(on); }
-                                (None, _) => log::info!("command on {}: no such plug", p.topic),
-                                (_, None) => log::info!("command on {}: payload must be on or off", p.topic),
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-                    },
+                let d = tokio::select! {
+                    d = client.recv() => d,
                     _ = stop.cancelled() => return,
+                };
+                let topic = &*d.msg.topic;
+                let name = plug_of(&ctx.cfg.topics.set, topic);
+                let on = match String::from_utf8_lossy(&d.msg.payload)
+                    .trim()
+                    .to_ascii_lowercase()
+                    .as_str()
+                {
+                    "on" | "1" | "true" => Some(true),
+                    "off" | "0" | "false" => Some(false),
+                    _ => None,
+                };
+                match (
+                    name.and_then(|n| commands.lock().expect("commands lock").get(&n).cloned()),
+                    on,
+                ) {
+                    (Some(tx), Some(on)) => {
+                        let _ = tx.try_send(on);
+                    }
+                    (None, _) => log::info!("command on {topic}: no such plug"),
+                    (_, None) => log::info!("command on {topic}: payload must be on or off"),
                 }
             }
         });

@@ -4,10 +4,10 @@
 //! on `outpost/<gateway.id>/provision/request` and hears `started`, then the outcome. One device
 //! at a time.
 
-use crate::broker::{self, Bus, Shared};
+use crate::broker::LocalClient;
+use crate::broker::{Bus, Shared};
 use crate::config::Config;
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, EventLoop, Packet};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,29 +38,18 @@ impl ProvisionService {
         }
     }
 
-    pub async fn connect(&self) -> anyhow::Result<(AsyncClient, EventLoop)> {
-        broker::subscribed_client(
-            &self.shared.engine,
-            "outpost-provision",
-            16,
-            std::slice::from_ref(&self.request_topic),
-        )
-        .await
+    pub async fn connect(&self) -> anyhow::Result<LocalClient> {
+        Ok(self
+            .shared
+            .local_client("provision", std::slice::from_ref(&self.request_topic)))
     }
 
-    pub async fn run(self: Arc<Self>, (client, mut events): (AsyncClient, EventLoop), stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, mut client: LocalClient, stop: CancellationToken) {
         loop {
             tokio::select! {
-                ev = events.poll() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = client.try_subscribe(self.request_topic.clone(), rumqttc::QoS::AtLeastOnce);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) if !p.retain => {
-                        let me = self.clone();
-                        tokio::spawn(async move { me.handle(&p.payload).await });
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                d = client.recv() => if !d.retain {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.handle(&d.msg.payload).await });
                 },
                 _ = stop.cancelled() => return,
             }

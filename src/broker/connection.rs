@@ -1,0 +1,871 @@
+//! One task per client connection: read CONNECT, authenticate, attach the client's session,
+//! then run two halves side by side: the reader (packets from the client: access checks,
+//! routing, acks) and the writer (the session's queue and the reader's replies to the socket).
+//! Neither half waits for the other except through a bounded channel, and whatever goes wrong
+//! on this connection ends this connection only.
+
+use super::auth::Identity;
+use super::codec::{self, AckCode, Frame, FrameError, Goodbye, In, OutPublish, Proto, Refusal, SubCode};
+use super::metrics::Metrics;
+use super::router::message::{now_ms, Message};
+use super::router::session::{Delivery, Session, SubOpts};
+use super::router::{Target, NEVER};
+use super::{topics, Shared};
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// MQTT 5 topic aliases a client may set: bounds what aliases cost.
+const TOPIC_ALIAS_MAX: u16 = 32;
+/// Topic aliases the broker uses toward a client at most, whatever it allows.
+const OUR_ALIAS_MAX: u16 = 64;
+/// The longest keep-alive the broker accepts; MQTT 5 clients asking more are told this one.
+const MAX_KEEP_ALIVE: u16 = 3600;
+/// Deliveries the writer takes from the session per round.
+const TAKE_BATCH: usize = 256;
+
+/// Per-listener facts a connection needs.
+#[derive(Clone, Debug)]
+pub struct ListenerInfo {
+    pub name: String,
+    /// The listener's `bind` as configured (ACL rules can name it).
+    pub bind: String,
+    pub anonymous: bool,
+}
+
+/// The session key of a client: user and client id. Clients of different users never share a
+/// session, and no client's key can equal the gateway's own (which start with `$`).
+pub fn session_key(username: Option<&str>, client_id: &str) -> String {
+    let u = username
+        .unwrap_or("")
+        .replace('%', "%25")
+        .replace(':', "%3A")
+        .replace('$', "%24");
+    format!("{u}:{client_id}")
+}
+
+/// How a connection ended.
+enum End {
+    /// The client closed the socket without DISCONNECT.
+    ClientClosed,
+    /// Read or write failure, keep-alive timeout, a client that stopped reading.
+    ClientGone(String),
+    Disconnected,
+    /// MQTT 5 DISCONNECT 0x04: close, and let the will go.
+    DisconnectWithWill,
+    Protocol(&'static str),
+    TakenOver,
+    Shutdown,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::ClientClosed => write!(f, "client closed the connection"),
+            End::ClientGone(why) => write!(f, "client gone: {why}"),
+            End::Disconnected => write!(f, "client disconnected"),
+            End::DisconnectWithWill => write!(f, "client disconnected with its will"),
+            End::Protocol(why) => write!(f, "closed by the gateway: {why}"),
+            End::TakenOver => write!(f, "session taken over by a new connection"),
+            End::Shutdown => write!(f, "gateway shutting down"),
+        }
+    }
+}
+
+impl End {
+    /// Did the connection end without a normal DISCONNECT (so the will is published)?
+    fn fires_will(&self) -> bool {
+        !matches!(self, End::Disconnected)
+    }
+}
+
+/// Serves one client from its first byte to its close. `deadline` bounds everything before
+/// CONNACK (handshakes included, which the caller ran under the same deadline); `prelogin`
+/// is held until then.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    listener: ListenerInfo,
+    shared: Arc<Shared>,
+    deadline: Instant,
+    stop: CancellationToken,
+    prelogin: OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut crd, mut cwr) = tokio::io::split(stream);
+    let max = shared.limits.max_packet_size.0 as usize;
+    let mut cbuf = BytesMut::with_capacity(1024);
+
+    let first = match timeout_at(deadline, read_connect(&mut crd, &mut cbuf, max)).await {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) | Err(_) => {
+            Metrics::inc(&shared.metrics.handshakes_failed);
+            log::debug!("{peer} on {}: closed or timed out before CONNECT", listener.name);
+            return;
+        }
+        Ok(Err(e)) => {
+            count_bad(&shared.metrics, &e);
+            log::info!("{peer} on {}: {e} before CONNECT; closing", listener.name);
+            return;
+        }
+    };
+    let connect = match check_connect(&first) {
+        Ok(c) => c,
+        Err((proto, refusal, why)) => {
+            Metrics::inc(&shared.metrics.connects_refused);
+            log::info!("{peer} on {}: refused: {why}", listener.name);
+            if let Some(proto) = proto {
+                let _ = cwr.write_all(&codec::connack_refusal(proto, refusal)).await;
+            }
+            return;
+        }
+    };
+    let proto = connect.proto;
+    let shown_id = format!("{:?}", connect.client_id);
+    let refuse = |refusal: Refusal, why: String| {
+        Metrics::inc(&shared.metrics.connects_refused);
+        log::info!("{peer} on {}: client {shown_id} refused: {why}", listener.name);
+        codec::connack_refusal(proto, refusal)
+    };
+    macro_rules! refuse {
+        ($r:expr, $why:expr) => {{
+            let ack = refuse($r, $why);
+            let _ = timeout_at(deadline, cwr.write_all(&ack)).await;
+            return;
+        }};
+    }
+
+    if connect.auth_method.is_some() {
+        refuse!(
+            Refusal::BadAuthMethod,
+            "MQTT 5 enhanced authentication is not offered".into()
+        );
+    }
+    let Ok(_slot) = shared.sessions_allowed.clone().try_acquire_owned() else {
+        refuse!(Refusal::ServerBusy, "max_connections reached".into());
+    };
+
+    // Authentication: argon2 is slow on purpose, so only a few run at once.
+    let policy = shared.policy.load_full();
+    let device = connect
+        .username
+        .as_ref()
+        .is_some_and(|u| !policy.has_user(u) && shared.device_login(u, "").is_some());
+    match (&connect.username, &connect.password) {
+        (Some(user), pass) if device => {
+            // A device from the keystore: a random password, compared in constant time.
+            if shared.device_login(user, pass.as_deref().unwrap_or("")) != Some(true) {
+                refuse!(Refusal::BadCredentials, format!("wrong password for device {user:?}"));
+            }
+        }
+        (Some(user), pass) => {
+            let ok = match timeout_at(deadline, shared.auth_slots.acquire()).await {
+                Ok(Ok(_slot)) => {
+                    let (p, u, pw) = (policy.clone(), user.clone(), pass.clone().unwrap_or_default());
+                    tokio::task::spawn_blocking(move || p.verify_password(&u, &pw))
+                        .await
+                        .unwrap_or(false)
+                }
+                _ => false,
+            };
+            if !ok {
+                refuse!(
+                    Refusal::BadCredentials,
+                    format!("wrong password or unknown user {user:?}")
+                );
+            }
+        }
+        (None, _) if !listener.anonymous => {
+            refuse!(
+                Refusal::NotAuthorized,
+                "anonymous clients are not allowed on this listener".into()
+            );
+        }
+        (None, _) => {}
+    }
+    // A client without an id gets one (and is told it, in MQTT 5).
+    let (client_id, assigned_id) = if connect.client_id.is_empty() {
+        if !connect.clean {
+            refuse!(Refusal::BadClientId, "an empty client id needs a clean session".into());
+        }
+        let id = format!("outpost-{:016x}", rand::random::<u64>());
+        (id.clone(), (proto == Proto::V5).then_some(id))
+    } else {
+        (connect.client_id.clone(), None)
+    };
+    let id = Identity {
+        username: connect.username.clone(),
+        client_id,
+        listener: listener.bind.clone(),
+        device,
+    };
+    if id.client_id.len() > shared.limits.max_client_id_len
+        || !policy.client_id_allowed(id.username.as_deref(), &id.client_id)
+    {
+        refuse!(Refusal::BadClientId, "client id not allowed".into());
+    }
+    if let Some(w) = &connect.will {
+        if !topics::valid_topic(&w.topic) || !shared.may_publish(&id, &w.topic) {
+            refuse!(Refusal::NotAuthorized, format!("will topic {:?} not allowed", w.topic));
+        }
+    }
+    drop(policy);
+
+    // How long the session outlives this connection: MQTT 5 says; 3.1.1 clean sessions end
+    // with it, kept ones last `persistent_session_expiry`.
+    let max_expiry = shared.sessions_cfg.max_session_expiry;
+    let (expiry, told_expiry) = match connect.session_expiry {
+        Some(e) if e > max_expiry => (max_expiry, Some(max_expiry)),
+        Some(e) => (e, None),
+        None if connect.clean => (0, None),
+        None => (shared.sessions_cfg.persistent_session_expiry, None),
+    };
+    let keep_alive = match connect.keep_alive {
+        k if k > MAX_KEEP_ALIVE => MAX_KEEP_ALIVE,
+        k => k,
+    };
+    let key = session_key(id.username.as_deref(), &id.client_id);
+    // Revoking a device, the end of a login, or a newer connection with this client id closes
+    // this one through this token.
+    let (conn_id, kick, taken_over) = shared.register(&id);
+    let user = id.username.clone().unwrap_or_default();
+    // A device revoked or rotated while this one was logging in was kicked before it was
+    // registered: check its login again now that any later kick will reach it.
+    if device && shared.device_login(&user, connect.password.as_deref().unwrap_or("")) != Some(true) {
+        shared.unregister(&user, conn_id);
+        refuse!(Refusal::NotAuthorized, "device revoked while logging in".into());
+    }
+    let attached = shared.attach(
+        &key,
+        id.clone(),
+        connect.clean,
+        expiry,
+        kick.clone(),
+        taken_over.clone(),
+    );
+    let announce = codec::Announce {
+        receive_max: shared.limits.max_inflight,
+        max_packet: shared.limits.max_packet_size.0 as u32,
+        topic_alias_max: TOPIC_ALIAS_MAX,
+        assigned_id,
+        session_expiry: told_expiry,
+        server_keep_alive: (connect.keep_alive != keep_alive).then_some(keep_alive),
+    };
+    let connack = codec::connack_ok(proto, attached.present, &announce);
+    if timeout_at(deadline, cwr.write_all(&connack))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        shared.unregister(&user, conn_id);
+        shared.detach(&attached.session, attached.gen, connect.will.clone(), true);
+        return;
+    }
+    drop(prelogin);
+    Metrics::inc(&shared.metrics.connections);
+    Metrics::inc(&shared.metrics.connections_total);
+    log::debug!(
+        "{peer} on {}: client {:?} connected ({proto:?}, user {:?}, session present {})",
+        listener.name,
+        id.client_id,
+        id.username,
+        attached.present
+    );
+
+    let ctx = Ctx {
+        proto,
+        id,
+        keep_alive,
+        shared: shared.clone(),
+        session: attached.session.clone(),
+        gen: attached.gen,
+        receive_max: connect.receive_max.max(1) as usize,
+        max_packet: connect.max_packet as usize,
+        alias_max: connect.topic_alias_max.min(OUR_ALIAS_MAX),
+        zero_expiry_at_connect: connect.session_expiry == Some(0),
+    };
+    let (tx, rx) = mpsc::channel(64);
+    let end = tokio::select! {
+        end = reader(&ctx, crd, cbuf, tx) => end,
+        end = writer(&ctx, cwr, rx, stop, (kick, taken_over)) => end,
+    };
+    shared.unregister(&user, conn_id);
+    shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    let will = connect.will.clone().filter(|_| end.fires_will());
+    shared.detach(&ctx.session, ctx.gen, will, false);
+    match &end {
+        End::Protocol(_) | End::ClientGone(_) => {
+            log::info!("{peer} on {}: client {:?}: {end}", listener.name, ctx.id.client_id)
+        }
+        _ => log::debug!("{peer} on {}: client {:?}: {end}", listener.name, ctx.id.client_id),
+    }
+}
+
+fn count_bad(m: &Metrics, e: &FrameError) {
+    match e {
+        FrameError::TooLarge(_) => Metrics::inc(&m.oversized_packets),
+        FrameError::Malformed(_) => Metrics::inc(&m.malformed_packets),
+    }
+}
+
+/// Decodes and checks the first packet; a refusal says which CONNACK to send, if any.
+fn check_connect(first: &Frame) -> Result<codec::Connect, (Option<Proto>, Refusal, String)> {
+    match codec::protocol_level(first) {
+        Some((name, 4)) if name == "MQTT" => {}
+        Some((name, 5)) if name == "MQTT" => {}
+        Some((name, level)) if name == "MQTT" || name == "MQIsdp" => {
+            return Err((
+                Some(Proto::V4),
+                Refusal::UnsupportedVersion,
+                format!("protocol {name} level {level} is not supported (use MQTT 3.1.1 or 5)"),
+            ))
+        }
+        _ => {
+            return Err((
+                None,
+                Refusal::Malformed,
+                "CONNECT without the MQTT protocol name".into(),
+            ))
+        }
+    }
+    codec::decode_connect(first).map_err(|e| {
+        let proto = match codec::protocol_level(first) {
+            Some((_, 5)) => Some(Proto::V5),
+            _ => None,
+        };
+        (proto, Refusal::Malformed, e.to_string())
+    })
+}
+
+/// Reads the client's first packet, refusing at its first byte if it is not a CONNECT
+/// (rather than waiting for a garbage length to fill).
+async fn read_connect<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<Frame>, FrameError> {
+    while buf.is_empty() {
+        match r.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+    if buf[0] != 0x10 {
+        return Err(FrameError::Malformed(format!(
+            "first byte {:#04x} is not a CONNECT",
+            buf[0]
+        )));
+    }
+    loop {
+        if let Some(f) = codec::next_frame(buf, max)? {
+            return Ok(Some(f));
+        }
+        match r.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// What both halves of one connection share.
+struct Ctx {
+    proto: Proto,
+    id: Identity,
+    /// The keep-alive in force, seconds (0: none).
+    keep_alive: u16,
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    /// This connection's generation of the session: only it may take from the queue.
+    gen: u64,
+    /// The client's Receive Maximum: QoS 1/2 deliveries in flight toward it at most.
+    receive_max: usize,
+    /// The client's Maximum Packet Size (0: no limit but the protocol's).
+    max_packet: usize,
+    /// Topic aliases the broker may use toward this client.
+    alias_max: u16,
+    /// MQTT 5: a session expiry of 0 at CONNECT may not be raised at DISCONNECT.
+    zero_expiry_at_connect: bool,
+}
+
+/// What the reader hands the writer.
+enum Out {
+    Bytes(bytes::Bytes),
+    /// A SUBACK, then the retained messages its subscriptions get, in that order.
+    SubAck(bytes::Bytes, Vec<(Target, Arc<Message>)>),
+    /// Send the goodbye (MQTT 5), close, and end the connection so.
+    Close(Goodbye, End),
+}
+
+/// Client to broker: frames off the socket, each handled in order; acks go to the writer once
+/// whatever must be durable first (bridge spools, persistent sessions) has committed.
+async fn reader<R: AsyncRead + Unpin>(ctx: &Ctx, mut crd: R, mut cbuf: BytesMut, tx: mpsc::Sender<Out>) -> End {
+    let shared = &ctx.shared;
+    let m = &shared.metrics;
+    let max = shared.limits.max_packet_size.0 as usize;
+    // A client silent for 1.5 times its keep-alive is gone [MQTT-3.1.2-24].
+    let idle = (ctx.keep_alive > 0).then(|| Duration::from_millis(ctx.keep_alive as u64 * 1500));
+    let mut st = ReadState::default();
+    loop {
+        // Frames already buffered first; then read more.
+        let mut acks: Vec<bytes::Bytes> = vec![];
+        let mut waits = vec![];
+        let mut published = false;
+        st.unacked = 0;
+        loop {
+            let frame = match codec::next_frame(&mut cbuf, max) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    count_bad(m, &e);
+                    let why = match e {
+                        FrameError::TooLarge(_) => Goodbye::PacketTooLarge,
+                        FrameError::Malformed(_) => Goodbye::Malformed,
+                    };
+                    let _ = tx.send(Out::Close(why, End::Protocol("bad packet"))).await;
+                    return End::Protocol("bad packet");
+                }
+            };
+            published |= frame.kind == codec::kind::PUBLISH;
+            match on_packet(ctx, &mut st, &frame, &mut waits) {
+                Step::Reply(b) => acks.push(b),
+                Step::Nothing => {}
+                Step::SubAck(b, retained) => {
+                    flush_acks(&tx, &mut acks, &mut waits).await;
+                    if tx.send(Out::SubAck(b, retained)).await.is_err() {
+                        return End::ClientGone("writer ended".into());
+                    }
+                }
+                Step::Close(why, what) => {
+                    flush_acks(&tx, &mut acks, &mut waits).await;
+                    let _ = tx.send(Out::Close(why, End::Protocol(what))).await;
+                    return End::Protocol(what);
+                }
+                Step::End(end) => {
+                    flush_acks(&tx, &mut acks, &mut waits).await;
+                    return end;
+                }
+            }
+        }
+        if !flush_acks(&tx, &mut acks, &mut waits).await {
+            return End::ClientGone("a bridge spool or the session store could not store a message".into());
+        }
+        if published {
+            shared.router.wait_for_budget().await;
+        }
+        let read = crd.read_buf(&mut cbuf);
+        let n = match idle {
+            Some(d) => match timeout(d, read).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let _ = tx
+                        .send(Out::Close(
+                            Goodbye::KeepAliveTimeout,
+                            End::ClientGone("keep-alive timeout".into()),
+                        ))
+                        .await;
+                    return End::ClientGone("keep-alive timeout".into());
+                }
+            },
+            None => read.await,
+        };
+        match n {
+            Ok(0) => return End::ClientClosed,
+            Ok(n) => Metrics::add(&m.bytes_in, n as u64),
+            Err(e) => return End::ClientGone(format!("read: {e}")),
+        }
+    }
+}
+
+/// Waits for the durable copies, then hands the acks to the writer. False when a copy failed
+/// (the acks are not sent: the client will publish again).
+async fn flush_acks(
+    tx: &mpsc::Sender<Out>,
+    acks: &mut Vec<bytes::Bytes>,
+    waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
+) -> bool {
+    let mut ok = true;
+    for w in waits.drain(..) {
+        ok &= w.await.is_ok();
+    }
+    if !ok {
+        acks.clear();
+        return false;
+    }
+    for a in acks.drain(..) {
+        if tx.send(Out::Bytes(a)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// State only the reader uses.
+#[derive(Default)]
+struct ReadState {
+    /// MQTT 5 topic aliases the client set.
+    aliases: HashMap<u16, String>,
+    /// QoS 1/2 publishes of this batch whose acks wait for it to end (Receive Maximum).
+    unacked: usize,
+}
+
+/// What one client packet leads to.
+enum Step {
+    Reply(bytes::Bytes),
+    SubAck(bytes::Bytes, Vec<(Target, Arc<Message>)>),
+    Nothing,
+    Close(Goodbye, &'static str),
+    End(End),
+}
+
+fn on_packet(
+    ctx: &Ctx,
+    st: &mut ReadState,
+    frame: &Frame,
+    waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
+) -> Step {
+    let shared = &ctx.shared;
+    let m = &shared.metrics;
+    let proto = ctx.proto;
+    let packet = match codec::decode(proto, frame) {
+        Ok(p) => p,
+        Err(e) => {
+            Metrics::inc(&m.malformed_packets);
+            log::debug!("client {:?}: {e}", ctx.id.client_id);
+            return Step::Close(Goodbye::Malformed, "malformed or forbidden packet");
+        }
+    };
+    match packet {
+        In::Publish(p) => {
+            Metrics::inc(&m.publishes_in);
+            let topic = match (p.alias, p.topic.is_empty()) {
+                (Some(a), _) if a == 0 || a > TOPIC_ALIAS_MAX => {
+                    Metrics::inc(&m.malformed_packets);
+                    return Step::Close(Goodbye::TopicAliasInvalid, "topic alias out of range");
+                }
+                (Some(a), false) => {
+                    st.aliases.insert(a, p.topic.clone());
+                    p.topic.clone()
+                }
+                (Some(a), true) => match st.aliases.get(&a) {
+                    Some(t) => t.clone(),
+                    None => {
+                        Metrics::inc(&m.malformed_packets);
+                        return Step::Close(Goodbye::TopicAliasInvalid, "unknown topic alias");
+                    }
+                },
+                (None, _) => p.topic.clone(),
+            };
+            if !topics::valid_topic(&topic) {
+                Metrics::inc(&m.malformed_packets);
+                return Step::Close(Goodbye::TopicNameInvalid, "PUBLISH to an invalid topic name");
+            }
+            if p.qos > 0 {
+                st.unacked += 1;
+                let qos2_open = if p.qos == 2 {
+                    ctx.session.lock().incoming_qos2.len()
+                } else {
+                    0
+                };
+                if st.unacked.max(qos2_open) > shared.limits.max_inflight as usize {
+                    Metrics::inc(&m.inflight_exceeded);
+                    return Step::Close(Goodbye::ReceiveMaximumExceeded, "too many unacknowledged publishes");
+                }
+            }
+            if !shared.may_publish(&ctx.id, &topic) {
+                Metrics::inc(&m.publish_denied);
+                log::debug!("client {:?}: publish to {topic:?} denied", ctx.id.client_id);
+                return match p.qos {
+                    0 => Step::Nothing,
+                    q => Step::Reply(codec::publish_ack(proto, q, p.pkid, AckCode::NotAuthorized)),
+                };
+            }
+            // A QoS 2 PUBLISH resent before its PUBREL is acknowledged again, not routed again.
+            if p.qos == 2 && !ctx.session.lock().incoming_qos2.insert(p.pkid) {
+                return Step::Reply(codec::publish_ack(proto, 2, p.pkid, AckCode::Success));
+            }
+            let msg = Arc::new(Message {
+                topic: Arc::from(topic.as_str()),
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                props: p.props,
+                expires_ms: p.expiry.map(|e| now_ms() + e as i64 * 1000),
+                origin: None,
+                from: ctx.session.id,
+            });
+            shared.ingress(&msg, p.qos > 0, waits);
+            match p.qos {
+                0 => Step::Nothing,
+                q => Step::Reply(codec::publish_ack(proto, q, p.pkid, AckCode::Success)),
+            }
+        }
+        In::PubAck(pkid) => {
+            if let Some(freed) = ctx.session.acked(pkid, false) {
+                shared.router.release(freed);
+            }
+            Step::Nothing
+        }
+        In::PubRec(pkid) => {
+            // PUBREL either way: for an unknown id it tells the client to let it go too.
+            ctx.session.received(pkid);
+            Step::Reply(codec::pubrel(pkid))
+        }
+        In::PubComp(pkid) => {
+            if let Some(freed) = ctx.session.acked(pkid, true) {
+                shared.router.release(freed);
+            }
+            Step::Nothing
+        }
+        In::PubRel(pkid) => {
+            let found = ctx.session.lock().incoming_qos2.remove(&pkid);
+            Step::Reply(codec::pubcomp(proto, pkid, found))
+        }
+        In::Subscribe { pkid, filters, id } => {
+            let mut codes = Vec::with_capacity(filters.len());
+            let mut retained = vec![];
+            for f in filters {
+                let (group, inner) = super::router::split_share(&f.filter);
+                let valid = topics::strip_share(&f.filter).is_some_and(topics::valid_filter)
+                    && group.is_none_or(|g| !g.is_empty() && !g.contains(['+', '#']));
+                if !valid {
+                    codes.push(SubCode::InvalidFilter);
+                    continue;
+                }
+                if group.is_some() && f.no_local {
+                    codes.push(SubCode::Unspecified);
+                    continue;
+                }
+                if !shared.may_subscribe(&ctx.id, &f.filter) {
+                    Metrics::inc(&m.subscribe_denied);
+                    log::debug!("client {:?}: subscribe to {:?} denied", ctx.id.client_id, f.filter);
+                    codes.push(SubCode::NotAuthorized);
+                    continue;
+                }
+                let qos = f.qos.min(2);
+                let opts = SubOpts {
+                    qos,
+                    no_local: f.no_local,
+                    retain_as_published: f.retain_as_published,
+                    id,
+                };
+                let _ = inner;
+                let (_, msgs) = shared.subscribe(&ctx.session, &f.filter, opts, f.retain_handling);
+                for msg in msgs {
+                    if !shared.may_read(&ctx.id, &msg.topic) {
+                        continue;
+                    }
+                    retained.push((
+                        Target {
+                            session: ctx.session.clone(),
+                            qos: qos.min(msg.qos),
+                            retain: true,
+                            sub_ids: id.into_iter().collect(),
+                        },
+                        msg,
+                    ));
+                }
+                codes.push(SubCode::Granted(qos));
+            }
+            Step::SubAck(codec::suback(proto, pkid, &codes), retained)
+        }
+        In::Unsubscribe { pkid, filters } => {
+            let held: Vec<bool> = filters.iter().map(|f| shared.unsubscribe(&ctx.session, f)).collect();
+            Step::Reply(codec::unsuback(proto, pkid, &held))
+        }
+        In::PingReq => Step::Reply(bytes::Bytes::from_static(&codec::PINGRESP)),
+        In::Disconnect { reason, session_expiry } => {
+            if let Some(e) = session_expiry {
+                if ctx.zero_expiry_at_connect && e != 0 {
+                    Metrics::inc(&m.malformed_packets);
+                    return Step::Close(Goodbye::ProtocolError, "session expiry raised from 0 at DISCONNECT");
+                }
+                ctx.session.lock().expiry = e.min(shared.sessions_cfg.max_session_expiry);
+            }
+            Step::End(if reason == 0x04 {
+                End::DisconnectWithWill
+            } else {
+                End::Disconnected
+            })
+        }
+    }
+}
+
+/// Broker to client: resend what was in flight, then write the reader's replies and the
+/// session's deliveries, within the client's Receive Maximum and Maximum Packet Size.
+async fn writer<W: AsyncWrite + Unpin>(
+    ctx: &Ctx,
+    mut cwr: W,
+    mut rx: mpsc::Receiver<Out>,
+    stop: CancellationToken,
+    (kick, taken_over): (CancellationToken, Arc<AtomicBool>),
+) -> End {
+    let shared = &ctx.shared;
+    let m = &shared.metrics;
+    // A client that does not read for this long is given up.
+    let write_timeout = Duration::from_secs((ctx.keep_alive as u64 * 3 / 2).max(30));
+    let mut out = BytesMut::new();
+    let mut aliases: HashMap<Arc<str>, u16> = HashMap::new();
+    let now = now_ms();
+    for f in ctx.session.inflight() {
+        if f.released {
+            out.extend_from_slice(&codec::pubrel(f.pkid));
+        } else {
+            encode(ctx, &f.d, f.pkid, true, &mut aliases, now, &mut out);
+        }
+    }
+    loop {
+        let mut closing = None;
+        if out.is_empty() {
+            tokio::select! {
+                o = rx.recv() => match o {
+                    Some(o) => closing = take_out(ctx, o, &mut out),
+                    None => closing = Some((None, End::ClientGone("reader ended".into()))),
+                },
+                _ = ctx.session.notify.notified() => {}
+                _ = stop.cancelled() => closing = Some((Some(Goodbye::ShuttingDown), End::Shutdown)),
+                _ = kick.cancelled() => closing = Some(if taken_over.load(Ordering::Relaxed) {
+                    (Some(Goodbye::SessionTakenOver), End::TakenOver)
+                } else {
+                    (Some(Goodbye::NotAuthorized), End::Protocol("credentials revoked or access ended"))
+                }),
+            }
+        }
+        while closing.is_none() {
+            match rx.try_recv() {
+                Ok(o) => closing = take_out(ctx, o, &mut out),
+                Err(_) => break,
+            }
+        }
+        if let Some((why, end)) = closing {
+            if let Some(d) = why.and_then(|w| codec::disconnect(ctx.proto, w)) {
+                out.extend_from_slice(&d);
+            }
+            let _ = flush(&mut cwr, &mut out, write_timeout).await;
+            let _ = timeout(Duration::from_secs(1), cwr.shutdown()).await;
+            return end;
+        }
+        // Deliveries, as many as the window allows, in rounds so one write stays bounded.
+        let now = now_ms();
+        let fits = |d: &Delivery| {
+            ctx.max_packet == 0 || codec::publish_size(ctx.proto, &d.msg, d.qos) + 8 * d.sub_ids.len() <= ctx.max_packet
+        };
+        match ctx.session.take(ctx.gen, ctx.receive_max, TAKE_BATCH, fits) {
+            None => {
+                let _ = flush(&mut cwr, &mut out, write_timeout).await;
+                return End::TakenOver;
+            }
+            Some(t) => {
+                shared.router.release(t.freed);
+                if t.too_large > 0 {
+                    shared
+                        .router
+                        .dropped_too_large
+                        .fetch_add(t.too_large, Ordering::Relaxed);
+                }
+                if t.expired > 0 {
+                    shared.router.dropped_expired.fetch_add(t.expired, Ordering::Relaxed);
+                }
+                let more = t.out.len() == TAKE_BATCH;
+                for (pkid, d) in &t.out {
+                    encode(ctx, d, *pkid, false, &mut aliases, now, &mut out);
+                    if d.qos == 0 {
+                        ctx.session.delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Metrics::add(&m.publishes_out, t.out.len() as u64);
+                if more {
+                    // Come back for the rest without waiting for a wake-up.
+                    ctx.session.notify.notify_one();
+                }
+            }
+        }
+        Metrics::add(&m.bytes_out, out.len() as u64);
+        if let Err(e) = flush(&mut cwr, &mut out, write_timeout).await {
+            return End::ClientGone(format!("write: {e}"));
+        }
+    }
+}
+
+/// Handles one message from the reader; returns a closing if it asks for one.
+fn take_out(ctx: &Ctx, o: Out, out: &mut BytesMut) -> Option<(Option<Goodbye>, End)> {
+    match o {
+        Out::Bytes(b) => {
+            out.extend_from_slice(&b);
+            None
+        }
+        Out::SubAck(b, retained) => {
+            out.extend_from_slice(&b);
+            for (t, msg) in retained {
+                ctx.shared.router.push(&t, &msg, true);
+            }
+            None
+        }
+        Out::Close(why, end) => Some((Some(why), end)),
+    }
+}
+
+/// Appends one delivery as a PUBLISH, with a topic alias where the client allows them.
+fn encode(
+    ctx: &Ctx,
+    d: &Delivery,
+    pkid: u16,
+    dup: bool,
+    aliases: &mut HashMap<Arc<str>, u16>,
+    now: i64,
+    out: &mut BytesMut,
+) {
+    let alias = if ctx.alias_max > 0 && ctx.proto == Proto::V5 {
+        match aliases.get(&d.msg.topic) {
+            Some(a) => Some((*a, false)),
+            None if (aliases.len() as u16) < ctx.alias_max => {
+                let a = aliases.len() as u16 + 1;
+                aliases.insert(d.msg.topic.clone(), a);
+                Some((a, true))
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    codec::encode_publish(
+        ctx.proto,
+        &OutPublish {
+            msg: &d.msg,
+            qos: d.qos,
+            pkid,
+            dup,
+            retain: d.retain,
+            sub_ids: &d.sub_ids,
+            alias,
+            expiry_left: d.msg.expiry_left(now),
+        },
+        out,
+    );
+}
+
+async fn flush<W: AsyncWrite + Unpin>(w: &mut W, buf: &mut BytesMut, limit: Duration) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let res = timeout(limit, async {
+        w.write_all(buf).await?;
+        w.flush().await
+    })
+    .await;
+    buf.clear();
+    match res {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client did not read")),
+    }
+}
+
+#[allow(dead_code)]
+const _: u32 = NEVER;

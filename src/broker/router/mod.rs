@@ -1,0 +1,446 @@
+//! The router: sessions by key, the subscription index, retained messages, and the global
+//! memory budget for everything queued. It decides who gets a message and at what QoS; the
+//! sessions hold the queues; the connections do the protocol.
+//!
+//! Invariants: the index holds exactly the subscriptions of sessions in `sessions` (a removed
+//! session leaves nothing behind, and memory for a filter is freed with its last subscriber);
+//! `queued` is the sum of every session's `bytes`; one lock (`inner`) guards the index, the
+//! session map and the retained map, and no session lock is ever taken while it is held.
+
+pub mod index;
+pub mod message;
+pub mod session;
+
+use crate::broker::auth::Identity;
+use index::Index;
+use message::Message;
+use session::{Conn, Delivery, QueueLimits, Session, SubOpts};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// `expiry` meaning "never".
+pub const NEVER: u32 = u32::MAX;
+
+/// A session's subscription, as the index holds it.
+type Entry = SubOpts;
+
+struct Inner {
+    index: Index<u64, Entry>,
+    sessions: HashMap<Arc<str>, Arc<Session>>,
+    by_id: HashMap<u64, Arc<Session>>,
+    retained: HashMap<Arc<str>, Arc<Message>>,
+}
+
+/// One session a message goes to, with what the delivery looks like.
+pub struct Target {
+    pub session: Arc<Session>,
+    pub qos: u8,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+}
+
+pub struct Router {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+    /// Picks where a shared group's round starts for each message.
+    share_cursor: AtomicUsize,
+    pub limits: QueueLimits,
+    /// Bytes queued in all sessions together, and the most they may hold before publishers
+    /// are paused (back-pressure).
+    queued: AtomicUsize,
+    budget: usize,
+    budget_freed: Notify,
+    /// Counters over all sessions, kept when sessions end.
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_too_large: AtomicU64,
+    pub dropped_expired: AtomicU64,
+    pub paused: AtomicU64,
+    /// Flips while publishers wait for the budget, so a waiting reader is logged once.
+    over: AtomicBool,
+}
+
+/// Who opens a session, and how.
+pub struct AttachReq {
+    pub key: String,
+    pub identity: Identity,
+    /// Discard what the session had (3.1.1 clean session, MQTT 5 clean start).
+    pub clean: bool,
+    /// Seconds the session outlives the connection ([`NEVER`]: kept until cleaned).
+    pub expiry: u32,
+    /// A component of the gateway itself.
+    pub internal: bool,
+}
+
+/// What `attach` found.
+pub struct Attached {
+    pub session: Arc<Session>,
+    pub present: bool,
+    pub gen: u64,
+}
+
+impl Router {
+    pub fn new(limits: QueueLimits, budget: usize) -> Router {
+        Router {
+            inner: Mutex::new(Inner {
+                index: Index::new(),
+                sessions: HashMap::new(),
+                by_id: HashMap::new(),
+                retained: HashMap::new(),
+            }),
+            next_id: AtomicU64::new(1),
+            share_cursor: AtomicUsize::new(0),
+            limits,
+            queued: AtomicUsize::new(0),
+            budget,
+            budget_freed: Notify::new(),
+            dropped_queue_full: AtomicU64::new(0),
+            dropped_too_large: AtomicU64::new(0),
+            dropped_expired: AtomicU64::new(0),
+            paused: AtomicU64::new(0),
+            over: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens (or resumes) the session `key` for a new connection. A connection holding it now
+    /// is told to go (its token is cancelled). `clean` discards what the session had.
+    pub fn attach(&self, req: AttachReq, token: CancellationToken, taken_over: Arc<AtomicBool>) -> Attached {
+        let AttachReq {
+            key,
+            identity,
+            clean,
+            expiry,
+            internal,
+        } = req;
+        let key = key.as_str();
+        let mut inner = self.lock();
+        let existing = inner.sessions.get(key).cloned();
+        let (session, present) = match existing {
+            Some(s) if !clean => (s, true),
+            Some(s) => {
+                Self::remove_locked(&mut inner, &s);
+                let freed = s.clear();
+                self.release(freed);
+                if let Some(c) = s.lock().conn.take() {
+                    c.taken_over.store(true, Ordering::Relaxed);
+                    c.token.cancel();
+                }
+                (
+                    self.new_session_locked(&mut inner, key, identity.clone(), internal, expiry),
+                    false,
+                )
+            }
+            None => (
+                self.new_session_locked(&mut inner, key, identity.clone(), internal, expiry),
+                false,
+            ),
+        };
+        drop(inner);
+        session.identity.store(Arc::new(identity));
+        let mut st = session.lock();
+        if let Some(old) = st.conn.take() {
+            old.taken_over.store(true, Ordering::Relaxed);
+            old.token.cancel();
+        }
+        st.gen += 1;
+        let gen = st.gen;
+        st.expiry = expiry;
+        st.conn = Some(Conn { gen, token, taken_over });
+        drop(st);
+        session.online.store(true, Ordering::Relaxed);
+        // Wake a writer of an older generation so it notices and stops.
+        session.notify.notify_waiters();
+        Attached { session, present, gen }
+    }
+
+    fn new_session_locked(
+        &self,
+        inner: &mut Inner,
+        key: &str,
+        identity: Identity,
+        internal: bool,
+        expiry: u32,
+    ) -> Arc<Session> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<str> = Arc::from(key);
+        let s = Arc::new(Session::new(id, key.clone(), identity, internal, expiry));
+        inner.sessions.insert(key, s.clone());
+        inner.by_id.insert(id, s.clone());
+        s
+    }
+
+    /// The connection of generation `gen` has ended. Returns true if the session ended with it
+    /// (expiry 0), false if it is kept for a later connection.
+    pub fn detach(&self, session: &Arc<Session>, gen: u64) -> bool {
+        let expiry = {
+            let mut st = session.lock();
+            if st.gen != gen {
+                return false;
+            }
+            st.conn = None;
+            st.expiry
+        };
+        session.online.store(false, Ordering::Relaxed);
+        if expiry == 0 {
+            self.end_session(session, gen);
+            return true;
+        }
+        false
+    }
+
+    /// Ends `session` if no connection came back since generation `gen`; returns whether it did.
+    pub fn end_session(&self, session: &Arc<Session>, gen: u64) -> bool {
+        let mut inner = self.lock();
+        {
+            let st = session.lock();
+            if st.gen != gen || st.conn.is_some() {
+                return false;
+            }
+        }
+        if !inner
+            .sessions
+            .get(&session.key)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            return false;
+        }
+        Self::remove_locked(&mut inner, session);
+        drop(inner);
+        let freed = session.clear();
+        self.release(freed);
+        true
+    }
+
+    fn remove_locked(inner: &mut Inner, session: &Arc<Session>) {
+        let subs: Vec<Arc<str>> = session.lock().subs.drain().map(|(f, _)| f).collect();
+        for f in subs {
+            let (group, filter) = split_share(&f);
+            inner.index.remove(filter, group, &session.id);
+        }
+        inner.sessions.remove(&session.key);
+        inner.by_id.remove(&session.id);
+    }
+
+    /// Adds or replaces a subscription; returns whether it existed before, and the retained
+    /// messages to send for it (per its retain handling; none for shared subscriptions).
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        filter: &str,
+        opts: SubOpts,
+        retain_handling: u8,
+    ) -> (bool, Vec<Arc<Message>>) {
+        let mut inner = self.lock();
+        let (group, inner_filter) = split_share(filter);
+        let existed = inner.index.insert(inner_filter, group, session.id, opts.clone());
+        session.lock().subs.insert(Arc::from(filter), opts);
+        let send = group.is_none() && (retain_handling == 0 || (retain_handling == 1 && !existed));
+        let retained = if send {
+            inner
+                .retained
+                .values()
+                .filter(|m| crate::broker::topics::matches(&m.topic, inner_filter))
+                .cloned()
+                .collect()
+        } else {
+            vec![]
+        };
+        (existed, retained)
+    }
+
+    /// Removes a subscription; returns whether the session held it.
+    pub fn unsubscribe(&self, session: &Arc<Session>, filter: &str) -> bool {
+        let mut inner = self.lock();
+        let (group, inner_filter) = split_share(filter);
+        let held = session.lock().subs.remove(filter).is_some();
+        if held {
+            inner.index.remove(inner_filter, group, &session.id);
+        }
+        held
+    }
+
+    /// Who gets `msg`: one delivery per session for its plain subscriptions (the highest
+    /// granted QoS among those that match, every subscription identifier), and one member of
+    /// each matching shared group (round robin, skipping members offline or with a fuller
+    /// queue than the window, so a slow member never stalls the group).
+    pub fn route(&self, msg: &Message) -> Vec<Target> {
+        let inner = self.lock();
+        let mut plain: HashMap<u64, Target> = HashMap::new();
+        let mut shared: Vec<Target> = vec![];
+        let cursor = self.share_cursor.fetch_add(1, Ordering::Relaxed);
+        inner.index.for_each_match(
+            &msg.topic,
+            |id, o| {
+                if o.no_local && *id == msg.from {
+                    return;
+                }
+                let Some(s) = inner.by_id.get(id) else { return };
+                let qos = o.qos.min(msg.qos);
+                let t = plain.entry(*id).or_insert_with(|| Target {
+                    session: s.clone(),
+                    qos,
+                    retain: false,
+                    sub_ids: vec![],
+                });
+                t.qos = t.qos.max(qos);
+                t.retain |= o.retain_as_published && msg.retain;
+                if let Some(i) = o.id {
+                    t.sub_ids.push(i);
+                }
+            },
+            |_group, _filter, members| {
+                let n = members.len();
+                if n == 0 {
+                    return;
+                }
+                let mut best: Option<(usize, usize)> = None;
+                for k in 0..n {
+                    let (id, o) = &members[(cursor + k) % n];
+                    let Some(s) = inner.by_id.get(id) else { continue };
+                    if o.no_local && *id == msg.from {
+                        continue;
+                    }
+                    let load = s.pending.load(Ordering::Relaxed);
+                    let online = s.online.load(Ordering::Relaxed);
+                    let score = if online { load } else { usize::MAX / 2 + load };
+                    if online && load < 16 {
+                        best = Some(((cursor + k) % n, score));
+                        break;
+                    }
+                    if best.is_none_or(|(_, b)| score < b) {
+                        best = Some(((cursor + k) % n, score));
+                    }
+                }
+                if let Some((i, _)) = best {
+                    let (id, o) = &members[i];
+                    if let Some(s) = inner.by_id.get(id) {
+                        shared.push(Target {
+                            session: s.clone(),
+                            qos: o.qos.min(msg.qos),
+                            retain: o.retain_as_published && msg.retain,
+                            sub_ids: o.id.into_iter().collect(),
+                        });
+                    }
+                }
+            },
+        );
+        let mut out: Vec<Target> = plain.into_values().collect();
+        out.extend(shared);
+        out
+    }
+
+    /// Keeps `msg` as the retained message of its topic; an empty payload removes it.
+    pub fn retain(&self, msg: &Arc<Message>) {
+        let mut inner = self.lock();
+        if msg.payload.is_empty() {
+            inner.retained.remove(&msg.topic);
+        } else {
+            inner.retained.insert(msg.topic.clone(), msg.clone());
+        }
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.lock().retained.len()
+    }
+
+    /// Queues a delivery into a session, counting it against the budget.
+    pub fn push(&self, t: &Target, msg: &Arc<Message>, force: bool) -> bool {
+        let d = Delivery {
+            msg: msg.clone(),
+            qos: t.qos,
+            retain: t.retain,
+            sub_ids: t.sub_ids.clone(),
+        };
+        // QoS 0 is not kept for a client that is away (as Mosquitto does by default).
+        if !t.session.online.load(Ordering::Relaxed) && t.qos == 0 && !t.session.internal {
+            return false;
+        }
+        match t.session.push(d, &self.limits, force) {
+            Ok(cost) => {
+                self.queued.fetch_add(cost, Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Returns bytes to the budget (a delivery was written or acknowledged).
+    pub fn release(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let before = self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        if before >= self.budget && before - bytes < self.budget {
+            self.budget_freed.notify_waiters();
+        }
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Waits while the queues hold the whole budget: publishers stop being read (TCP pushes
+    /// back on them) instead of anything being dropped.
+    pub async fn wait_for_budget(&self) {
+        loop {
+            let freed = self.budget_freed.notified();
+            if self.queued.load(Ordering::Relaxed) < self.budget {
+                if self.over.swap(false, Ordering::Relaxed) {
+                    log::info!("queued messages back under the memory budget; reading publishers again");
+                }
+                return;
+            }
+            if !self.over.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "queued messages hold the memory budget ({} bytes): pausing publishers",
+                    self.budget
+                );
+            }
+            self.paused.fetch_add(1, Ordering::Relaxed);
+            // A timeout as well, so a missed wake-up can only delay, never hang.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), freed).await;
+        }
+    }
+
+    /// Sessions held now (connected or kept), and how many are connected.
+    pub fn session_counts(&self) -> (usize, usize) {
+        let inner = self.lock();
+        let online = inner
+            .sessions
+            .values()
+            .filter(|s| s.online.load(Ordering::Relaxed))
+            .count();
+        (inner.sessions.len(), online)
+    }
+
+    pub fn subscription_count(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.index.len(), inner.index.node_count())
+    }
+
+    /// Every session, for checks that walk them all (access re-checks, status).
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.lock().sessions.values().cloned().collect()
+    }
+
+    pub fn session(&self, key: &str) -> Option<Arc<Session>> {
+        self.lock().sessions.get(key).cloned()
+    }
+}
+
+/// `$share/G/F` → (`Some(G)`, `F`); any other filter → (`None`, itself).
+pub fn split_share(f: &str) -> (Option<&str>, &str) {
+    match f.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
+        Some((g, inner)) => (Some(g), inner),
+        None => (None, f),
+    }
+}

@@ -1,0 +1,328 @@
+//! One session: what the broker keeps for a client id between and during its connections. Its
+//! outbound queue (bounded by messages and bytes), the deliveries in flight awaiting an ack (at
+//! most the client's Receive Maximum), packet ids, the QoS 2 ids it received, and its
+//! subscriptions. A connection's writer takes from here; routing pushes here.
+//!
+//! Invariants: a delivery is in exactly one of `queue` or `inflight` until it is acknowledged
+//! (QoS 1/2) or written (QoS 0); `bytes` is the cost of both, and the router's global budget
+//! holds the same amount for this session. Only the writer of the current connection (`gen`)
+//! takes from the queue.
+
+use super::message::{now_ms, Message};
+use crate::broker::auth::Identity;
+use arc_swap::ArcSwap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Options of one subscription, as the client asked and the broker granted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubOpts {
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub id: Option<u32>,
+}
+
+/// A message on its way to this session, at the QoS it is delivered with.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    pub qos: u8,
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+}
+
+/// A delivery sent with a packet id, awaiting PUBACK, or PUBREC then PUBCOMP.
+#[derive(Clone, Debug)]
+pub struct Inflight {
+    pub pkid: u16,
+    pub d: Delivery,
+    /// PUBREC came and PUBREL went: only PUBCOMP is awaited (and PUBREL is what a resend sends).
+    pub released: bool,
+}
+
+/// Why a message did not reach a session, counted per session and in total.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The session's own queue bound (messages or bytes) was reached.
+    QueueFull,
+    /// Larger than the client's Maximum Packet Size.
+    TooLarge,
+    /// Its MQTT 5 message expiry passed while it waited.
+    Expired,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 3] = [DropReason::QueueFull, DropReason::TooLarge, DropReason::Expired];
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::TooLarge => "too_large",
+            DropReason::Expired => "expired",
+        }
+    }
+}
+
+/// The bounds of one session's queue.
+#[derive(Clone, Copy, Debug)]
+pub struct QueueLimits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+}
+
+/// What one `take` gave the writer.
+#[derive(Default)]
+pub struct Taken {
+    /// Deliveries with their packet ids (0 for QoS 0).
+    pub out: Vec<(u16, Delivery)>,
+    /// Bytes no longer held (QoS 0 written, dropped ones).
+    pub freed: usize,
+    pub too_large: u64,
+    pub expired: u64,
+}
+
+/// What every session's connection may need to hear from outside.
+pub struct Conn {
+    pub gen: u64,
+    pub token: CancellationToken,
+    /// Set before `token` is cancelled when a newer connection took the session.
+    pub taken_over: Arc<AtomicBool>,
+}
+
+pub struct State {
+    pub queue: VecDeque<Delivery>,
+    pub inflight: VecDeque<Inflight>,
+    /// Cost of `queue` and `inflight` together.
+    pub bytes: usize,
+    next_pkid: u16,
+    /// QoS 2 packet ids received from the client and not yet released: a resent PUBLISH
+    /// with one of these is not routed again (exactly once).
+    pub incoming_qos2: HashSet<u16>,
+    /// Filters as the client wrote them (`$share/...` included), with their options.
+    pub subs: HashMap<Arc<str>, SubOpts>,
+    /// The connection that holds the session now, if any.
+    pub conn: Option<Conn>,
+    /// Counts connections; a writer works only while its generation is current.
+    pub gen: u64,
+    /// Seconds the session outlives its connection (`u32::MAX`: never expires).
+    pub expiry: u32,
+    pub drops: HashMap<DropReason, u64>,
+    /// Drops since the last log line (one line per burst).
+    unlogged_drops: u64,
+}
+
+pub struct Session {
+    pub id: u64,
+    /// `user:client_id`: sessions of different users never meet.
+    pub key: Arc<str>,
+    /// Who holds it (the latest connection's login), for delivery-time access checks.
+    pub identity: ArcSwap<Identity>,
+    /// A component of the gateway itself: no socket, no access checks, no packet ids.
+    pub internal: bool,
+    /// Wakes the writer: something was queued, or the inflight window opened.
+    pub notify: Notify,
+    /// Queue plus inflight length, read without the lock when a shared group picks a member.
+    pub pending: AtomicUsize,
+    pub online: AtomicBool,
+    /// Messages delivered (written or handed over), for status.
+    pub delivered: AtomicU64,
+    state: Mutex<State>,
+}
+
+impl Session {
+    pub fn new(id: u64, key: Arc<str>, identity: Identity, internal: bool, expiry: u32) -> Session {
+        Session {
+            id,
+            key,
+            identity: ArcSwap::from_pointee(identity),
+            internal,
+            notify: Notify::new(),
+            pending: AtomicUsize::new(0),
+            online: AtomicBool::new(false),
+            delivered: AtomicU64::new(0),
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                inflight: VecDeque::new(),
+                bytes: 0,
+                next_pkid: 0,
+                incoming_qos2: HashSet::new(),
+                subs: HashMap::new(),
+                conn: None,
+                gen: 0,
+                expiry,
+                drops: HashMap::new(),
+                unlogged_drops: 0,
+            }),
+        }
+    }
+
+    /// The session's state. A panic elsewhere never makes it unusable (poison is ignored:
+    /// every change below leaves the state consistent at each step).
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sync_pending(&self, st: &State) {
+        self.pending
+            .store(st.queue.len() + st.inflight.len(), Ordering::Relaxed);
+    }
+
+    /// Queues a delivery; returns the bytes it added to the global budget (0 when not queued).
+    /// `force` skips the message bound (retained messages sent at subscribe: they are already
+    /// held by the retained store, and a new `#` subscriber must get them all).
+    pub fn push(&self, d: Delivery, limits: &QueueLimits, force: bool) -> Result<usize, DropReason> {
+        let cost = d.msg.cost();
+        let mut st = self.lock();
+        if !force && (st.queue.len() >= limits.max_messages || st.bytes + cost > limits.max_bytes) {
+            *st.drops.entry(DropReason::QueueFull).or_default() += 1;
+            st.unlogged_drops += 1;
+            if st.unlogged_drops == 1 {
+                log::warn!(
+                    "session {}: queue full ({} messages, {} bytes); dropping until it drains",
+                    self.key,
+                    st.queue.len(),
+                    st.bytes
+                );
+            }
+            return Err(DropReason::QueueFull);
+        }
+        if st.unlogged_drops > 1 {
+            log::warn!(
+                "session {}: {} messages dropped, queue full",
+                self.key,
+                st.unlogged_drops
+            );
+        }
+        st.unlogged_drops = 0;
+        st.queue.push_back(d);
+        st.bytes += cost;
+        self.sync_pending(&st);
+        drop(st);
+        self.notify.notify_one();
+        Ok(cost)
+    }
+
+    pub fn count_drop(&self, why: DropReason) {
+        *self.lock().drops.entry(why).or_default() += 1;
+    }
+
+    /// Takes what the writer of connection `gen` may send now: QoS 0 messages, and QoS 1/2 ones
+    /// while fewer than `window` are in flight (each given a packet id and moved to inflight).
+    /// `fits` says whether a delivery fits the client's Maximum Packet Size; those that do not
+    /// are dropped here. `None` when a newer connection holds the session.
+    pub fn take(&self, gen: u64, window: usize, max: usize, fits: impl Fn(&Delivery) -> bool) -> Option<Taken> {
+        let mut st = self.lock();
+        if st.gen != gen {
+            return None;
+        }
+        let now = now_ms();
+        let mut t = Taken::default();
+        while t.out.len() < max {
+            let Some(front) = st.queue.front() else { break };
+            if front.qos > 0 && st.inflight.len() >= window {
+                break;
+            }
+            let d = st.queue.pop_front().expect("front exists");
+            if d.msg.expired(now) || !fits(&d) {
+                let why = if d.msg.expired(now) {
+                    t.expired += 1;
+                    DropReason::Expired
+                } else {
+                    t.too_large += 1;
+                    DropReason::TooLarge
+                };
+                *st.drops.entry(why).or_default() += 1;
+                let c = d.msg.cost();
+                st.bytes -= c;
+                t.freed += c;
+                continue;
+            }
+            if d.qos == 0 {
+                let c = d.msg.cost();
+                st.bytes -= c;
+                t.freed += c;
+                t.out.push((0, d));
+            } else {
+                let pkid = st.free_pkid();
+                st.inflight.push_back(Inflight {
+                    pkid,
+                    d: d.clone(),
+                    released: false,
+                });
+                t.out.push((pkid, d));
+            }
+        }
+        self.sync_pending(&st);
+        Some(t)
+    }
+
+    /// What a new connection resends first: every delivery in flight, in order.
+    pub fn inflight(&self) -> Vec<Inflight> {
+        self.lock().inflight.iter().cloned().collect()
+    }
+
+    /// PUBACK (qos 1) or PUBCOMP (qos 2 released) for `pkid`: the delivery is done. Returns the
+    /// bytes freed, or `None` for an id that is not in flight.
+    pub fn acked(&self, pkid: u16, comp: bool) -> Option<usize> {
+        let mut st = self.lock();
+        let i = st
+            .inflight
+            .iter()
+            .position(|f| f.pkid == pkid && (if comp { f.released } else { f.d.qos == 1 }))?;
+        let f = st.inflight.remove(i).expect("index found");
+        let c = f.d.msg.cost();
+        st.bytes -= c;
+        self.sync_pending(&st);
+        drop(st);
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.notify.notify_one();
+        Some(c)
+    }
+
+    /// PUBREC for `pkid`: true if a QoS 2 delivery awaited it (then PUBREL is sent).
+    pub fn received(&self, pkid: u16) -> bool {
+        let mut st = self.lock();
+        match st.inflight.iter_mut().find(|f| f.pkid == pkid && f.d.qos == 2) {
+            Some(f) => {
+                f.released = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Empties the queue and inflight (a clean start, or the session's end); returns bytes freed.
+    pub fn clear(&self) -> usize {
+        let mut st = self.lock();
+        let b = st.bytes;
+        st.queue.clear();
+        st.inflight.clear();
+        st.incoming_qos2.clear();
+        st.bytes = 0;
+        self.sync_pending(&st);
+        b
+    }
+
+    pub fn drops(&self) -> HashMap<DropReason, u64> {
+        self.lock().drops.clone()
+    }
+}
+
+impl State {
+    /// The next packet id not in flight (1..=65535).
+    fn free_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            if self.next_pkid == 0 {
+                continue;
+            }
+            let id = self.next_pkid;
+            if !self.inflight.iter().any(|f| f.pkid == id) {
+                return id;
+            }
+        }
+    }
+}
