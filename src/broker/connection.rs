@@ -395,6 +395,23 @@ struct Ctx {
     zero_expiry_at_connect: bool,
 }
 
+/// Tells PUBACK from PUBCOMP where both are handled alike.
+enum PacketKind {
+    Comp,
+    Other,
+}
+
+impl Ctx {
+    /// The session store, when this session is kept in it.
+    fn store(&self) -> Option<&super::router::store::SessionStore> {
+        self.shared
+            .router
+            .store
+            .as_ref()
+            .filter(|_| self.session.persisted.load(Ordering::Relaxed))
+    }
+}
+
 /// What the reader hands the writer.
 enum Out {
     Bytes(bytes::Bytes),
@@ -534,6 +551,11 @@ fn on_packet(
     let shared = &ctx.shared;
     let m = &shared.metrics;
     let proto = ctx.proto;
+    let packet_kind = if frame.kind == codec::kind::PUBCOMP {
+        PacketKind::Comp
+    } else {
+        PacketKind::Other
+    };
     let packet = match codec::decode(proto, frame) {
         Ok(p) => p,
         Err(e) => {
@@ -588,8 +610,13 @@ fn on_packet(
                 };
             }
             // A QoS 2 PUBLISH resent before its PUBREL is acknowledged again, not routed again.
-            if p.qos == 2 && !ctx.session.lock().incoming_qos2.insert(p.pkid) {
-                return Step::Reply(codec::publish_ack(proto, 2, p.pkid, AckCode::Success));
+            if p.qos == 2 {
+                if !ctx.session.lock().incoming_qos2.insert(p.pkid) {
+                    return Step::Reply(codec::publish_ack(proto, 2, p.pkid, AckCode::Success));
+                }
+                if let Some(store) = ctx.store() {
+                    store.qos2_in(&ctx.session.key, p.pkid, true);
+                }
             }
             let msg = Arc::new(Message {
                 topic: Arc::from(topic.as_str()),
@@ -607,25 +634,27 @@ fn on_packet(
                 q => Step::Reply(codec::publish_ack(proto, q, p.pkid, AckCode::Success)),
             }
         }
-        In::PubAck(pkid) => {
-            if let Some(freed) = ctx.session.acked(pkid, false) {
+        In::PubAck(pkid) | In::PubComp(pkid) => {
+            if let Some((freed, id)) = ctx.session.acked(pkid, matches!(packet_kind, PacketKind::Comp)) {
                 shared.router.release(freed);
+                shared.router.done(id);
             }
             Step::Nothing
         }
         In::PubRec(pkid) => {
             // PUBREL either way: for an unknown id it tells the client to let it go too.
-            ctx.session.received(pkid);
-            Step::Reply(codec::pubrel(pkid))
-        }
-        In::PubComp(pkid) => {
-            if let Some(freed) = ctx.session.acked(pkid, true) {
-                shared.router.release(freed);
+            if let (Some(id), Some(store)) = (ctx.session.received(pkid), ctx.store()) {
+                if id != 0 {
+                    store.released(id);
+                }
             }
-            Step::Nothing
+            Step::Reply(codec::pubrel(pkid))
         }
         In::PubRel(pkid) => {
             let found = ctx.session.lock().incoming_qos2.remove(&pkid);
+            if let (true, Some(store)) = (found, ctx.store()) {
+                store.qos2_in(&ctx.session.key, pkid, false);
+            }
             Step::Reply(codec::pubcomp(proto, pkid, found))
         }
         In::Subscribe { pkid, filters, id } => {
@@ -774,6 +803,14 @@ async fn writer<W: AsyncWrite + Unpin>(
                     shared.router.dropped_expired.fetch_add(t.expired, Ordering::Relaxed);
                 }
                 let more = t.out.len() == TAKE_BATCH;
+                for id in &t.dropped_ids {
+                    shared.router.done(*id);
+                }
+                if let Some(store) = ctx.store() {
+                    for (pkid, d) in t.out.iter().filter(|(_, d)| d.store_id != 0) {
+                        store.sent(d.store_id, *pkid);
+                    }
+                }
                 for (pkid, d) in &t.out {
                     encode(ctx, d, *pkid, false, &mut aliases, now, &mut out);
                     if d.qos == 0 {
@@ -804,7 +841,7 @@ fn take_out(ctx: &Ctx, o: Out, out: &mut BytesMut) -> Option<(Option<Goodbye>, E
         Out::SubAck(b, retained) => {
             out.extend_from_slice(&b);
             for (t, msg) in retained {
-                ctx.shared.router.push(&t, &msg, true);
+                ctx.shared.router.push(&t, &msg, true, None);
             }
             None
         }

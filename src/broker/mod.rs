@@ -300,13 +300,46 @@ impl Shared {
             }
         }
         if !ended && expiry != NEVER {
-            let (me, s) = (self.clone(), session.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(expiry as u64)).await;
-                if me.router.end_session(&s, gen) {
-                    log::debug!("session {} expired", s.key);
+            self.expire_later(session, gen, Duration::from_secs(expiry as u64));
+        }
+    }
+
+    /// Ends `session` after `after`, unless a connection took it since generation `gen`.
+    fn expire_later(self: &Arc<Self>, session: &Arc<Session>, gen: u64, after: Duration) {
+        let (me, s) = (self.clone(), session.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if me.router.end_session(&s, gen) {
+                log::debug!("session {} expired", s.key);
+            }
+        });
+    }
+
+    /// Takes back the sessions the store kept; those whose expiry passed while the gateway was
+    /// down are ended.
+    fn restore_sessions(self: &Arc<Self>, kept: Vec<router::store::Restored>) {
+        let now = now_ms();
+        let (mut n, mut msgs) = (0, 0);
+        for r in kept {
+            let left_ms = match r.expiry {
+                NEVER => None,
+                e => Some(r.detached_ms + e as i64 * 1000 - now),
+            };
+            if left_ms.is_some_and(|l| l <= 0) {
+                if let Some(st) = &self.router.store {
+                    st.end(&r.key);
                 }
-            });
+                continue;
+            }
+            n += 1;
+            msgs += r.messages.len();
+            let s = self.router.restore(r);
+            if let Some(l) = left_ms {
+                self.expire_later(&s, 0, Duration::from_millis(l as u64));
+            }
+        }
+        if n > 0 {
+            log::info!("restored {n} persistent sessions with {msgs} queued messages");
         }
     }
 
@@ -368,7 +401,8 @@ impl Shared {
                 Metrics::inc(&self.metrics.delivery_denied);
                 continue;
             }
-            self.router.push(&t, msg, false);
+            self.router
+                .push(&t, msg, false, if durable { Some(&mut *waits) } else { None });
         }
     }
 
@@ -430,7 +464,7 @@ impl LocalClient {
                 retain: true,
                 sub_ids: vec![],
             };
-            self.shared.router.push(&t, &m, true);
+            self.shared.router.push(&t, &m, true, None);
         }
     }
 
@@ -495,14 +529,16 @@ impl Broker {
     pub async fn start(cfg: &Config) -> Result<Broker> {
         let limits = cfg.broker.limits.clone();
         let sc = &cfg.broker.sessions;
+        let data_dir = &cfg.gateway.data_dir;
+        let (store, kept) = router::store::SessionStore::open(&data_dir.join("sessions.db"))?;
         let router = Router::new(
             QueueLimits {
                 max_messages: sc.max_queued_messages as usize,
                 max_bytes: sc.max_queued_bytes.0 as usize,
             },
             sc.memory_budget.0 as usize,
+            Some(store),
         );
-        let data_dir = &cfg.gateway.data_dir;
         let (retained, existing) = RetainedStore::open(&data_dir.join("retained.db"))?;
         for r in &existing {
             router.retain(&Arc::new(Message {
@@ -545,6 +581,7 @@ impl Broker {
             admin_topics: ArcSwap::from_pointee(vec![]),
             delayed_wills: Mutex::new(HashMap::new()),
         });
+        shared.restore_sessions(kept);
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -598,6 +635,13 @@ impl Broker {
         }
         let retained = self.shared.retained.clone();
         let _ = tokio::task::spawn_blocking(move || retained.flush()).await;
+        let me = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(s) = &me.router.store {
+                s.flush();
+            }
+        })
+        .await;
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod index;
 pub mod message;
 pub mod session;
+pub mod store;
 
 use crate::broker::auth::Identity;
 use index::Index;
@@ -18,6 +19,7 @@ use session::{Conn, Delivery, QueueLimits, Session, SubOpts};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use store::SessionStore;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +62,8 @@ pub struct Router {
     pub paused: AtomicU64,
     /// Flips while publishers wait for the budget, so a waiting reader is logged once.
     over: AtomicBool,
+    /// Where sessions that outlive their connection are kept (`None` in tests of the router alone).
+    pub store: Option<SessionStore>,
 }
 
 /// Who opens a session, and how.
@@ -82,7 +86,7 @@ pub struct Attached {
 }
 
 impl Router {
-    pub fn new(limits: QueueLimits, budget: usize) -> Router {
+    pub fn new(limits: QueueLimits, budget: usize, store: Option<SessionStore>) -> Router {
         Router {
             inner: Mutex::new(Inner {
                 index: Index::new(),
@@ -101,7 +105,32 @@ impl Router {
             dropped_expired: AtomicU64::new(0),
             paused: AtomicU64::new(0),
             over: AtomicBool::new(false),
+            store,
         }
+    }
+
+    fn stored(&self, s: &Session) -> Option<&SessionStore> {
+        self.store.as_ref().filter(|_| s.persisted.load(Ordering::Relaxed))
+    }
+
+    /// Puts a session from the store back, offline, with its subscriptions and messages.
+    pub fn restore(&self, r: store::Restored) -> Arc<Session> {
+        let mut inner = self.lock();
+        let s = self.new_session_locked(&mut inner, &r.key, r.identity, false, r.expiry);
+        s.persisted.store(true, Ordering::Relaxed);
+        for (f, o) in &r.subs {
+            let (group, filter) = split_share(f);
+            inner.index.insert(filter, group, s.id, o.clone());
+        }
+        drop(inner);
+        {
+            let mut st = s.lock();
+            st.subs = r.subs.into_iter().collect();
+            st.incoming_qos2 = r.qos2_in.into_iter().collect();
+        }
+        let added = s.restore(r.messages.into_iter().map(|(_, d, p, rel)| (d, p, rel)).collect());
+        self.queued.fetch_add(added, Ordering::Relaxed);
+        s
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -125,6 +154,9 @@ impl Router {
             Some(s) if !clean => (s, true),
             Some(s) => {
                 Self::remove_locked(&mut inner, &s);
+                if let Some(st) = self.stored(&s) {
+                    st.end(&s.key);
+                }
                 let freed = s.clear();
                 self.release(freed);
                 if let Some(c) = s.lock().conn.take() {
@@ -153,6 +185,10 @@ impl Router {
         st.expiry = expiry;
         st.conn = Some(Conn { gen, token, taken_over });
         drop(st);
+        if let Some(store) = self.store.as_ref().filter(|_| !internal && expiry > 0) {
+            session.persisted.store(true, Ordering::Relaxed);
+            store.session(&session.key, &session.identity.load(), expiry);
+        }
         session.online.store(true, Ordering::Relaxed);
         // Wake a writer of an older generation so it notices and stops.
         session.notify.notify_waiters();
@@ -191,6 +227,9 @@ impl Router {
             self.end_session(session, gen);
             return true;
         }
+        if let Some(store) = self.stored(session) {
+            store.detached(&session.key, message::now_ms(), expiry);
+        }
         false
     }
 
@@ -212,6 +251,9 @@ impl Router {
         }
         Self::remove_locked(&mut inner, session);
         drop(inner);
+        if let Some(st) = self.stored(session) {
+            st.end(&session.key);
+        }
         let freed = session.clear();
         self.release(freed);
         true
@@ -239,6 +281,9 @@ impl Router {
         let mut inner = self.lock();
         let (group, inner_filter) = split_share(filter);
         let existed = inner.index.insert(inner_filter, group, session.id, opts.clone());
+        if let Some(st) = self.stored(session) {
+            st.sub(&session.key, filter, &opts);
+        }
         session.lock().subs.insert(Arc::from(filter), opts);
         let send = group.is_none() && (retain_handling == 0 || (retain_handling == 1 && !existed));
         let retained = if send {
@@ -261,6 +306,9 @@ impl Router {
         let held = session.lock().subs.remove(filter).is_some();
         if held {
             inner.index.remove(inner_filter, group, &session.id);
+            if let Some(st) = self.stored(session) {
+                st.unsub(&session.key, filter);
+            }
         }
         held
     }
@@ -349,19 +397,39 @@ impl Router {
         self.lock().retained.len()
     }
 
-    /// Queues a delivery into a session, counting it against the budget.
-    pub fn push(&self, t: &Target, msg: &Arc<Message>, force: bool) -> bool {
+    /// Queues a delivery into a session, counting it against the budget. For a persistent
+    /// session, QoS 1/2 deliveries go to the store too; with `waits`, what to wait for before
+    /// the publisher is acknowledged is added there.
+    pub fn push(
+        &self,
+        t: &Target,
+        msg: &Arc<Message>,
+        force: bool,
+        waits: Option<&mut Vec<tokio::sync::oneshot::Receiver<()>>>,
+    ) -> bool {
+        // QoS 0 is not kept for a client that is away (as Mosquitto does by default).
+        if !t.session.online.load(Ordering::Relaxed) && t.qos == 0 && !t.session.internal {
+            return false;
+        }
+        let store = self.stored(&t.session).filter(|_| t.qos > 0);
         let d = Delivery {
             msg: msg.clone(),
             qos: t.qos,
             retain: t.retain,
             sub_ids: t.sub_ids.clone(),
+            store_id: store.map_or(0, |s| s.next_id()),
         };
-        // QoS 0 is not kept for a client that is away (as Mosquitto does by default).
-        if !t.session.online.load(Ordering::Relaxed) && t.qos == 0 && !t.session.internal {
-            return false;
+        let mut wait = None;
+        let queued = |d: &Delivery| {
+            if let Some(s) = store {
+                wait = s.enqueue(&t.session.key, d.store_id, d, waits.is_some());
+            }
+        };
+        let res = t.session.push(d, &self.limits, force, queued);
+        if let (Some(w), Some(ws)) = (wait, waits) {
+            ws.push(w);
         }
-        match t.session.push(d, &self.limits, force) {
+        match res {
             Ok(cost) => {
                 self.queued.fetch_add(cost, Ordering::Relaxed);
                 true
@@ -370,6 +438,13 @@ impl Router {
                 self.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
                 false
             }
+        }
+    }
+
+    /// A delivery's store row is no longer needed (acknowledged, dropped).
+    pub fn done(&self, id: u64) {
+        if let (Some(s), true) = (&self.store, id != 0) {
+            s.done(id);
         }
     }
 

@@ -33,6 +33,8 @@ pub struct Delivery {
     pub qos: u8,
     pub retain: bool,
     pub sub_ids: Vec<u32>,
+    /// Its row in the session store (0: not stored: a clean session, or QoS 0).
+    pub store_id: u64,
 }
 
 /// A delivery sent with a packet id, awaiting PUBACK, or PUBREC then PUBCOMP.
@@ -82,6 +84,8 @@ pub struct Taken {
     pub freed: usize,
     pub too_large: u64,
     pub expired: u64,
+    /// Store rows of deliveries dropped here (expired, too large), to delete.
+    pub dropped_ids: Vec<u64>,
 }
 
 /// What every session's connection may need to hear from outside.
@@ -129,6 +133,8 @@ pub struct Session {
     pub online: AtomicBool,
     /// Messages delivered (written or handed over), for status.
     pub delivered: AtomicU64,
+    /// Kept in the session store (it outlives its connection, and is a client's).
+    pub persisted: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -143,6 +149,7 @@ impl Session {
             pending: AtomicUsize::new(0),
             online: AtomicBool::new(false),
             delivered: AtomicU64::new(0),
+            persisted: AtomicBool::new(false),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 inflight: VecDeque::new(),
@@ -173,7 +180,15 @@ impl Session {
     /// Queues a delivery; returns the bytes it added to the global budget (0 when not queued).
     /// `force` skips the message bound (retained messages sent at subscribe: they are already
     /// held by the retained store, and a new `#` subscriber must get them all).
-    pub fn push(&self, d: Delivery, limits: &QueueLimits, force: bool) -> Result<usize, DropReason> {
+    /// `queued` runs under the session's lock once the delivery is in the queue (so the store
+    /// hears of it before anyone can acknowledge it).
+    pub fn push(
+        &self,
+        d: Delivery,
+        limits: &QueueLimits,
+        force: bool,
+        queued: impl FnOnce(&Delivery),
+    ) -> Result<usize, DropReason> {
         let cost = d.msg.cost();
         let mut st = self.lock();
         if !force && (st.queue.len() >= limits.max_messages || st.bytes + cost > limits.max_bytes) {
@@ -197,6 +212,7 @@ impl Session {
             );
         }
         st.unlogged_drops = 0;
+        queued(&d);
         st.queue.push_back(d);
         st.bytes += cost;
         self.sync_pending(&st);
@@ -238,6 +254,9 @@ impl Session {
                 let c = d.msg.cost();
                 st.bytes -= c;
                 t.freed += c;
+                if d.store_id != 0 {
+                    t.dropped_ids.push(d.store_id);
+                }
                 continue;
             }
             if d.qos == 0 {
@@ -265,8 +284,8 @@ impl Session {
     }
 
     /// PUBACK (qos 1) or PUBCOMP (qos 2 released) for `pkid`: the delivery is done. Returns the
-    /// bytes freed, or `None` for an id that is not in flight.
-    pub fn acked(&self, pkid: u16, comp: bool) -> Option<usize> {
+    /// bytes freed and its store row, or `None` for an id that is not in flight.
+    pub fn acked(&self, pkid: u16, comp: bool) -> Option<(usize, u64)> {
         let mut st = self.lock();
         let i = st
             .inflight
@@ -279,19 +298,35 @@ impl Session {
         drop(st);
         self.delivered.fetch_add(1, Ordering::Relaxed);
         self.notify.notify_one();
-        Some(c)
+        Some((c, f.d.store_id))
     }
 
-    /// PUBREC for `pkid`: true if a QoS 2 delivery awaited it (then PUBREL is sent).
-    pub fn received(&self, pkid: u16) -> bool {
+    /// PUBREC for `pkid`: the store row of the QoS 2 delivery that awaited it, if any.
+    pub fn received(&self, pkid: u16) -> Option<u64> {
         let mut st = self.lock();
-        match st.inflight.iter_mut().find(|f| f.pkid == pkid && f.d.qos == 2) {
-            Some(f) => {
-                f.released = true;
-                true
+        let f = st.inflight.iter_mut().find(|f| f.pkid == pkid && f.d.qos == 2)?;
+        f.released = true;
+        Some(f.d.store_id)
+    }
+
+    /// Puts back what the store held for this session at start, in order.
+    pub fn restore(&self, items: Vec<(Delivery, u16, bool)>) -> usize {
+        let mut st = self.lock();
+        let mut added = 0;
+        for (d, pkid, released) in items {
+            added += d.msg.cost();
+            if pkid != 0 {
+                st.inflight.push_back(Inflight { pkid, d, released });
+            } else {
+                st.queue.push_back(d);
             }
-            None => false,
         }
+        st.bytes += added;
+        if let Some(max) = st.inflight.iter().map(|f| f.pkid).max() {
+            st.next_pkid = max;
+        }
+        self.sync_pending(&st);
+        added
     }
 
     /// Empties the queue and inflight (a clean start, or the session's end); returns bytes freed.

@@ -1,0 +1,404 @@
+//! Persistent sessions on disk (SQLite under `data_dir`): sessions that outlive their
+//! connection (3.1.1 clean session 0, MQTT 5 session expiry > 0), their subscriptions, and
+//! every QoS 1/2 message queued or in flight for them, with its packet id once sent. Clean
+//! sessions never touch it.
+//!
+//! One writer thread commits in groups (WAL, `synchronous=FULL`): a publisher's PUBACK waits
+//! for the commit that holds its message (see `Shared::ingress`), so what was acknowledged
+//! survives `kill -9` and power loss. Everything else (acks, packet ids, subscriptions) is
+//! written in the same order without anyone waiting.
+
+use super::message::{Message, Props};
+use super::session::{Delivery, SubOpts};
+use crate::broker::auth::Identity;
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+
+/// A stored message id; 0 means "not stored".
+pub type StoreId = u64;
+
+enum Op {
+    Session { key: Arc<str>, id: Identity, expiry: u32 },
+    Detached { key: Arc<str>, at_ms: i64, expiry: u32 },
+    End(Arc<str>),
+    Sub(Arc<str>, Arc<str>, SubOpts),
+    Unsub(Arc<str>, Arc<str>),
+    Enqueue(Arc<str>, StoreId, Delivery, Option<tokio::sync::oneshot::Sender<()>>),
+    Sent(StoreId, u16),
+    Released(StoreId),
+    Done(StoreId),
+    Qos2In(Arc<str>, u16, bool),
+    Flush(mpsc::Sender<()>),
+}
+
+/// Handle to the writer thread.
+pub struct SessionStore {
+    tx: mpsc::Sender<Op>,
+    next_id: AtomicU64,
+}
+
+/// A session as it was on disk at start.
+pub struct Restored {
+    pub key: Arc<str>,
+    pub identity: Identity,
+    pub expiry: u32,
+    /// When its connection ended (ms since the epoch); now, for one that was connected.
+    pub detached_ms: i64,
+    pub subs: Vec<(Arc<str>, SubOpts)>,
+    /// Queued deliveries in order, each with its id, packet id (0: not sent yet) and whether
+    /// its PUBREL went out.
+    pub messages: Vec<(StoreId, Delivery, u16, bool)>,
+    pub qos2_in: Vec<u16>,
+}
+
+fn open_db(path: &Path) -> Result<Connection> {
+    let db = Connection::open(path).with_context(|| format!("opening session store {}", path.display()))?;
+    db.pragma_update(None, "journal_mode", "WAL")?;
+    db.pragma_update(None, "synchronous", "FULL")?;
+    db.execute_batch(
+        "CREATE TABLE IF NOT EXISTS sessions (
+            key TEXT PRIMARY KEY, username TEXT, client_id TEXT NOT NULL, listener TEXT NOT NULL,
+            device INTEGER NOT NULL, expiry INTEGER NOT NULL, detached_ms INTEGER);
+         CREATE TABLE IF NOT EXISTS subs (
+            key TEXT NOT NULL, filter TEXT NOT NULL, qos INTEGER NOT NULL, no_local INTEGER NOT NULL,
+            rap INTEGER NOT NULL, sub_id INTEGER, PRIMARY KEY (key, filter));
+         CREATE TABLE IF NOT EXISTS messages (
+            id INTEGER PRIMARY KEY, key TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+            pub_qos INTEGER NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, sub_ids TEXT NOT NULL,
+            props TEXT, expires_ms INTEGER, pkid INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0);
+         CREATE INDEX IF NOT EXISTS messages_by_key ON messages (key, id);
+         CREATE TABLE IF NOT EXISTS qos2_in (key TEXT NOT NULL, pkid INTEGER NOT NULL, PRIMARY KEY (key, pkid));",
+    )?;
+    Ok(db)
+}
+
+fn props_json(p: &Props) -> String {
+    serde_json::json!({
+        "pf": p.payload_format,
+        "ct": p.content_type,
+        "rt": p.response_topic,
+        "cd": p.correlation_data.as_ref().map(|b| b.to_vec()),
+        "up": p.user_properties,
+    })
+    .to_string()
+}
+
+fn props_from(s: &str) -> Option<Box<Props>> {
+    let v: serde_json::Value = serde_json::from_str(s).ok()?;
+    let up = v["up"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|kv| Some((kv[0].as_str()?.to_string(), kv[1].as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Props::from_parts(
+        v["pf"].as_u64().map(|x| x as u8),
+        v["ct"].as_str().map(str::to_string),
+        v["rt"].as_str().map(str::to_string),
+        v["cd"].as_array().map(|a| {
+            Bytes::from(
+                a.iter()
+                    .filter_map(|x| x.as_u64().map(|b| b as u8))
+                    .collect::<Vec<u8>>(),
+            )
+        }),
+        up,
+    )
+}
+
+impl SessionStore {
+    /// Opens (or creates) the store and returns what it holds.
+    pub fn open(path: &Path) -> Result<(SessionStore, Vec<Restored>)> {
+        let db = open_db(path)?;
+        let restored = load(&db)?;
+        let max: Option<i64> = db
+            .query_row("SELECT MAX(id) FROM messages", [], |r| r.get(0))
+            .optional()?
+            .flatten();
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("session-store".into())
+            .spawn(move || writer(db, rx))?;
+        Ok((
+            SessionStore {
+                tx,
+                next_id: AtomicU64::new(max.unwrap_or(0) as u64 + 1),
+            },
+            restored,
+        ))
+    }
+
+    pub fn next_id(&self) -> StoreId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn send(&self, op: Op) {
+        let _ = self.tx.send(op);
+    }
+
+    pub fn session(&self, key: &Arc<str>, id: &Identity, expiry: u32) {
+        self.send(Op::Session {
+            key: key.clone(),
+            id: id.clone(),
+            expiry,
+        });
+    }
+    pub fn detached(&self, key: &Arc<str>, at_ms: i64, expiry: u32) {
+        self.send(Op::Detached {
+            key: key.clone(),
+            at_ms,
+            expiry,
+        });
+    }
+    pub fn end(&self, key: &Arc<str>) {
+        self.send(Op::End(key.clone()));
+    }
+    pub fn sub(&self, key: &Arc<str>, filter: &str, o: &SubOpts) {
+        self.send(Op::Sub(key.clone(), Arc::from(filter), o.clone()));
+    }
+    pub fn unsub(&self, key: &Arc<str>, filter: &str) {
+        self.send(Op::Unsub(key.clone(), Arc::from(filter)));
+    }
+    /// Stores a queued delivery; with `durable`, the receiver fires once it is committed.
+    pub fn enqueue(
+        &self,
+        key: &Arc<str>,
+        id: StoreId,
+        d: &Delivery,
+        durable: bool,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let (tx, rx) = if durable {
+            let (t, r) = tokio::sync::oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        self.send(Op::Enqueue(key.clone(), id, d.clone(), tx));
+        rx
+    }
+    pub fn sent(&self, id: StoreId, pkid: u16) {
+        self.send(Op::Sent(id, pkid));
+    }
+    pub fn released(&self, id: StoreId) {
+        self.send(Op::Released(id));
+    }
+    pub fn done(&self, id: StoreId) {
+        self.send(Op::Done(id));
+    }
+    pub fn qos2_in(&self, key: &Arc<str>, pkid: u16, held: bool) {
+        self.send(Op::Qos2In(key.clone(), pkid, held));
+    }
+
+    /// Waits until everything sent so far is committed.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Op::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+}
+
+fn load(db: &Connection) -> Result<Vec<Restored>> {
+    let now = super::message::now_ms();
+    let mut out = vec![];
+    let mut q = db.prepare("SELECT key, username, client_id, listener, device, expiry, detached_ms FROM sessions")?;
+    let rows = q.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<String>>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, bool>(4)?,
+            r.get::<_, u32>(5)?,
+            r.get::<_, Option<i64>>(6)?,
+        ))
+    })?;
+    for row in rows {
+        let (key, username, client_id, listener, device, expiry, detached) = row?;
+        out.push(Restored {
+            key: Arc::from(key.as_str()),
+            identity: Identity {
+                username,
+                client_id,
+                listener,
+                device,
+            },
+            expiry,
+            detached_ms: detached.unwrap_or(now),
+            subs: vec![],
+            messages: vec![],
+            qos2_in: vec![],
+        });
+    }
+    for s in &mut out {
+        let mut q = db.prepare("SELECT filter, qos, no_local, rap, sub_id FROM subs WHERE key = ?1")?;
+        s.subs = q
+            .query_map([&*s.key], |r| {
+                Ok((
+                    Arc::from(r.get::<_, String>(0)?.as_str()),
+                    SubOpts {
+                        qos: r.get(1)?,
+                        no_local: r.get(2)?,
+                        retain_as_published: r.get(3)?,
+                        id: r.get(4)?,
+                    },
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut q = db.prepare(
+            "SELECT id, topic, payload, pub_qos, qos, retain, sub_ids, props, expires_ms, pkid, released
+             FROM messages WHERE key = ?1 ORDER BY id",
+        )?;
+        s.messages = q
+            .query_map([&*s.key], |r| {
+                let sub_ids: String = r.get(6)?;
+                let props: Option<String> = r.get(7)?;
+                let msg = Message {
+                    topic: Arc::from(r.get::<_, String>(1)?.as_str()),
+                    payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                    qos: r.get(3)?,
+                    retain: r.get(5)?,
+                    props: props.as_deref().and_then(props_from),
+                    expires_ms: r.get(8)?,
+                    origin: None,
+                    from: 0,
+                };
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    Delivery {
+                        msg: Arc::new(msg),
+                        qos: r.get(4)?,
+                        retain: r.get(5)?,
+                        sub_ids: sub_ids.split(',').filter_map(|x| x.parse().ok()).collect(),
+                        store_id: r.get::<_, i64>(0)? as u64,
+                    },
+                    r.get::<_, u16>(9)?,
+                    r.get::<_, bool>(10)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut q = db.prepare("SELECT pkid FROM qos2_in WHERE key = ?1")?;
+        s.qos2_in = q.query_map([&*s.key], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    }
+    Ok(out)
+}
+
+fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        // Group commit: whatever else is waiting goes into the same transaction.
+        batch.extend(rx.try_iter().take(10_000));
+        let mut waiters = vec![];
+        let mut durable = vec![];
+        let res: rusqlite::Result<()> = (|| {
+            let tx = db.transaction()?;
+            for op in batch {
+                apply(&tx, op, &mut waiters, &mut durable)?;
+            }
+            tx.commit()
+        })();
+        match res {
+            // Only a committed message releases its publisher's ack; on failure the senders
+            // are dropped, the publisher is not acknowledged and publishes again.
+            Ok(()) => {
+                for d in durable {
+                    let _ = d.send(());
+                }
+            }
+            Err(e) => log::error!("session store: write failed: {e}"),
+        }
+        for w in waiters {
+            let _ = w.send(());
+        }
+    }
+}
+
+fn apply(
+    tx: &rusqlite::Transaction,
+    op: Op,
+    waiters: &mut Vec<mpsc::Sender<()>>,
+    durable: &mut Vec<tokio::sync::oneshot::Sender<()>>,
+) -> rusqlite::Result<()> {
+    match op {
+        Op::Session { key, id, expiry } => {
+            tx.execute(
+                "INSERT INTO sessions (key, username, client_id, listener, device, expiry, detached_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)
+                 ON CONFLICT(key) DO UPDATE SET username = excluded.username, listener = excluded.listener,
+                   device = excluded.device, expiry = excluded.expiry, detached_ms = NULL",
+                params![&*key, id.username, id.client_id, id.listener, id.device, expiry],
+            )?;
+        }
+        Op::Detached { key, at_ms, expiry } => {
+            tx.execute(
+                "UPDATE sessions SET detached_ms = ?2, expiry = ?3 WHERE key = ?1",
+                params![&*key, at_ms, expiry],
+            )?;
+        }
+        Op::End(key) => {
+            for t in ["sessions", "subs", "messages", "qos2_in"] {
+                tx.execute(&format!("DELETE FROM {t} WHERE key = ?1"), params![&*key])?;
+            }
+        }
+        Op::Sub(key, filter, o) => {
+            tx.execute(
+                "INSERT INTO subs (key, filter, qos, no_local, rap, sub_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(key, filter) DO UPDATE SET qos = excluded.qos, no_local = excluded.no_local,
+                   rap = excluded.rap, sub_id = excluded.sub_id",
+                params![&*key, &*filter, o.qos, o.no_local, o.retain_as_published, o.id],
+            )?;
+        }
+        Op::Unsub(key, filter) => {
+            tx.execute(
+                "DELETE FROM subs WHERE key = ?1 AND filter = ?2",
+                params![&*key, &*filter],
+            )?;
+        }
+        Op::Enqueue(key, id, d, w) => {
+            let sub_ids = d.sub_ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+            tx.execute(
+                "INSERT OR REPLACE INTO messages (id, key, topic, payload, pub_qos, qos, retain, sub_ids, props, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    id as i64,
+                    &*key,
+                    &*d.msg.topic,
+                    &d.msg.payload[..],
+                    d.msg.qos,
+                    d.qos,
+                    d.retain,
+                    sub_ids,
+                    d.msg.props.as_deref().map(props_json),
+                    d.msg.expires_ms
+                ],
+            )?;
+            durable.extend(w);
+        }
+        Op::Sent(id, pkid) => {
+            tx.execute("UPDATE messages SET pkid = ?2 WHERE id = ?1", params![id as i64, pkid])?;
+        }
+        Op::Released(id) => {
+            tx.execute("UPDATE messages SET released = 1 WHERE id = ?1", params![id as i64])?;
+        }
+        Op::Done(id) => {
+            tx.execute("DELETE FROM messages WHERE id = ?1", params![id as i64])?;
+        }
+        Op::Qos2In(key, pkid, true) => {
+            tx.execute(
+                "INSERT OR IGNORE INTO qos2_in (key, pkid) VALUES (?1, ?2)",
+                params![&*key, pkid],
+            )?;
+        }
+        Op::Qos2In(key, pkid, false) => {
+            tx.execute("DELETE FROM qos2_in WHERE key = ?1 AND pkid = ?2", params![&*key, pkid])?;
+        }
+        Op::Flush(w) => waiters.push(w),
+    }
+    Ok(())
+}
