@@ -79,7 +79,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
         addrs.push(format!("dashboard http://{}", d.local));
         let view = Arc::new(crate::dashboard::View {
             status: latest,
-            engine_contact: status.last_contact.clone(),
+            router_contact: status.last_contact.clone(),
             spool_dir: cfg.gateway.data_dir.join("bridges"),
             info: crate::dashboard::info(&cfg, &broker.local_addrs, d.local),
         });
@@ -98,16 +98,18 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     );
     notify::ready(&format!("serving MQTT on {}", addrs.join(", ")));
     if let Some(every) = notify::watchdog_interval() {
-        // Only while the engine answers: a stuck engine gets the service restarted.
+        // Only while the router routes: a stuck router gets the service restarted.
         let contact = status.last_contact.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every / 2);
             loop {
                 tick.tick().await;
-                if crate::bridge::spool::now_ms() - contact.load(Ordering::Relaxed) < ENGINE_SILENCE_MS {
+                if crate::bridge::spool::now_ms() - contact.load(Ordering::Relaxed) < ROUTER_SILENCE_MS {
                     notify::watchdog();
                 } else {
-                    log::error!("the engine has not answered for {ENGINE_SILENCE_MS} ms; not feeding the watchdog");
+                    log::error!(
+                        "the router has not routed the probe for {ROUTER_SILENCE_MS} ms; not feeding the watchdog"
+                    );
                 }
             }
         });
@@ -154,9 +156,9 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
 }
 
 /// How often the router is sent a probe message; the watchdog wants one back within
-/// `ENGINE_SILENCE_MS`.
+/// `ROUTER_SILENCE_MS`.
 const PROBE_EVERY: Duration = Duration::from_secs(2);
-pub const ENGINE_SILENCE_MS: i64 = 20_000;
+pub const ROUTER_SILENCE_MS: i64 = 20_000;
 
 /// `outpost/<id>/status`: retained `online` while the gateway serves, `offline` when it stops.
 /// Beside it, a probe that goes through the router and back, so the watchdog and `/healthz`
@@ -237,6 +239,7 @@ impl StatusFile {
             "written": secs(now),
             "listeners": broker.local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "broker": broker.shared.metrics.snapshot(),
+            "router": broker.shared.router.snapshot(),
             "bridges": bridges.states(),
             "devices": &*self.devices.lock().expect("counters lock"),
             "clock_synchronized": crate::devices::clock_synchronized(),

@@ -251,7 +251,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .thread_name("outpost")
                 .build()?;
             rt.block_on(outpost::gateway::run(cfg, config))?;
-            // The engine's router thread has no stop; leave without waiting for it.
+            // Blocking threads (stores, plug polls) may still be finishing; give them a second.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
             Ok(ExitCode::SUCCESS)
         }

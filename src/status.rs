@@ -61,6 +61,36 @@ pub fn render(doc: &Value, now: SystemTime) -> String {
         u(&b["subscribe_denied"]),
         u(&b["malformed_packets"]) + u(&b["oversized_packets"]),
     );
+    let r = &doc["router"];
+    if r.is_object() {
+        let d = &r["dropped"];
+        let _ = writeln!(
+            out,
+            "sessions: {} ({} connected), {} subscriptions, {} retained; queued {} of {} bytes; \
+             dropped: {} queue full, {} too large, {} expired; publishers paused {} times",
+            u(&r["sessions"]),
+            u(&r["sessions_connected"]),
+            u(&r["subscriptions"]),
+            u(&r["retained"]),
+            u(&r["queued_bytes"]),
+            u(&r["memory_budget"]),
+            u(&d["queue_full"]),
+            u(&d["too_large"]),
+            u(&d["expired"]),
+            u(&r["publisher_pauses"]),
+        );
+        for s in r["sessions_dropping"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  session {} dropped {} (queue full), {} (too large), {} (expired); {} queued now",
+                s["session"].as_str().unwrap_or("?"),
+                u(&s["queue_full"]),
+                u(&s["too_large"]),
+                u(&s["expired"]),
+                u(&s["queued"]),
+            );
+        }
+    }
     let bridges = doc["bridges"].as_array().cloned().unwrap_or_default();
     if bridges.is_empty() {
         let _ = writeln!(out, "bridges: none");

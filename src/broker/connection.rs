@@ -293,9 +293,24 @@ pub async fn serve<S>(
         zero_expiry_at_connect: connect.session_expiry == Some(0),
     };
     let (tx, rx) = mpsc::channel(64);
-    let end = tokio::select! {
-        end = reader(&ctx, crd, cbuf, tx) => end,
-        end = writer(&ctx, cwr, rx, stop, (kick, taken_over)) => end,
+    // A panic on this connection (a bug) ends this connection only: it is caught here, counted,
+    // and the session is let go as for any other end.
+    let halves = async {
+        tokio::select! {
+            end = reader(&ctx, crd, cbuf, tx) => end,
+            end = writer(&ctx, cwr, rx, stop, (kick, taken_over)) => end,
+        }
+    };
+    let end = match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(halves)).await {
+        Ok(end) => end,
+        Err(_) => {
+            Metrics::inc(&shared.metrics.session_panics);
+            log::error!(
+                "client {:?}: internal error (a panic); connection closed",
+                ctx.id.client_id
+            );
+            End::Protocol("internal error")
+        }
     };
     shared.unregister(&user, conn_id);
     shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);

@@ -1,6 +1,6 @@
-//! Retained messages on disk, so they survive a restart (the engine keeps them in memory only).
-//! The front door records every retained PUBLISH it lets through; on start the store is
-//! replayed into the engine before any client connects. Writes go to one thread in batches.
+//! Retained messages on disk, so they survive a restart; the router keeps them in memory too.
+//! The broker records every retained PUBLISH it lets through; on start the store is
+//! loaded into the router before any client connects. Writes go to one thread in batches.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;

@@ -96,6 +96,12 @@ pub fn render(doc: &Value) -> String {
             &b["inflight_exceeded"],
         ),
         (
+            "outpost_session_panics_total",
+            "counter",
+            "Connections ended by an internal error (caught; other clients unaffected).",
+            &b["session_panics"],
+        ),
+        (
             "outpost_claims_refused_total",
             "counter",
             "Grant claims refused.",
@@ -138,6 +144,77 @@ pub fn render(doc: &Value) -> String {
             .push((vec![("reason", reason.into())], num(&b[key]).unwrap_or(0.0)));
     }
 
+    let r = &doc["router"];
+    for (name, help, v) in [
+        (
+            "outpost_sessions",
+            "Sessions the broker holds (connected or kept).",
+            &r["sessions"],
+        ),
+        (
+            "outpost_subscriptions",
+            "Subscriptions held by all sessions.",
+            &r["subscriptions"],
+        ),
+        ("outpost_retained_messages", "Retained messages.", &r["retained"]),
+        (
+            "outpost_queued_bytes",
+            "Bytes queued for delivery in all sessions.",
+            &r["queued_bytes"],
+        ),
+        (
+            "outpost_memory_budget_bytes",
+            "Bytes all queues may hold before publishers are paused.",
+            &r["memory_budget"],
+        ),
+    ] {
+        if let Some(x) = num(v) {
+            let i = fam(&mut fams, name, "gauge", help);
+            fams[i].samples.push((vec![], x));
+        }
+    }
+    if r.is_object() {
+        let i = fam(
+            &mut fams,
+            "outpost_publisher_pauses_total",
+            "counter",
+            "Times publishers were paused because the queues held the memory budget.",
+        );
+        fams[i]
+            .samples
+            .push((vec![], num(&r["publisher_pauses"]).unwrap_or(0.0)));
+        let i = fam(
+            &mut fams,
+            "outpost_messages_dropped_total",
+            "counter",
+            "Messages not delivered to a session, by reason (queue_full, too_large, expired, denied).",
+        );
+        for reason in ["queue_full", "too_large", "expired"] {
+            fams[i].samples.push((
+                vec![("reason", reason.into())],
+                num(&r["dropped"][reason]).unwrap_or(0.0),
+            ));
+        }
+        fams[i].samples.push((
+            vec![("reason", "denied".into())],
+            num(&b["delivery_denied"]).unwrap_or(0.0),
+        ));
+        let i = fam(
+            &mut fams,
+            "outpost_session_messages_dropped_total",
+            "counter",
+            "Messages dropped for one session, by reason (the sessions that dropped most).",
+        );
+        for s in r["sessions_dropping"].as_array().into_iter().flatten() {
+            let key = s["session"].as_str().unwrap_or("?").to_string();
+            for reason in ["queue_full", "too_large", "expired"] {
+                fams[i].samples.push((
+                    vec![("session", key.clone()), ("reason", reason.into())],
+                    num(&s[reason]).unwrap_or(0.0),
+                ));
+            }
+        }
+    }
     let connected = fam(
         &mut fams,
         "outpost_bridge_connected",

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 pub struct View {
     /// The status document (`status.json`), replaced every status tick.
     pub status: Arc<ArcSwap<Value>>,
-    /// When the engine last answered the gateway's own client (ms since epoch).
-    pub engine_contact: Arc<AtomicI64>,
+    /// When the router last delivered the gateway's probe (ms since epoch).
+    pub router_contact: Arc<AtomicI64>,
     /// Where the bridges' spools live; must stay writable.
     pub spool_dir: PathBuf,
     /// `/info.json`: what the page shows before login (gateway id, version, how to connect).
@@ -76,13 +76,16 @@ pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard:
 }
 
 impl View {
-    /// Healthy when the engine answers and, with bridges configured, their spool directory
+    /// Healthy when the router routes and, with bridges configured, their spool directory
     /// takes a write. Returns the problems otherwise.
     pub fn health(&self) -> Vec<String> {
         let mut problems = vec![];
-        let silent = crate::bridge::spool::now_ms() - self.engine_contact.load(Ordering::Relaxed);
-        if silent > crate::gateway::ENGINE_SILENCE_MS {
-            problems.push(format!("broker engine has not answered for {} s", silent / 1000));
+        let silent = crate::bridge::spool::now_ms() - self.router_contact.load(Ordering::Relaxed);
+        if silent > crate::gateway::ROUTER_SILENCE_MS {
+            problems.push(format!(
+                "router has not routed the gateway's probe for {} s",
+                silent / 1000
+            ));
         }
         let status = self.status.load();
         let bridges: Vec<&str> = status["bridges"]

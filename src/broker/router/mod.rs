@@ -507,6 +507,53 @@ impl Router {
         self.lock().sessions.values().cloned().collect()
     }
 
+    /// The router's state for `status.json` (and so `outpost status` and `/metrics`): sessions,
+    /// subscriptions, queues against their bounds, and every drop by reason, in total and for
+    /// the sessions that dropped most.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let (subs, nodes) = self.subscription_count();
+        let sessions = self.sessions();
+        let online = sessions.iter().filter(|s| s.online.load(Ordering::Relaxed)).count();
+        let mut dropping: Vec<(u64, serde_json::Value)> = sessions
+            .iter()
+            .filter(|s| !s.internal)
+            .filter_map(|s| {
+                let d = s.drops();
+                let total: u64 = d.values().sum();
+                (total > 0).then(|| {
+                    let mut v = serde_json::json!({ "session": &*s.key, "queued": s.pending.load(Ordering::Relaxed) });
+                    for r in session::DropReason::ALL {
+                        v[r.name()] = d.get(&r).copied().unwrap_or(0).into();
+                    }
+                    (total, v)
+                })
+            })
+            .collect();
+        dropping.sort_by(|a, b| b.0.cmp(&a.0));
+        dropping.truncate(20);
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "sessions": sessions.iter().filter(|s| !s.internal).count(),
+            "sessions_connected": sessions.iter().filter(|s| !s.internal && s.online.load(Ordering::Relaxed)).count(),
+            "internal_clients": sessions.len() - sessions.iter().filter(|s| !s.internal).count(),
+            "online": online,
+            "subscriptions": subs,
+            "index_nodes": nodes,
+            "retained": self.retained_count(),
+            "queued_bytes": self.queued_bytes(),
+            "memory_budget": self.budget,
+            "max_queued_messages": self.limits.max_messages,
+            "max_queued_bytes": self.limits.max_bytes,
+            "publisher_pauses": g(&self.paused),
+            "dropped": {
+                "queue_full": g(&self.dropped_queue_full),
+                "too_large": g(&self.dropped_too_large),
+                "expired": g(&self.dropped_expired),
+            },
+            "sessions_dropping": dropping.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        })
+    }
+
     pub fn session(&self, key: &str) -> Option<Arc<Session>> {
         self.lock().sessions.get(key).cloned()
     }
