@@ -529,7 +529,7 @@ impl Router {
                 })
             })
             .collect();
-        dropping.sort_by(|a, b| b.0.cmp(&a.0));
+        dropping.sort_by_key(|d| std::cmp::Reverse(d.0));
         dropping.truncate(20);
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         serde_json::json!({
