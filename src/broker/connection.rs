@@ -440,16 +440,19 @@ enum Out {
 /// whatever must be durable first (bridge spools, persistent sessions) has committed.
 async fn reader<R: AsyncRead + Unpin>(ctx: &Ctx, mut crd: R, mut cbuf: BytesMut, tx: mpsc::Sender<Out>) -> End {
     let shared = &ctx.shared;
+    let router = &shared.router;
     let m = &shared.metrics;
     let max = shared.limits.max_packet_size.0 as usize;
     // A client silent for 1.5 times its keep-alive is gone [MQTT-3.1.2-24].
     let idle = (ctx.keep_alive > 0).then(|| Duration::from_millis(ctx.keep_alive as u64 * 1500));
     let mut st = ReadState::default();
+    // Packets held back while the queues hold the memory budget: PUBLISHes, and whatever came
+    // after one (order matters for those). Acks of our deliveries are never held: they are
+    // what frees the budget.
+    let mut held: std::collections::VecDeque<Frame> = std::collections::VecDeque::new();
+    let mut held_bytes = 0usize;
     loop {
-        // Frames already buffered first; then read more.
-        let mut acks: Vec<bytes::Bytes> = vec![];
-        let mut waits = vec![];
-        let mut published = false;
+        let mut b = Batch::default();
         st.unacked = 0;
         loop {
             let frame = match codec::next_frame(&mut cbuf, max) {
@@ -465,36 +468,45 @@ async fn reader<R: AsyncRead + Unpin>(ctx: &Ctx, mut crd: R, mut cbuf: BytesMut,
                     return End::Protocol("bad packet");
                 }
             };
-            published |= frame.kind == codec::kind::PUBLISH;
-            match on_packet(ctx, &mut st, &frame, &mut waits) {
-                Step::Reply(b) => acks.push(b),
-                Step::Nothing => {}
-                Step::SubAck(b, retained) => {
-                    flush_acks(&tx, &mut acks, &mut waits).await;
-                    if tx.send(Out::SubAck(b, retained)).await.is_err() {
-                        return End::ClientGone("writer ended".into());
-                    }
-                }
-                Step::Close(why, what) => {
-                    flush_acks(&tx, &mut acks, &mut waits).await;
-                    let _ = tx.send(Out::Close(why, End::Protocol(what))).await;
-                    return End::Protocol(what);
-                }
-                Step::End(end) => {
-                    flush_acks(&tx, &mut acks, &mut waits).await;
-                    return end;
-                }
+            let ack_of_ours = matches!(
+                frame.kind,
+                codec::kind::PUBACK | codec::kind::PUBREC | codec::kind::PUBCOMP | codec::kind::PINGREQ
+            );
+            if !ack_of_ours && (!held.is_empty() || (frame.kind == codec::kind::PUBLISH && router.over_budget())) {
+                held_bytes += frame.bytes.len();
+                held.push_back(frame);
+                continue;
+            }
+            if let Some(end) = handle(ctx, &mut st, frame, &mut b, &tx).await {
+                return end;
             }
         }
-        if !flush_acks(&tx, &mut acks, &mut waits).await {
+        while let Some(f) = held.front() {
+            if f.kind == codec::kind::PUBLISH && router.over_budget() {
+                break;
+            }
+            let f = held.pop_front().expect("front exists");
+            held_bytes -= f.bytes.len();
+            if let Some(end) = handle(ctx, &mut st, f, &mut b, &tx).await {
+                return end;
+            }
+        }
+        if !flush_acks(&tx, &mut b.acks, &mut b.waits).await {
             return End::ClientGone("a bridge spool or the session store could not store a message".into());
         }
-        if published {
-            shared.router.wait_for_budget().await;
+        if held_bytes > HOLD_MAX {
+            // Enough held: stop reading this client (TCP pushes back) until the budget frees.
+            router.wait_for_budget().await;
+            continue;
         }
-        let read = crd.read_buf(&mut cbuf);
+        let read = async {
+            tokio::select! {
+                r = crd.read_buf(&mut cbuf) => Some(r),
+                _ = router.budget_freed(), if !held.is_empty() => None,
+            }
+        };
         let n = match idle {
-            Some(d) => match timeout(d, read).await {
+            Some(d) if held.is_empty() => match timeout(d, read).await {
                 Ok(r) => r,
                 Err(_) => {
                     let _ = tx
@@ -506,14 +518,50 @@ async fn reader<R: AsyncRead + Unpin>(ctx: &Ctx, mut crd: R, mut cbuf: BytesMut,
                     return End::ClientGone("keep-alive timeout".into());
                 }
             },
-            None => read.await,
+            _ => read.await,
         };
         match n {
-            Ok(0) => return End::ClientClosed,
-            Ok(n) => Metrics::add(&m.bytes_in, n as u64),
-            Err(e) => return End::ClientGone(format!("read: {e}")),
+            None => {}
+            Some(Ok(0)) => return End::ClientClosed,
+            Some(Ok(n)) => Metrics::add(&m.bytes_in, n as u64),
+            Some(Err(e)) => return End::ClientGone(format!("read: {e}")),
         }
     }
+}
+
+/// Bytes of packets a reader holds back at most while the budget is full before it stops
+/// reading the socket.
+const HOLD_MAX: usize = 64 * 1024;
+
+/// What one round of the reader gathers before it hands acks over.
+#[derive(Default)]
+struct Batch {
+    acks: Vec<bytes::Bytes>,
+    waits: Vec<tokio::sync::oneshot::Receiver<()>>,
+}
+
+/// Handles one packet; `Some` ends the connection.
+async fn handle(ctx: &Ctx, st: &mut ReadState, frame: Frame, b: &mut Batch, tx: &mpsc::Sender<Out>) -> Option<End> {
+    match on_packet(ctx, st, &frame, &mut b.waits) {
+        Step::Reply(r) => b.acks.push(r),
+        Step::Nothing => {}
+        Step::SubAck(r, retained) => {
+            flush_acks(tx, &mut b.acks, &mut b.waits).await;
+            if tx.send(Out::SubAck(r, retained)).await.is_err() {
+                return Some(End::ClientGone("writer ended".into()));
+            }
+        }
+        Step::Close(why, what) => {
+            flush_acks(tx, &mut b.acks, &mut b.waits).await;
+            let _ = tx.send(Out::Close(why, End::Protocol(what))).await;
+            return Some(End::Protocol(what));
+        }
+        Step::End(end) => {
+            flush_acks(tx, &mut b.acks, &mut b.waits).await;
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// Waits for the durable copies, then hands the acks to the writer. False when a copy failed

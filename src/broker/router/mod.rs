@@ -463,6 +463,24 @@ impl Router {
         self.queued.load(Ordering::Relaxed)
     }
 
+    /// Do the queues hold the whole budget (so publishers are held back)?
+    pub fn over_budget(&self) -> bool {
+        let over = self.queued.load(Ordering::Relaxed) >= self.budget;
+        if over && !self.over.swap(true, Ordering::Relaxed) {
+            self.paused.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "queued messages hold the memory budget ({} bytes): pausing publishers",
+                self.budget
+            );
+        }
+        over
+    }
+
+    /// Returns once some budget was freed (or after a short while: a missed wake-up only delays).
+    pub async fn budget_freed(&self) {
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(50), self.budget_freed.notified()).await;
+    }
+
     /// Waits while the queues hold the whole budget: publishers stop being read (TCP pushes
     /// back on them) instead of anything being dropped.
     pub async fn wait_for_budget(&self) {
