@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+mod unit;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn snap_config(json: &str, out: &Path) -> Output {
@@ -186,40 +188,4 @@ fn snap_hooks_install_configure_refuse_and_check_health() {
     let o = snap.hook("check-health");
     assert!(!o.status.success(), "check-health passed with the daemon gone");
     assert!(snap.log().contains("set-health error"), "{}", snap.log());
-}
-
-fn unit_with_binary(dir: &Path) -> PathBuf {
-    let unit = std::fs::read_to_string(Path::new(ROOT).join("systemd/outpost.service")).unwrap();
-    let unit = unit.replace("/usr/local/bin/outpost", BIN);
-    let path = dir.join("outpost.service");
-    std::fs::write(&path, unit).unwrap();
-    path
-}
-
-#[test]
-fn the_systemd_unit_verifies_and_is_hardened() {
-    let dir = tempfile::tempdir().unwrap();
-    let unit = unit_with_binary(dir.path());
-    let v = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&unit)
-        .output()
-        .expect("systemd-analyze (Debian package systemd)");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
-    // systemd-analyze exits 0 even on parse errors: any output is a finding.
-    assert!(said.trim().is_empty(), "systemd-analyze verify: {said}");
-    let s = Command::new("systemd-analyze")
-        .args(["security", "--offline=true", "--threshold=25"])
-        .arg(&unit)
-        .output()
-        .unwrap();
-    assert!(
-        s.status.success(),
-        "exposure above 2.5: {}",
-        String::from_utf8_lossy(&s.stdout)
-    );
 }
