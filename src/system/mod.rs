@@ -6,3 +6,4 @@ pub mod health;
 pub mod jsonfile;
 pub mod logging;
 pub mod notify;
+pub mod revert;
