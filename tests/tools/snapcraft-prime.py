@@ -104,7 +104,7 @@ def prime(project_path, root, binary, prime_dir, arch):
         hooks.setdefault(h, None)
     meta["hooks"] = hooks
     with open(os.path.join(prime_dir, "meta", "snap.yaml"), "w") as f:
-        yaml.safe_dump(meta, f, sort_keys=False, default_flow_style=False)
+        yaml.safe_dump(meta, f, sort_keys=False, default_flow_style=False, width=1000)
     return 0
 
 
