@@ -87,7 +87,10 @@ impl Drop for Filtered {
 fn the_daemon_serves_and_stops_under_the_units_own_syscall_filter() {
     let dir = tempfile::tempdir().unwrap();
     // The unit runs as User=outpost; the harness runs as that user, or nobody where it is missing.
+    // So the binary is run from a copy nobody can reach (the checkout may sit under /root).
     chown_to_nobody(dir.path());
+    let bin = dir.path().join("outpost");
+    std::fs::copy(BIN, &bin).unwrap();
     for (what, unit) in units(dir.path()) {
         let port = free_port();
         let data = dir.path().join(format!("data-{port}"));
@@ -107,13 +110,16 @@ fn the_daemon_serves_and_stops_under_the_units_own_syscall_filter() {
         std::fs::set_permissions(&sock_path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         let log = dir.path().join(format!("log-{port}"));
-        let child = under_filter(&unit, &[BIN, "run", "--config", config.to_str().unwrap()])
-            .env("NOTIFY_SOCKET", &sock_path)
-            .env("WATCHDOG_USEC", "2000000")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = under_filter(
+            &unit,
+            &[bin.to_str().unwrap(), "run", "--config", config.to_str().unwrap()],
+        )
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "2000000")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
         let mut d = Filtered { child, log };
         let mut notes = String::new();
         let end = Instant::now() + Duration::from_secs(30);
