@@ -66,7 +66,13 @@ enum Command {
         /// Where the config goes (default $SNAP_DATA/outpost.yaml).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Ask `snapctl get -d` for every config key instead of reading stdin.
+        #[arg(long)]
+        from_snapctl: bool,
     },
+    /// pre-refresh hook of the snap: copy the versioned state files into $SNAP_DATA/pre-refresh,
+    /// which this revision puts back if it is started again on files a newer one migrated.
+    SnapSaveState,
     /// Health check (the snap's check-health hook): the broker answers and bridge spools open.
     Health {
         #[arg(short, long)]
@@ -191,9 +197,11 @@ enum DeviceAction {
 
 /// The config (file or built-in) and the data folder (`--data-dir` wins over the config's).
 fn config_and_dir(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Result<(Config, PathBuf)> {
-    let cfg = match config {
-        Some(c) => Config::load(c)?,
-        None => Config::builtin(),
+    let cfg = match (config, outpost::config::snap::SnapEnv::from_env()) {
+        (Some(c), _) => Config::load(c)?,
+        // Inside the snap: the daemon's own config (and so its data_dir, $SNAP_COMMON).
+        (None, Some(snap)) => Config::load(&snap.config())?,
+        (None, None) => Config::builtin(),
     };
     let dir = data_dir.unwrap_or_else(|| cfg.gateway.data_dir.clone());
     Ok((cfg, dir))
@@ -245,6 +253,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.gateway.data_dir = d;
             }
             outpost::system::logging::init(cfg.log.level.filter());
+            if let Some(snap) = outpost::config::snap::SnapEnv::from_env() {
+                for note in
+                    outpost::system::revert::restore_newer(&cfg.gateway.data_dir, &snap.data.join("pre-refresh"))?
+                {
+                    log::warn!("{note}");
+                }
+            }
             let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -300,7 +315,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", outpost::status::render_plugs(&doc));
             Ok(ExitCode::SUCCESS)
         }
-        Command::SnapConfig { out } => {
+        Command::SnapConfig { out, from_snapctl } => {
             let out = match out {
                 Some(o) => o,
                 None => PathBuf::from(
@@ -309,7 +324,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .join("outpost.yaml"),
             };
             let mut json = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut json)?;
+            if from_snapctl {
+                json = outpost::config::snap::from_snapctl().map_err(anyhow::Error::msg)?;
+            } else {
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut json)?;
+            }
             let common = std::env::var_os("SNAP_COMMON").map(PathBuf::from);
             match outpost::config::snap::apply(&json, &out, common.as_deref()) {
                 Ok(outpost::config::snap::Outcome::Changed) => println!("changed"),
@@ -321,11 +340,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::SnapSaveState => {
+            let snap = outpost::config::snap::SnapEnv::from_env()
+                .ok_or_else(|| anyhow::anyhow!("not inside the snap ($SNAP, $SNAP_DATA, $SNAP_COMMON)"))?;
+            let (_, dir) = config_and_dir(None, None)?;
+            for f in outpost::system::revert::save(&dir, &snap.data.join("pre-refresh"))? {
+                println!("kept a copy of {}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Health { config } => {
-            let cfg = match &config {
-                Some(p) => Config::load(p)?,
-                None => Config::builtin(),
-            };
+            let (cfg, _) = config_and_dir(config.as_deref(), None)?;
             match outpost::system::health::check(&cfg) {
                 Ok(()) => {
                     println!("healthy");

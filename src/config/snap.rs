@@ -1,13 +1,88 @@
 //! `snap set outpost ...` → the YAML config, with the daemon's own types and validation.
 //!
-//! The snap's configure hook pipes `snapctl get -d` JSON in. Keys are kebab-case (snapd allows no
+//! The snap's hooks run `outpost snap-config --from-snapctl`, which asks `snapctl get -d` for
+//! every top-level key of [`Config`] ([`keys`]: the one list, taken from the type). Keys are kebab-case (snapd allows no
 //! underscores); `bridges`, `broker.users` and `plugs.static` may be written as maps keyed by
 //! name (`bridges.cloud.url=...`) as well as lists. A bad value is refused naming the `snap set`
 //! key, and the config file is left as it was.
 
 use super::Config;
 use serde_json::{Map, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The top-level keys `snap set` can set, as snapctl names them: every field of [`Config`]
+/// (each is serialized, so the type's serialization is the list).
+pub fn keys() -> Vec<String> {
+    match serde_json::to_value(Config::default()) {
+        Ok(Value::Object(m)) => m.keys().map(|k| k.replace('_', "-")).collect(),
+        _ => unreachable!("Config serializes to a map"),
+    }
+}
+
+/// `snapctl get -d <every key>`: the JSON document of what is set. A snapctl that fails is
+/// an error (with its exit status and message), never an empty document.
+pub fn from_snapctl() -> Result<String, String> {
+    let out = std::process::Command::new("snapctl")
+        .args(["get", "-d"])
+        .args(keys())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run snapctl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "snapctl get failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    String::from_utf8(out.stdout).map_err(|e| format!("snapctl gave no text: {e}"))
+}
+
+/// Where a command run inside the snap finds the daemon: `snap run` sets `$SNAP`, `$SNAP_DATA`
+/// (the config the hooks write) and `$SNAP_COMMON` (the default data_dir).
+pub struct SnapEnv {
+    pub data: PathBuf,
+    pub common: PathBuf,
+}
+
+impl SnapEnv {
+    pub fn from_env() -> Option<SnapEnv> {
+        std::env::var_os("SNAP")?;
+        Some(SnapEnv {
+            data: std::env::var_os("SNAP_DATA")?.into(),
+            common: std::env::var_os("SNAP_COMMON")?.into(),
+        })
+    }
+
+    /// The config the snap's daemon runs with.
+    pub fn config(&self) -> PathBuf {
+        self.data.join("outpost.yaml")
+    }
+}
+
+/// Addresses a value names that this host does not have (`bind` on `IP:0` fails): such a value
+/// would pass the types and then keep the daemon from starting.
+fn unbindable(config: &Config) -> Option<(String, String)> {
+    let listeners = config
+        .broker
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (format!("broker.listeners[{i}].bind"), l.bind.0));
+    let dashboard = config
+        .dashboard
+        .bind
+        .iter()
+        .map(|b| ("dashboard.bind".to_string(), b.0));
+    for (key, addr) in listeners.chain(dashboard) {
+        if let Err(e) = std::net::TcpListener::bind((addr.ip(), 0)) {
+            if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                return Some((key, format!("{} is not an address of this host ({e})", addr.ip())));
+            }
+        }
+    }
+    None
+}
 
 /// Lists that `snap set` can also write as maps keyed by their items' `name`.
 const NAMED_LISTS: [&[&str]; 3] = [&["bridges"], &["broker", "users"], &["plugs", "static"]];
@@ -114,6 +189,9 @@ pub fn apply(json: &str, out: &Path, common: Option<&Path>) -> Result<Outcome, S
         }
         None => e.to_string(),
     })?;
+    if let Some((key, reason)) = unbindable(&config) {
+        return Err(format!("snap set outpost: `{}`: {reason}", snap_key(&key, &names)));
+    }
     // What the daemon reads back is exactly what was validated.
     let text = format!(
         "# Written by `outpost snap-config` from `snap set` values; edits here are overwritten.\n{}",
@@ -156,6 +234,46 @@ mod tests {
             apply(json, &out, Some(Path::new("/var/snap/outpost/common"))).unwrap(),
             Outcome::Unchanged
         );
+    }
+
+    #[test]
+    fn keys_are_every_field_the_config_accepts() {
+        // serde's own list of accepted fields, from refusing an unknown one.
+        let e = serde_json::from_str::<Config>(r#"{"no-such-key": 1}"#)
+            .unwrap_err()
+            .to_string();
+        let accepted: Vec<String> = e
+            .split("expected one of ")
+            .nth(1)
+            .unwrap()
+            .split(", ")
+            .map(|k| k.trim_matches(|c: char| c == '`' || !c.is_ascii_graphic()).to_string())
+            .map(|k| k.split('`').next().unwrap().replace('_', "-"))
+            .collect();
+        let mut keys = keys();
+        keys.sort();
+        let mut accepted = accepted;
+        accepted.sort();
+        assert_eq!(keys, accepted);
+        assert!(keys.contains(&"dashboard".to_string()) && keys.contains(&"provisioning".to_string()));
+    }
+
+    #[test]
+    fn an_address_the_host_lacks_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("outpost.yaml");
+        // 192.0.2.0/24 is TEST-NET-1: on no host's interfaces.
+        let e = apply(
+            r#"{"broker":{"listeners":[{"bind":"192.0.2.7:1883","protocol":"mqtt","anonymous":true}]}}"#,
+            &out,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("`broker.listeners[0].bind`") && e.contains("not an address of this host"),
+            "{e}"
+        );
+        assert!(!out.exists());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The daemon's contact with the operating system: logging (journald or stderr), systemd
 //! readiness and watchdog notifications, and signals.
 
+pub mod clock;
 pub mod health;
 pub mod jsonfile;
 pub mod logging;
 pub mod notify;
+pub mod revert;
