@@ -1000,3 +1000,146 @@ mod tests {
         }
     }
 }
+
+/// A mutation fuzzer for the parsers a client reaches (framing, CONNECT, and every packet after
+/// it, both versions): valid packets of every kind, cut, bit-flipped, spliced and with lengths
+/// rewritten. The normal run tries a few thousand inputs; `OUTPOST_FUZZ_CASES=N` runs N (CI's
+/// long run, `.ci/run --long`, and BENCHMARKS.md say how many ran). Any panic fails it.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn corpus() -> Vec<Vec<u8>> {
+        let mut out: Vec<Vec<u8>> = vec![];
+        let mut b = BytesMut::new();
+        let mut push = |b: &mut BytesMut| out.push(b.split().to_vec());
+        v4::Connect::new("c1").write(&mut b).unwrap();
+        push(&mut b);
+        let mut c5 = v5::Connect {
+            keep_alive: 30,
+            client_id: "c5".into(),
+            clean_start: false,
+            properties: None,
+        };
+        c5.properties = Some(v5::ConnectProperties {
+            session_expiry_interval: Some(60),
+            receive_maximum: Some(10),
+            max_packet_size: Some(1000),
+            topic_alias_max: Some(5),
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: vec![("k".into(), "v".into())],
+            authentication_method: None,
+            authentication_data: None,
+        });
+        let will = v5::LastWill::new("w/t", "bye", m5::QoS::AtLeastOnce, true, None);
+        c5.write(&Some(will), &Some(v5::Login::new("u", "p")), &mut b).unwrap();
+        push(&mut b);
+        let mut p = v4::Publish::new("a/b", m4::QoS::AtLeastOnce, b"x".to_vec());
+        p.pkid = 3;
+        p.write(&mut b).unwrap();
+        push(&mut b);
+        let msg = Message {
+            topic: "t/1".into(),
+            payload: Bytes::from_static(b"hello"),
+            qos: 2,
+            retain: true,
+            props: Props::from_parts(Some(1), Some("text/plain".into()), Some("r".into()), None, vec![]),
+            expires_ms: None,
+            origin: None,
+            from: 0,
+        };
+        let op = OutPublish {
+            msg: &msg,
+            qos: 2,
+            pkid: 9,
+            dup: false,
+            retain: true,
+            sub_ids: &[],
+            alias: Some((2, true)),
+            expiry_left: Some(5),
+        };
+        encode_publish(Proto::V5, &op, &mut b);
+        push(&mut b);
+        v4::Subscribe::new("a/+", m4::QoS::AtLeastOnce).write(&mut b).unwrap();
+        push(&mut b);
+        let mut s5 = v5::Subscribe::new(v5::Filter::new("$share/g/a/#", m5::QoS::ExactlyOnce), None);
+        s5.properties = Some(v5::SubscribeProperties {
+            id: Some(7),
+            user_properties: vec![],
+        });
+        s5.write(&mut b).unwrap();
+        push(&mut b);
+        v4::Unsubscribe::new("a/+").write(&mut b).unwrap();
+        push(&mut b);
+        for raw in [
+            &[0x40, 2, 0, 1][..],
+            &[0x50, 2, 0, 1],
+            &[0x62, 2, 0, 1],
+            &[0x70, 2, 0, 1],
+            &PINGREQ,
+            &[0xe0, 0],
+            &[0xe0, 7, 0x04, 5, 0x11, 0, 0, 0, 9],
+        ] {
+            out.push(raw.to_vec());
+        }
+        out
+    }
+
+    fn mutate(rng: &mut rand::rngs::StdRng, corpus: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = corpus[rng.random_range(0..corpus.len())].clone();
+        for _ in 0..rng.random_range(1..5) {
+            let n = v.len().max(1);
+            match rng.random_range(0..6) {
+                0 => {
+                    let i = rng.random_range(0..n);
+                    if i < v.len() {
+                        v[i] ^= 1 << rng.random_range(0..8);
+                    }
+                }
+                1 => v.truncate(rng.random_range(0..n)),
+                2 => {
+                    let i = rng.random_range(0..=v.len());
+                    v.insert(i, rng.random());
+                }
+                3 => {
+                    let other = &corpus[rng.random_range(0..corpus.len())];
+                    v.extend_from_slice(&other[rng.random_range(0..other.len())..]);
+                }
+                4 if v.len() > 1 => v[1] = rng.random(),
+                _ => {
+                    let i = rng.random_range(0..n);
+                    if i < v.len() {
+                        v[i] = *[0x00, 0xff, 0x7f, 0x80, 0x03].get(rng.random_range(0..5)).unwrap_or(&0);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn mutated_packets_never_panic_a_parser() {
+        let cases: u64 = std::env::var("OUTPOST_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let corpus = corpus();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cases ^ 0x6f75_7470_6f73_74);
+        let mut frames = 0u64;
+        for _ in 0..cases {
+            let input = mutate(&mut rng, &corpus);
+            let mut buf = BytesMut::from(&input[..]);
+            while let Ok(Some(f)) = next_frame(&mut buf, 4096) {
+                frames += 1;
+                let _ = decode_connect(&f);
+                let _ = protocol_level(&f);
+                let _ = decode(Proto::V4, &f);
+                let _ = decode(Proto::V5, &f);
+            }
+        }
+        eprintln!("fuzz: {cases} inputs, {frames} whole frames parsed, no panic");
+        assert!(frames > cases / 4, "the mutations should still make frames: {frames}");
+    }
+}

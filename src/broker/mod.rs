@@ -275,11 +275,14 @@ impl Shared {
 
     /// A connection ended: publish its will (now, or after its delay), keep or end the session.
     fn detach(self: &Arc<Self>, session: &Arc<Session>, gen: u64, will: Option<codec::Will>, _failed: bool) {
-        let ended = self.router.detach(session, gen);
+        let how = self.router.detach(session, gen);
+        let ended = how == router::Detached::Ended;
         let expiry = session.lock().expiry;
         if let Some(w) = will {
             let delay = if ended { 0 } else { w.delay.min(expiry) };
-            if delay == 0 {
+            if how == router::Detached::TakenOver && delay > 0 {
+                // A newer connection holds the session already: a delayed will is cancelled.
+            } else if delay == 0 {
                 self.publish_will(session, &w);
             } else {
                 let cancel = CancellationToken::new();
@@ -492,7 +495,7 @@ impl LocalClient {
 
 impl Drop for LocalClient {
     fn drop(&mut self) {
-        self.shared.router.detach(&self.session, self.gen);
+        let _ = self.shared.router.detach(&self.session, self.gen);
     }
 }
 

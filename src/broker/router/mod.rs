@@ -78,6 +78,14 @@ pub struct AttachReq {
     pub internal: bool,
 }
 
+/// What became of a session when its connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detached {
+    Ended,
+    Kept,
+    TakenOver,
+}
+
 /// What `attach` found.
 pub struct Attached {
     pub session: Arc<Session>,
@@ -211,13 +219,13 @@ impl Router {
         s
     }
 
-    /// The connection of generation `gen` has ended. Returns true if the session ended with it
-    /// (expiry 0), false if it is kept for a later connection.
-    pub fn detach(&self, session: &Arc<Session>, gen: u64) -> bool {
+    /// The connection of generation `gen` has ended: the session ends with it (expiry 0), is
+    /// kept for a later connection, or was already taken by a newer one.
+    pub fn detach(&self, session: &Arc<Session>, gen: u64) -> Detached {
         let expiry = {
             let mut st = session.lock();
             if st.gen != gen {
-                return false;
+                return Detached::TakenOver;
             }
             st.conn = None;
             st.expiry
@@ -225,12 +233,12 @@ impl Router {
         session.online.store(false, Ordering::Relaxed);
         if expiry == 0 {
             self.end_session(session, gen);
-            return true;
+            return Detached::Ended;
         }
         if let Some(store) = self.stored(session) {
             store.detached(&session.key, message::now_ms(), expiry);
         }
-        false
+        Detached::Kept
     }
 
     /// Ends `session` if no connection came back since generation `gen`; returns whether it did.
