@@ -1126,7 +1126,7 @@ mod fuzz {
             .and_then(|v| v.parse().ok())
             .unwrap_or(20_000);
         let corpus = corpus();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(cases ^ 0x6f75_7470_6f73_74);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cases ^ 0x006f_7574_706f_7374);
         let mut frames = 0u64;
         for _ in 0..cases {
             let input = mutate(&mut rng, &corpus);
