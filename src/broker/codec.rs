@@ -715,8 +715,9 @@ fn empty_publish_props() -> v5::PublishProperties {
 /// against a client's Maximum Packet Size before it takes a packet id.
 pub fn publish_size(proto: Proto, msg: &Message, qos: u8) -> usize {
     let props = match (proto, msg.props.as_deref()) {
-        (Proto::V5, Some(p)) => p.wire_len() + 5,
-        (Proto::V5, None) => 1,
+        // Properties length (up to 4), message expiry (5) and topic alias (3) on top.
+        (Proto::V5, Some(p)) => p.wire_len() + 12,
+        (Proto::V5, None) => 12,
         _ => 0,
     };
     let body = 2 + msg.topic.len() + if qos > 0 { 2 } else { 0 } + props + msg.payload.len();

@@ -295,10 +295,11 @@ impl Router {
         session.lock().subs.insert(Arc::from(filter), opts);
         let send = group.is_none() && (retain_handling == 0 || (retain_handling == 1 && !existed));
         let retained = if send {
+            let now = message::now_ms();
             inner
                 .retained
                 .values()
-                .filter(|m| crate::broker::topics::matches(&m.topic, inner_filter))
+                .filter(|m| !m.expired(now) && crate::broker::topics::matches(&m.topic, inner_filter))
                 .cloned()
                 .collect()
         } else {
@@ -590,5 +591,168 @@ pub fn split_share(f: &str) -> (Option<&str>, &str) {
     match f.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
         Some((g, inner)) => (Some(g), inner),
         None => (None, f),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn id(c: &str) -> Identity {
+        Identity {
+            username: None,
+            client_id: c.into(),
+            listener: String::new(),
+            device: false,
+        }
+    }
+
+    fn router(max_messages: usize) -> Router {
+        Router::new(
+            QueueLimits {
+                max_messages,
+                max_bytes: 1 << 30,
+            },
+            1 << 30,
+            None,
+        )
+    }
+
+    fn attach(r: &Router, key: &str, clean: bool, expiry: u32) -> Attached {
+        let req = AttachReq {
+            key: key.into(),
+            identity: id(key),
+            clean,
+            expiry,
+            internal: false,
+        };
+        r.attach(req, CancellationToken::new(), Arc::new(AtomicBool::new(false)))
+    }
+
+    fn msg(topic: &str, qos: u8) -> Arc<Message> {
+        Arc::new(Message {
+            topic: Arc::from(topic),
+            payload: Bytes::from_static(b"p"),
+            qos,
+            retain: false,
+            props: None,
+            expires_ms: None,
+            origin: None,
+            from: 0,
+        })
+    }
+
+    fn opts(qos: u8, id: Option<u32>) -> SubOpts {
+        SubOpts {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            id,
+        }
+    }
+
+    fn publish(r: &Router, m: &Arc<Message>) -> usize {
+        r.route(m).iter().filter(|t| r.push(t, m, false, None)).count()
+    }
+
+    #[test]
+    fn overlapping_subscriptions_give_one_delivery_at_the_highest_qos_with_every_id() {
+        let r = router(100);
+        let a = attach(&r, ":a", true, 0);
+        r.subscribe(&a.session, "s/+", opts(1, Some(1)), 0);
+        r.subscribe(&a.session, "s/#", opts(2, Some(2)), 0);
+        let t = r.route(&msg("s/x", 2));
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].qos, 2);
+        let mut ids = t[0].sub_ids.clone();
+        ids.sort();
+        assert_eq!(ids, vec![1, 2]);
+        // The publish's QoS caps the delivery.
+        assert_eq!(r.route(&msg("s/x", 0))[0].qos, 0);
+    }
+
+    #[test]
+    fn a_shared_group_skips_a_member_that_does_not_read() {
+        let r = router(100_000);
+        let slow = attach(&r, ":slow", true, 0);
+        let fast = attach(&r, ":fast", true, 0);
+        r.subscribe(&slow.session, "$share/g/t", opts(1, None), 0);
+        r.subscribe(&fast.session, "$share/g/t", opts(1, None), 0);
+        for _ in 0..1000 {
+            assert_eq!(publish(&r, &msg("t", 1)), 1, "each message goes to exactly one member");
+            // Only the fast member reads.
+            let t = fast.session.take(fast.gen, usize::MAX, usize::MAX, |_| true).unwrap();
+            for (pkid, _) in t.out {
+                fast.session.acked(pkid, false);
+            }
+        }
+        let stuck = slow.session.pending.load(Ordering::Relaxed);
+        assert!(stuck <= 20, "the slow member got {stuck} of 1000 while it did not read");
+    }
+
+    #[test]
+    fn a_full_queue_drops_for_that_session_alone_and_counts() {
+        let r = router(10);
+        let full = attach(&r, ":full", true, 0);
+        let other = attach(&r, ":other", true, 0);
+        r.subscribe(&full.session, "t", opts(1, None), 0);
+        r.subscribe(&other.session, "t", opts(1, None), 0);
+        for _ in 0..15 {
+            publish(&r, &msg("t", 1));
+            let t = other.session.take(other.gen, usize::MAX, usize::MAX, |_| true).unwrap();
+            for (pkid, _) in t.out {
+                other.session.acked(pkid, false);
+            }
+        }
+        assert_eq!(full.session.pending.load(Ordering::Relaxed), 10);
+        assert_eq!(full.session.drops().get(&session::DropReason::QueueFull), Some(&5));
+        assert_eq!(r.dropped_queue_full.load(Ordering::Relaxed), 5);
+        assert!(other.session.drops().is_empty());
+        assert_eq!(other.session.delivered.load(Ordering::Relaxed), 15);
+    }
+
+    #[test]
+    fn the_budget_comes_back_and_an_ended_session_leaves_nothing() {
+        let r = router(1000);
+        let (subs0, nodes0) = r.subscription_count();
+        let a = attach(&r, ":a", true, 0);
+        r.subscribe(&a.session, "x/y/z/#", opts(1, None), 0);
+        r.subscribe(&a.session, "$share/g/x/+", opts(0, None), 0);
+        for _ in 0..50 {
+            publish(&r, &msg("x/y/z/w", 1));
+        }
+        assert!(r.queued_bytes() > 0);
+        let t = a.session.take(a.gen, 20, usize::MAX, |_| true).unwrap();
+        assert_eq!(t.out.len(), 20, "the window bounds what is in flight");
+        r.release(t.freed);
+        for (pkid, _) in t.out {
+            let (freed, _) = a.session.acked(pkid, false).unwrap();
+            r.release(freed);
+        }
+        assert_eq!(a.session.pending.load(Ordering::Relaxed), 30);
+        assert_eq!(r.detach(&a.session, a.gen), Detached::Ended);
+        assert_eq!(r.queued_bytes(), 0, "ending the session returned its bytes");
+        assert_eq!(r.subscription_count(), (subs0, nodes0));
+        assert_eq!(r.session_counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_kept_session_is_resumed_and_a_clean_start_discards_it() {
+        let r = router(1000);
+        let a = attach(&r, ":k", false, NEVER);
+        r.subscribe(&a.session, "t", opts(1, None), 0);
+        assert_eq!(r.detach(&a.session, a.gen), Detached::Kept);
+        publish(&r, &msg("t", 1));
+        publish(&r, &msg("t", 0));
+        let b = attach(&r, ":k", false, NEVER);
+        assert!(b.present && Arc::ptr_eq(&a.session, &b.session));
+        let t = b.session.take(b.gen, 100, 100, |_| true).unwrap();
+        assert_eq!(t.out.len(), 1, "the QoS 1 message waited, the QoS 0 one was not kept");
+        // The older generation may no longer take.
+        assert!(a.session.take(a.gen, 100, 100, |_| true).is_none());
+        let c = attach(&r, ":k", true, 0);
+        assert!(!c.present && !Arc::ptr_eq(&a.session, &c.session));
+        assert!(r.route(&msg("t", 1)).is_empty());
     }
 }
