@@ -12,4 +12,5 @@ mod plugs;
 mod provisioning;
 mod pubsub;
 mod robustness;
+mod router;
 mod wemo_sim;
