@@ -8,6 +8,7 @@ mod dashboard;
 mod devices;
 mod grants;
 mod packaging;
+mod paho;
 mod plugs;
 mod provisioning;
 mod pubsub;
