@@ -324,3 +324,348 @@ async fn quick_reconnects_with_one_client_id_are_never_refused() {
     let (a, b) = tokio::join!(tokio::spawn(run()), tokio::spawn(run()));
     assert_eq!((a.unwrap(), b.unwrap()), (0, 0));
 }
+
+/// A packet with its fixed header: `first` byte, then the remaining length and `body`.
+fn frame(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut n = body.len();
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+fn mqtt_str(s: &[u8]) -> Vec<u8> {
+    let mut v = (s.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(s);
+    v
+}
+
+/// CONNECT with these connect flags; `v5` adds an empty property list.
+fn connect_bytes(v5: bool, flags: u8, id: &str) -> Vec<u8> {
+    let mut b = mqtt_str(b"MQTT");
+    b.push(if v5 { 5 } else { 4 });
+    b.push(flags);
+    b.extend_from_slice(&60u16.to_be_bytes());
+    if v5 {
+        b.push(0);
+    }
+    b.extend(mqtt_str(id.as_bytes()));
+    frame(0x10, &b)
+}
+
+/// A socket with a good CONNECT done (clean session / clean start).
+fn connected(port: u16, v5: bool, id: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&connect_bytes(v5, 0x02, id)).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).unwrap();
+    let mut rest = vec![0u8; head[1] as usize];
+    s.read_exact(&mut rest).unwrap();
+    assert_eq!((head[0], rest[1]), (0x20, 0), "CONNACK accepted for {id}");
+    s
+}
+
+/// What the broker sent before closing, or `None` if it kept the connection open.
+fn read_until_close(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut got = vec![];
+    let mut buf = [0u8; 4096];
+    let end = std::time::Instant::now() + within;
+    while std::time::Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+            Err(_) => return Some(got),
+        }
+    }
+    None
+}
+
+/// SUBSCRIBE (packet id 1) of one filter with this options byte; `v5` adds `props`.
+fn subscribe_bytes(v5: bool, props: &[u8], filter: &str, options: u8) -> Vec<u8> {
+    let mut b = 1u16.to_be_bytes().to_vec();
+    if v5 {
+        b.push(props.len() as u8);
+        b.extend_from_slice(props);
+    }
+    b.extend(mqtt_str(filter.as_bytes()));
+    b.push(options);
+    frame(0x82, &b)
+}
+
+fn publish_bytes(v5: bool, first: u8, topic: &[u8], pkid: Option<u16>, props: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut b = mqtt_str(topic);
+    if let Some(id) = pkid {
+        b.extend_from_slice(&id.to_be_bytes());
+    }
+    if v5 {
+        b.push(props.len() as u8);
+        b.extend_from_slice(props);
+    }
+    b.extend_from_slice(payload);
+    frame(first, &b)
+}
+
+#[tokio::test]
+async fn protocol_violations_close_only_the_offending_connection() {
+    let port = free_port();
+    let mut gw = Gateway::start(&open_broker(port));
+    // A bystander flow that must go on through all of it.
+    let (s, mut sev) = connect(opts(port, "bystander")).await.unwrap();
+    subscribe(&s, &mut sev, "flow", QoS::AtLeastOnce).await;
+    let (p, pev) = connect(opts(port, "flow-pub")).await.unwrap();
+    let _d = drive(pev);
+
+    // (what, MQTT 5?, sent after a good CONNECT? (else instead of it), bytes, spec section)
+    let cases: Vec<(&str, bool, bool, Vec<u8>, &str)> = vec![
+        (
+            "3.1.1 CONNECT with the reserved flag set",
+            false,
+            false,
+            connect_bytes(false, 0x03, "rsv4"),
+            "3.1.1 3.1.2.3",
+        ),
+        (
+            "MQTT 5 CONNECT with the reserved flag set",
+            true,
+            false,
+            connect_bytes(true, 0x03, "rsv5"),
+            "5.0 3.1.2.3",
+        ),
+        (
+            "3.1.1 SUBSCRIBE with reserved option bits",
+            false,
+            true,
+            subscribe_bytes(false, &[], "a/b", 0x05),
+            "3.1.1 3.8.3.1",
+        ),
+        (
+            "MQTT 5 SUBSCRIBE with reserved option bits",
+            true,
+            true,
+            subscribe_bytes(true, &[], "a/b", 0xc1),
+            "5.0 3.8.3.1",
+        ),
+        (
+            "MQTT 5 SUBSCRIBE with retain handling 3",
+            true,
+            true,
+            subscribe_bytes(true, &[], "a/b", 0x31),
+            "5.0 3.8.3.1",
+        ),
+        (
+            "MQTT 5 SUBSCRIBE No Local on a shared subscription",
+            true,
+            true,
+            subscribe_bytes(true, &[], "$share/g/a", 0x05),
+            "5.0 3.8.3.1",
+        ),
+        (
+            "MQTT 5 SUBSCRIBE with subscription identifier 0",
+            true,
+            true,
+            subscribe_bytes(true, &[0x0b, 0x00], "a/b", 0x01),
+            "5.0 3.8.2.1.2",
+        ),
+        (
+            "SUBSCRIBE with wrong fixed header flags",
+            false,
+            true,
+            {
+                let mut b = subscribe_bytes(false, &[], "a/b", 0x01);
+                b[0] = 0x80;
+                b
+            },
+            "3.1.1 3.8.1",
+        ),
+        (
+            "SUBSCRIBE with no topic filter",
+            false,
+            true,
+            frame(0x82, &[0, 1]),
+            "3.1.1 3.8.3",
+        ),
+        (
+            "UNSUBSCRIBE with wrong fixed header flags",
+            false,
+            true,
+            {
+                let mut b = 2u16.to_be_bytes().to_vec();
+                b.extend(mqtt_str(b"a/b"));
+                frame(0xa0, &b)
+            },
+            "3.1.1 3.10.1",
+        ),
+        (
+            "PUBREL with wrong fixed header flags",
+            false,
+            true,
+            frame(0x60, &[0, 1]),
+            "3.1.1 3.6.1",
+        ),
+        (
+            "PUBLISH with QoS 3",
+            false,
+            true,
+            publish_bytes(false, 0x36, b"a/b", Some(1), &[], b"x"),
+            "3.1.1 3.3.1.2",
+        ),
+        (
+            "PUBLISH QoS 1 with packet id 0",
+            false,
+            true,
+            publish_bytes(false, 0x32, b"a/b", Some(0), &[], b"x"),
+            "3.1.1 2.3.1",
+        ),
+        (
+            "PUBLISH topic with U+0000",
+            false,
+            true,
+            publish_bytes(false, 0x30, b"a/\0b", None, &[], b"x"),
+            "3.1.1 1.5.3",
+        ),
+        (
+            "PUBLISH topic not UTF-8",
+            false,
+            true,
+            publish_bytes(false, 0x30, b"a/\xff\xfe", None, &[], b"x"),
+            "3.1.1 1.5.3",
+        ),
+        (
+            "a second CONNECT",
+            false,
+            true,
+            connect_bytes(false, 0x02, "twice"),
+            "3.1.1 3.1.0-2",
+        ),
+        (
+            "remaining length of five bytes",
+            false,
+            true,
+            vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x7f],
+            "3.1.1 2.2.3",
+        ),
+        (
+            "MQTT 5 PUBLISH with topic alias 0",
+            true,
+            true,
+            publish_bytes(true, 0x30, b"a/b", None, &[0x23, 0, 0], b"x"),
+            "5.0 3.3.2.3.4",
+        ),
+        (
+            "MQTT 5 PUBLISH with a topic alias over the maximum",
+            true,
+            true,
+            publish_bytes(true, 0x30, b"a/b", None, &[0x23, 0xea, 0x60], b"x"),
+            "5.0 3.3.2.3.4",
+        ),
+        (
+            "MQTT 5 PUBLISH with an empty topic and no alias",
+            true,
+            true,
+            publish_bytes(true, 0x30, b"", None, &[], b"x"),
+            "5.0 3.3.2.1",
+        ),
+        (
+            "MQTT 5 PUBLISH with an unknown topic alias",
+            true,
+            true,
+            publish_bytes(true, 0x30, b"", None, &[0x23, 0, 7], b"x"),
+            "5.0 3.3.4",
+        ),
+        (
+            "MQTT 5 PUBLISH with Content Type twice",
+            true,
+            true,
+            publish_bytes(true, 0x30, b"a/b", None, &[0x03, 0, 1, b'a', 0x03, 0, 1, b'b'], b"x"),
+            "5.0 3.3.2.3.9",
+        ),
+        (
+            "MQTT 5 PUBLISH with a subscription identifier",
+            true,
+            true,
+            publish_bytes(true, 0x30, b"a/b", None, &[0x0b, 0x01], b"x"),
+            "5.0 3.3.4",
+        ),
+        (
+            "MQTT 5 CONNECT with Receive Maximum 0",
+            true,
+            false,
+            {
+                let mut b = mqtt_str(b"MQTT");
+                b.extend_from_slice(&[5, 0x02, 0, 60, 3, 0x21, 0, 0]);
+                b.extend(mqtt_str(b"rm0"));
+                frame(0x10, &b)
+            },
+            "5.0 3.1.2.11.3",
+        ),
+    ];
+    let mut wrong = vec![];
+    for (i, (what, v5, after_connect, bytes, section)) in cases.iter().enumerate() {
+        let mut sock = if *after_connect {
+            connected(port, *v5, &format!("bad-{i}"))
+        } else {
+            TcpStream::connect(("127.0.0.1", port)).unwrap()
+        };
+        sock.write_all(bytes).unwrap();
+        match read_until_close(&mut sock, T) {
+            None => wrong.push(format!("{what} ({section}): connection left open")),
+            // Refusing the CONNECT itself: no CONNACK 0 may come first.
+            Some(got) if !after_connect && got.len() >= 4 && got[0] == 0x20 && got[3] == 0 && !v5 => {
+                wrong.push(format!("{what} ({section}): accepted, CONNACK {got:02x?}"))
+            }
+            Some(got) if !after_connect && *v5 && got.first() == Some(&0x20) && got.get(3) == Some(&0) => {
+                wrong.push(format!("{what} ({section}): accepted, CONNACK {got:02x?}"))
+            }
+            Some(_) => {}
+        }
+        // The bystander's flow goes on after each one.
+        p.publish("flow", QoS::AtLeastOnce, false, format!("after {i}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_publish(&mut sev, T).await.map(|m| m.1),
+            Some(format!("after {i}").into_bytes()),
+            "the bystander's flow stopped after: {what}"
+        );
+    }
+    assert!(gw.alive());
+    assert!(
+        wrong.is_empty(),
+        "protocol violations not closed:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn invalid_filters_are_refused_without_harm() {
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    // 3.1.1: SUBACK 0x80 or a closed connection; never a grant.
+    for filter in ["a/#/b", "a/b#", "a+/b", "$share/g", "$share//t", "$share/g+/t", ""] {
+        let mut s = connected(port, false, "filters");
+        s.write_all(&subscribe_bytes(false, &[], filter, 0x01)).unwrap();
+        let mut buf = [0u8; 5];
+        s.set_read_timeout(Some(T)).unwrap();
+        match s.read_exact(&mut buf) {
+            Ok(()) => assert_eq!(buf, [0x90, 3, 0, 1, 0x80], "SUBACK for invalid filter {filter:?}"),
+            Err(_) => assert!(closes_within(&mut s, T), "{filter:?}: neither refused nor closed"),
+        }
+    }
+    let (c, mut ev) = connect(opts(port, "after-filters")).await.unwrap();
+    subscribe(&c, &mut ev, "ok/#", QoS::AtMostOnce).await;
+    c.publish("ok/1", QoS::AtMostOnce, false, "fine").await.unwrap();
+    assert_eq!(next_publish(&mut ev, T).await.map(|m| m.1), Some(b"fine".to_vec()));
+}

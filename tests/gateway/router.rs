@@ -18,13 +18,13 @@ const T: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(800);
 
 /// A client on a raw socket: it sends exactly what the test says, and acks nothing by itself.
-struct Raw {
-    s: TcpStream,
+pub(crate) struct Raw {
+    pub(crate) s: TcpStream,
     buf: BytesMut,
 }
 
 impl Raw {
-    fn open(port: u16) -> Raw {
+    pub(crate) fn open(port: u16) -> Raw {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_nodelay(true).unwrap();
         Raw {
@@ -34,7 +34,7 @@ impl Raw {
     }
 
     /// A 3.1.1 CONNECT; returns the client and CONNACK's session present flag.
-    fn v4(port: u16, id: &str, clean: bool) -> (Raw, bool) {
+    pub(crate) fn v4(port: u16, id: &str, clean: bool) -> (Raw, bool) {
         let mut c = v4::Connect::new(id);
         c.keep_alive = 60;
         c.clean_session = clean;
@@ -50,7 +50,7 @@ impl Raw {
     }
 
     /// An MQTT 5 CONNECT; returns the client and its CONNACK.
-    fn v5(port: u16, id: &str, clean_start: bool, props: m5::ConnectProperties) -> (Raw, m5::ConnAck) {
+    pub(crate) fn v5(port: u16, id: &str, clean_start: bool, props: m5::ConnectProperties) -> (Raw, m5::ConnAck) {
         let c = m5::Connect {
             keep_alive: 60,
             client_id: id.into(),
@@ -68,20 +68,20 @@ impl Raw {
         }
     }
 
-    fn send4(&mut self, p: P4) {
+    pub(crate) fn send4(&mut self, p: P4) {
         let mut b = BytesMut::new();
         p.write(&mut b, 1 << 24).unwrap();
         self.s.write_all(&b).unwrap();
     }
 
-    fn send5(&mut self, p: P5) {
+    pub(crate) fn send5(&mut self, p: P5) {
         let mut b = BytesMut::new();
         p.write(&mut b, None).unwrap();
         self.s.write_all(&b).unwrap();
     }
 
     /// Reads more bytes; false on timeout. Panics when the broker closes the connection.
-    fn fill(&mut self, end: Instant) -> bool {
+    pub(crate) fn fill(&mut self, end: Instant) -> bool {
         let now = Instant::now();
         if now >= end {
             return false;
@@ -100,7 +100,7 @@ impl Raw {
     }
 
     /// The next packet, or `None` after `within`.
-    fn recv4(&mut self, within: Duration) -> Option<P4> {
+    pub(crate) fn recv4(&mut self, within: Duration) -> Option<P4> {
         let end = Instant::now() + within;
         loop {
             match P4::read(&mut self.buf, 1 << 24) {
@@ -115,7 +115,7 @@ impl Raw {
         }
     }
 
-    fn recv5(&mut self, within: Duration) -> Option<P5> {
+    pub(crate) fn recv5(&mut self, within: Duration) -> Option<P5> {
         let end = Instant::now() + within;
         loop {
             if !whole_frame(&self.buf) {
@@ -132,7 +132,7 @@ impl Raw {
     }
 
     /// Waits for a packet `f` picks, skipping others (PINGRESPs, deliveries not asked about).
-    fn expect4<T>(&mut self, what: &str, mut f: impl FnMut(&P4) -> Option<T>) -> T {
+    pub(crate) fn expect4<T>(&mut self, what: &str, mut f: impl FnMut(&P4) -> Option<T>) -> T {
         let end = Instant::now() + T;
         while let Some(p) = self.recv4(end.saturating_duration_since(Instant::now())) {
             if let Some(t) = f(&p) {
@@ -142,7 +142,7 @@ impl Raw {
         panic!("no {what} within {T:?}");
     }
 
-    fn subscribe4(&mut self, filters: &[(&str, QoS)]) -> Vec<rumqttc::SubscribeReasonCode> {
+    pub(crate) fn subscribe4(&mut self, filters: &[(&str, QoS)]) -> Vec<rumqttc::SubscribeReasonCode> {
         let mut s = v4::Subscribe::new_many(filters.iter().map(|(f, q)| v4::SubscribeFilter::new(f.to_string(), *q)));
         s.pkid = 900;
         self.send4(P4::Subscribe(s));
@@ -152,7 +152,7 @@ impl Raw {
         })
     }
 
-    fn publish4(&mut self, topic: &str, qos: QoS, retain: bool, pkid: u16, payload: &[u8]) {
+    pub(crate) fn publish4(&mut self, topic: &str, qos: QoS, retain: bool, pkid: u16, payload: &[u8]) {
         let mut p = v4::Publish::new(topic, qos, payload.to_vec());
         p.retain = retain;
         p.pkid = if qos == QoS::AtMostOnce { 0 } else { pkid };
@@ -160,7 +160,7 @@ impl Raw {
     }
 
     /// Publishes and waits until the broker has taken the message (PUBACK, or PUBREC + PUBCOMP).
-    fn publish4_acked(&mut self, topic: &str, qos: QoS, retain: bool, pkid: u16, payload: &[u8]) {
+    pub(crate) fn publish4_acked(&mut self, topic: &str, qos: QoS, retain: bool, pkid: u16, payload: &[u8]) {
         self.publish4(topic, qos, retain, pkid, payload);
         match qos {
             QoS::AtMostOnce => {}
@@ -177,7 +177,7 @@ impl Raw {
 
     /// Publishes `n` QoS 1 messages, `topic(i)`/`payload(i)` for i in 0..n, keeping at most 50
     /// unacknowledged (inside the broker's in-flight limit); returns when all are PUBACKed.
-    fn publish4_many(&mut self, n: usize, retain: bool, mut msg: impl FnMut(usize) -> (String, Vec<u8>)) {
+    pub(crate) fn publish4_many(&mut self, n: usize, retain: bool, mut msg: impl FnMut(usize) -> (String, Vec<u8>)) {
         let mut acked = 0;
         for i in 0..n {
             let (t, b) = msg(i);
@@ -194,7 +194,7 @@ impl Raw {
     }
 
     /// Acks one delivery the way a well-behaved 3.1.1 client does.
-    fn ack4(&mut self, p: &v4::Publish) {
+    pub(crate) fn ack4(&mut self, p: &v4::Publish) {
         match p.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send4(P4::PubAck(v4::PubAck::new(p.pkid))),
@@ -204,7 +204,7 @@ impl Raw {
 
     /// Collects deliveries (acking each; answering PUBREL with PUBCOMP) until `QUIET` passes
     /// with nothing new, or `within` ends.
-    fn drain4(&mut self, within: Duration, quiet: Duration) -> Vec<v4::Publish> {
+    pub(crate) fn drain4(&mut self, within: Duration, quiet: Duration) -> Vec<v4::Publish> {
         let end = Instant::now() + within;
         let mut got = vec![];
         loop {
@@ -222,7 +222,7 @@ impl Raw {
     }
 
     /// Collects deliveries until `n` arrived (or `within` ends), acking each.
-    fn collect4(&mut self, n: usize, within: Duration) -> Vec<v4::Publish> {
+    pub(crate) fn collect4(&mut self, n: usize, within: Duration) -> Vec<v4::Publish> {
         let end = Instant::now() + within;
         let mut got = vec![];
         while got.len() < n {
@@ -240,7 +240,7 @@ impl Raw {
         got
     }
 
-    fn disconnect4(mut self) {
+    pub(crate) fn disconnect4(mut self) {
         self.send4(P4::Disconnect);
         let _ = self.s.shutdown(std::net::Shutdown::Write);
         closes_within(&mut self.s, T);
@@ -262,11 +262,11 @@ fn whole_frame(buf: &[u8]) -> bool {
     true // malformed length: let the decoder say so
 }
 
-fn qos(n: u8) -> QoS {
+pub(crate) fn qos(n: u8) -> QoS {
     rumqttc::qos(n).unwrap()
 }
 
-fn q5(n: u8) -> Q5 {
+pub(crate) fn q5(n: u8) -> Q5 {
     rumqttc::v5::mqttbytes::qos(n).unwrap()
 }
 
@@ -565,24 +565,32 @@ fn a_session_over_its_queue_bound_keeps_exactly_the_bound_and_counts_the_drops()
     let distinct: BTreeSet<_> = payloads(&got).into_iter().collect();
     assert_eq!(distinct.len(), 100, "duplicates among the queued messages");
 
-    // The 50 dropped are counted where a user looks: `outpost status` (status.json), broker.
+    // The 50 dropped are counted where a user looks: `outpost status` (status.json), in total
+    // and for this session, by reason.
     let st = wait_status(&gw, Duration::from_secs(6), |st| {
-        st["broker"]
-            .as_object()
-            .is_some_and(|b| b.iter().any(|(k, v)| k.contains("drop") && v.as_u64() == Some(50)))
+        st["router"]["dropped"]["queue_full"].as_u64() == Some(50)
     });
-    let broker = st["broker"].as_object().cloned().unwrap_or_default();
-    assert!(
-        broker.iter().any(|(k, v)| k.contains("drop") && v.as_u64() == Some(50)),
-        "no drop counter of 50 under `broker` in `outpost status --json`: {}",
-        serde_json::to_string_pretty(&st["broker"]).unwrap()
+    assert_eq!(
+        st["router"]["dropped"]["queue_full"].as_u64(),
+        Some(50),
+        "drops counted in `outpost status --json`: {}",
+        st["router"]
     );
+    let mine: Vec<_> = st["router"]["sessions_dropping"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d["session"].as_str().is_some_and(|k| k.contains("bounded")))
+        .collect();
+    assert_eq!(mine.len(), 1, "the dropping session is named: {}", st["router"]);
+    assert_eq!(mine[0]["queue_full"].as_u64(), Some(50), "{}", mine[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_budget_slows_publishers_and_loses_nothing() {
     let port = free_port();
-    let _gw = Gateway::start(&broker_with(
+    let gw = Gateway::start(&broker_with(
         port,
         "  sessions: { max_queued_bytes: 64MiB, memory_budget: 1MiB }\n",
     ));
@@ -639,6 +647,20 @@ async fn the_memory_budget_slows_publishers_and_loses_nothing() {
     }
     assert_eq!(acked.load(std::sync::atomic::Ordering::Relaxed), n);
     pumping.abort();
+    let st = wait_status(&gw, Duration::from_secs(6), |st| {
+        st["router"]["publisher_pauses"].as_u64().unwrap_or(0) > 0
+    });
+    assert!(
+        st["router"]["publisher_pauses"].as_u64().unwrap_or(0) > 0,
+        "the pause is not visible in `outpost status`: {}",
+        st["router"]
+    );
+    assert_eq!(
+        st["router"]["dropped"]["queue_full"].as_u64(),
+        Some(0),
+        "{}",
+        st["router"]
+    );
 }
 
 const DENY_ACL: &str = "  acl:\n    - { who: \"*\", allow: { publish: [\"#\"], subscribe: [\"#\"] }, deny: { subscribe: [\"test/nosubscribe\", \"secret/#\"] } }\n";
@@ -791,6 +813,27 @@ fn mqtt5_session_expiry_zero_ends_the_session_at_disconnect() {
     std::thread::sleep(Duration::from_millis(200));
     let (_c, ack) = Raw::v5(port, "exp0", false, expiry(0));
     assert!(!ack.session_present);
+}
+
+#[test]
+fn mqtt5_clean_start_0_without_a_session_expiry_keeps_no_session() {
+    // 5.0 3.1.2.11.2: "If the Session Expiry Interval is absent the value 0 is used."
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let (mut c, _) = Raw::v5(port, "noexp", false, m5::ConnectProperties::new());
+    subscribe5(&mut c, "noexp/#", q5(1));
+    disconnect5(c);
+    let (mut p, _) = Raw::v4(port, "noexp-pub", true);
+    p.publish4_acked("noexp/x", qos(1), false, 1, b"nobody home");
+    let (mut c, ack) = Raw::v5(port, "noexp", false, m5::ConnectProperties::new());
+    assert!(
+        !ack.session_present,
+        "an MQTT 5 session without Session Expiry Interval outlived its connection"
+    );
+    let got = std::iter::from_fn(|| c.recv5(QUIET))
+        .filter(|p| matches!(p, P5::Publish(_)))
+        .count();
+    assert_eq!(got, 0, "a message queued for an ended session was delivered");
 }
 
 #[test]
