@@ -388,9 +388,23 @@ fn qos2_is_exactly_once_when_the_publisher_reconnects_mid_flow() {
         p.send4(P4::PubRel(v4::PubRel::new(id)));
         p.expect4("PUBCOMP", |x| matches!(x, P4::PubComp(a) if a.pkid == id).then_some(()));
     }
+    // Message C: the same PUBLISH twice on one connection before PUBREL.
+    p.publish4("eo/c", qos(2), false, 9, b"C");
+    p.expect4("PUBREC 9", |x| matches!(x, P4::PubRec(a) if a.pkid == 9).then_some(()));
+    let mut dup = v4::Publish::new("eo/c", qos(2), b"C".to_vec());
+    dup.pkid = 9;
+    dup.dup = true;
+    p.send4(P4::Publish(dup));
+    p.expect4("PUBREC 9 again", |x| {
+        matches!(x, P4::PubRec(a) if a.pkid == 9).then_some(())
+    });
+    p.send4(P4::PubRel(v4::PubRel::new(9)));
+    p.expect4("PUBCOMP 9", |x| {
+        matches!(x, P4::PubComp(a) if a.pkid == 9).then_some(())
+    });
     let mut got = payloads(&sub.drain4(T, Duration::from_millis(1500)));
     got.sort();
-    assert_eq!(got, vec!["A", "B"], "each QoS 2 message exactly once");
+    assert_eq!(got, vec!["A", "B", "C"], "each QoS 2 message exactly once");
 }
 
 #[test]
@@ -443,6 +457,10 @@ fn qos2_toward_a_subscriber_resumes_with_pubrel_after_its_reconnect() {
 fn a_shared_group_member_that_never_reads_does_not_stall_the_group() {
     let port = free_port();
     let _gw = Gateway::start(&open_broker(port));
+    shared_group_body(port);
+}
+
+fn shared_group_body(port: u16) {
     // Member A: MQTT 5, Receive Maximum 5, subscribes and then never reads its socket.
     let mut props = m5::ConnectProperties::new();
     props.receive_maximum = Some(5);
@@ -901,6 +919,10 @@ fn v311_persistent_session_keeps_subscriptions_and_queued_messages_across_reconn
 }
 
 fn queue_then_kill9(v5: bool) {
+    queue_then_stop(v5, true)
+}
+
+fn queue_then_stop(v5: bool, kill: bool) {
     let port = free_port();
     let mut gw = Gateway::start(&open_broker(port));
     let id = if v5 { "durable5" } else { "durable4" };
@@ -912,7 +934,7 @@ fn queue_then_kill9(v5: bool) {
             Raw::v4(port, id, false)
         };
         if let Some(w) = present_wanted {
-            assert_eq!(present, w, "session present after kill -9 of outpost");
+            assert_eq!(present, w, "session present after outpost stopped");
         }
         c
     };
@@ -929,8 +951,12 @@ fn queue_then_kill9(v5: bool) {
         p.publish4_acked("durable/x", qos(1), false, i, i.to_string().as_bytes());
     }
     drop(p);
-    gw.kill9();
-    gw.start_again();
+    if kill {
+        gw.kill9();
+        gw.start_again();
+    } else {
+        gw.restart();
+    }
 
     let mut c = connect(Some(true));
     let mut got = vec![];
@@ -954,7 +980,16 @@ fn queue_then_kill9(v5: bool) {
         }
     }
     let want: Vec<String> = (1..=50).map(|i| i.to_string()).collect();
-    assert_eq!(got, want, "QoS 1 messages queued (and PUBACKed) before kill -9");
+    let restored: Vec<String> = gw
+        .log()
+        .lines()
+        .filter(|l| l.contains("restored"))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        got, want,
+        "QoS 1 messages queued (and PUBACKed) before outpost stopped; outpost said: {restored:?}"
+    );
     // The subscription itself survived too.
     let (mut p, _) = Raw::v4(port, "durable-pub", true);
     p.publish4_acked("durable/x", qos(1), false, 99, b"after");
@@ -977,6 +1012,67 @@ fn persistent_session_survives_kill_9_v311() {
 #[test]
 fn persistent_session_survives_kill_9_v5() {
     queue_then_kill9(true);
+}
+
+#[test]
+fn persistent_session_survives_a_clean_restart_v311() {
+    queue_then_stop(false, false);
+}
+
+#[test]
+fn receive_maximum_bounds_what_the_broker_has_in_flight_toward_a_client() {
+    // 5.0 3.3.4: the Server MUST NOT send more unacknowledged QoS 1/2 PUBLISHes than the
+    // client's Receive Maximum.
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let mut props = m5::ConnectProperties::new();
+    props.receive_maximum = Some(2);
+    let (mut c, _) = Raw::v5(port, "rm2", true, props);
+    subscribe5(&mut c, "rm/#", q5(1));
+    let (mut p, _) = Raw::v4(port, "rm-pub", true);
+    p.publish4_many(10, false, |i| ("rm/x".into(), i.to_string().into_bytes()));
+    let mut held = vec![];
+    while let Some(x) = c.recv5(QUIET) {
+        if let P5::Publish(m) = x {
+            held.push(m.pkid);
+        }
+    }
+    assert_eq!(
+        held.len(),
+        2,
+        "unacknowledged deliveries toward a client with Receive Maximum 2"
+    );
+    c.send5(P5::PubAck(m5::PubAck::new(held[0], None)));
+    let mut more = 0;
+    while let Some(x) = c.recv5(QUIET) {
+        if let P5::Publish(_) = x {
+            more += 1;
+        }
+    }
+    assert_eq!(more, 1, "one ack frees exactly one slot");
+}
+
+#[test]
+fn mqtt5_session_expiry_set_to_0_at_disconnect_ends_the_session() {
+    // 5.0 3.14.2.2.2: the DISCONNECT's Session Expiry Interval replaces the CONNECT's.
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let (mut c, _) = Raw::v5(port, "exp-d", true, expiry(600));
+    subscribe5(&mut c, "expd/#", q5(1));
+    let mut d = m5::Disconnect::new(m5::DisconnectReasonCode::NormalDisconnection);
+    d.properties = Some(m5::DisconnectProperties {
+        session_expiry_interval: Some(0),
+        reason_string: None,
+        user_properties: vec![],
+        server_reference: None,
+    });
+    c.send5(P5::Disconnect(d));
+    closes_within(&mut c.s, T);
+    let (_c, ack) = Raw::v5(port, "exp-d", false, expiry(600));
+    assert!(
+        !ack.session_present,
+        "the session outlived a DISCONNECT with session expiry 0"
+    );
 }
 
 #[test]
