@@ -124,6 +124,7 @@ impl Raw {
                 }
                 continue;
             }
+            normalize5(&mut self.buf);
             match P5::read(&mut self.buf, None) {
                 Ok(p) => return Some(p),
                 Err(e) => panic!("undecodable packet from the broker: {e}"),
@@ -244,6 +245,21 @@ impl Raw {
         self.send4(P4::Disconnect);
         let _ = self.s.shutdown(std::net::Shutdown::Write);
         closes_within(&mut self.s, T);
+    }
+}
+
+/// rumqttc's v5 decoder wants the property length that the spec lets a sender leave out of a
+/// DISCONNECT with only a reason code (3.14.2.2.1) or an ack with pkid and reason code
+/// (3.4.2.2.1): add the zero it stands for.
+fn normalize5(buf: &mut BytesMut) {
+    let (kind, len) = (buf[0] & 0xf0, buf[1]);
+    if (kind == 0xe0 && len == 1) || (matches!(kind, 0x40 | 0x50 | 0x60 | 0x70) && len == 3) {
+        let end = 2 + len as usize;
+        let mut fixed = BytesMut::from(&buf[..end]);
+        fixed[1] += 1;
+        fixed.extend_from_slice(&[0]);
+        fixed.extend_from_slice(&buf[end..]);
+        *buf = fixed;
     }
 }
 
@@ -1108,4 +1124,121 @@ fn mosquitto_clients_get_min_qos_and_retained_through_the_router() {
     }
     let out = sub.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "mq/zero 0 x\nmq/one 1 x\n");
+}
+
+#[test]
+fn every_retained_message_reaches_a_new_subscriber_even_past_the_queue_bound() {
+    // The queue bound drops live messages for a slow session; the retained messages a new
+    // subscription is owed are not live traffic (issue: "every matching retained message,
+    // however many").
+    let port = free_port();
+    let _gw = Gateway::start(&broker_with(port, "  sessions: { max_queued_messages: 100 }\n"));
+    let (mut p, _) = Raw::v4(port, "ret-pub", true);
+    p.publish4_many(1000, true, |i| (format!("many/{i}"), b"r".to_vec()));
+    let (mut s, _) = Raw::v4(port, "ret-sub", true);
+    s.subscribe4(&[("many/#", qos(1))]);
+    let got: BTreeSet<String> = s
+        .drain4(Duration::from_secs(10), Duration::from_millis(1500))
+        .into_iter()
+        .map(|m| m.topic)
+        .collect();
+    assert_eq!(
+        got.len(),
+        1000,
+        "retained messages delivered with max_queued_messages 100"
+    );
+}
+
+#[test]
+fn retained_messages_are_delivered_at_the_lower_of_their_qos_and_the_granted_one() {
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let (mut p, _) = Raw::v4(port, "rq-pub", true);
+    for q in 0..3u8 {
+        p.publish4_acked(&format!("rq/{q}"), qos(q), true, 1 + q as u16, b"r");
+    }
+    for granted in 0..3u8 {
+        let (mut s, _) = Raw::v4(port, &format!("rq-sub{granted}"), true);
+        s.subscribe4(&[("rq/#", qos(granted))]);
+        let mut got: Vec<(String, u8, bool)> = s
+            .drain4(T, QUIET)
+            .into_iter()
+            .map(|m| (m.topic, m.qos as u8, m.retain))
+            .collect();
+        got.sort();
+        let want: Vec<(String, u8, bool)> = (0..3u8).map(|q| (format!("rq/{q}"), q.min(granted), true)).collect();
+        assert_eq!(
+            got, want,
+            "retained deliveries for a subscription granted QoS {granted}"
+        );
+    }
+}
+
+#[test]
+fn memory_for_filters_is_freed_when_nothing_uses_them() {
+    let port = free_port();
+    let gw = Gateway::start(&open_broker(port));
+    let base = wait_status(&gw, T, |st| st["router"]["index_nodes"].is_u64());
+    let nodes0 = base["router"]["index_nodes"].as_u64().unwrap();
+    let subs0 = base["router"]["subscriptions"].as_u64().unwrap();
+    let (mut c, _) = Raw::v4(port, "many-filters", true);
+    for chunk in 0..30 {
+        let fs: Vec<String> = (0..100).map(|i| format!("user/{chunk}/{i}/+/state")).collect();
+        let fs: Vec<(&str, QoS)> = fs.iter().map(|f| (f.as_str(), qos(1))).collect();
+        c.subscribe4(&fs);
+    }
+    let st = wait_status(&gw, Duration::from_secs(6), |st| {
+        st["router"]["subscriptions"].as_u64() == Some(subs0 + 3000)
+    });
+    assert_eq!(
+        st["router"]["subscriptions"].as_u64(),
+        Some(subs0 + 3000),
+        "{}",
+        st["router"]
+    );
+    // Unsubscribe half, and let the clean session end for the rest.
+    let mut u = v4::Unsubscribe::new("user/0/0/+/state");
+    u.topics = (0..1500)
+        .map(|i| format!("user/{}/{}/+/state", i / 100, i % 100))
+        .collect();
+    u.pkid = 77;
+    c.send4(P4::Unsubscribe(u));
+    c.expect4("UNSUBACK", |x| {
+        matches!(x, P4::UnsubAck(a) if a.pkid == 77).then_some(())
+    });
+    c.disconnect4();
+    let st = wait_status(&gw, Duration::from_secs(6), |st| {
+        st["router"]["subscriptions"].as_u64() == Some(subs0) && st["router"]["index_nodes"].as_u64() == Some(nodes0)
+    });
+    assert_eq!(
+        (
+            st["router"]["subscriptions"].as_u64(),
+            st["router"]["index_nodes"].as_u64()
+        ),
+        (Some(subs0), Some(nodes0)),
+        "the subscription index did not shrink back: {}",
+        st["router"]
+    );
+}
+
+#[test]
+fn a_newer_connection_takes_the_session_and_the_older_one_is_told() {
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let (mut old, _) = Raw::v5(port, "twin", true, expiry(60));
+    subscribe5(&mut old, "twin/#", q5(1));
+    let (mut new, ack) = Raw::v5(port, "twin", false, expiry(60));
+    assert!(ack.session_present, "the newer connection did not get the session");
+    // 5.0 3.1.4-3: the old connection is closed, with DISCONNECT 0x8E (Session taken over).
+    match old.recv5(T) {
+        Some(P5::Disconnect(d)) => assert_eq!(d.reason_code, m5::DisconnectReasonCode::SessionTakenOver),
+        other => panic!("the older connection got {other:?} instead of DISCONNECT 0x8E"),
+    }
+    assert!(closes_within(&mut old.s, T));
+    let (mut p, _) = Raw::v4(port, "twin-pub", true);
+    p.publish4_acked("twin/x", qos(1), false, 1, b"to the new one");
+    match new.recv5(T) {
+        Some(P5::Publish(m)) => assert_eq!(&m.payload[..], b"to the new one"),
+        other => panic!("the subscription did not move with the session: {other:?}"),
+    }
 }
