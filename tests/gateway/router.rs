@@ -1250,3 +1250,29 @@ fn a_newer_connection_takes_the_session_and_the_older_one_is_told() {
         other => panic!("the subscription did not move with the session: {other:?}"),
     }
 }
+
+#[test]
+fn a_message_too_big_for_a_client_is_dropped_for_it_and_counted() {
+    let port = free_port();
+    let gw = Gateway::start(&open_broker(port));
+    let mut props = m5::ConnectProperties::new();
+    props.max_packet_size = Some(128);
+    let (mut c, _) = Raw::v5(port, "tiny", true, props);
+    subscribe5(&mut c, "big/#", q5(1));
+    let (mut p, _) = Raw::v4(port, "big-pub", true);
+    p.publish4_acked("big/x", qos(1), false, 1, &[b'x'; 1000]);
+    p.publish4_acked("big/y", qos(1), false, 2, b"small");
+    match c.recv5(T) {
+        Some(P5::Publish(m)) => assert_eq!(&m.payload[..], b"small"),
+        other => panic!("expected only the small message, got {other:?}"),
+    }
+    let st = wait_status(&gw, Duration::from_secs(6), |st| {
+        st["router"]["dropped"]["too_large"].as_u64() == Some(1)
+    });
+    assert_eq!(
+        st["router"]["dropped"]["too_large"].as_u64(),
+        Some(1),
+        "{}",
+        st["router"]
+    );
+}
