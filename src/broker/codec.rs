@@ -175,8 +175,15 @@ pub fn decode_connect(frame: &Frame) -> Result<Connect, FrameError> {
     }
     match level {
         5 => {
+            check_properties(
+                b.get(2 + name_len + 4..)
+                    .ok_or_else(|| malformed("CONNECT too short"))?,
+            )?;
             let (c, will, login) = v5::Connect::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
             let p = c.properties.as_ref();
+            if p.is_some_and(|p| p.receive_maximum == Some(0) || p.max_packet_size == Some(0)) {
+                return Err(malformed("Receive Maximum or Maximum Packet Size of 0"));
+            }
             let will_info = match &will {
                 Some(w) => {
                     let wp = w.properties.as_ref();
@@ -503,6 +510,13 @@ pub fn decode_publish(proto: Proto, frame: &Frame) -> Result<Publish, FrameError
             })
         }
         Proto::V5 => {
+            let body = frame.body();
+            let tlen = u16::from_be_bytes([
+                *body.first().ok_or_else(|| malformed("PUBLISH too short"))?,
+                *body.get(1).ok_or_else(|| malformed("PUBLISH too short"))?,
+            ]) as usize;
+            let at = 2 + tlen + if qos > 0 { 2 } else { 0 };
+            check_properties(body.get(at..).ok_or_else(|| malformed("PUBLISH too short"))?)?;
             let p = v5::Publish::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
             if qos > 0 && p.pkid == 0 {
                 return Err(malformed("PUBLISH with packet id 0"));
@@ -616,6 +630,52 @@ fn check_option_bytes(frame: &Frame, proto: Proto) -> Result<(), FrameError> {
         i += 1;
     }
     Ok(())
+}
+
+/// Checks an MQTT 5 property section (`b` starts at its length): each property is one the
+/// specification knows, well formed, and, but for User Property and Subscription Identifier,
+/// present at most once (a duplicate is a protocol error, which rumqttc's reader lets through).
+/// Returns the section's whole length (length field included).
+fn check_properties(b: &[u8]) -> Result<usize, FrameError> {
+    let (len, n) = varint(b).ok_or_else(|| malformed("bad properties length"))?;
+    let body = b
+        .get(n..n + len)
+        .ok_or_else(|| malformed("properties longer than the packet"))?;
+    let mut seen = [false; 64];
+    let mut i = 0;
+    let field = |i: usize, k: usize| -> Result<usize, FrameError> {
+        body.get(i..i + k)
+            .map(|_| i + k)
+            .ok_or_else(|| malformed("property cut short"))
+    };
+    let string = |i: usize| -> Result<usize, FrameError> {
+        let l = u16::from_be_bytes([
+            *body.get(i).ok_or_else(|| malformed("property cut short"))?,
+            *body.get(i + 1).ok_or_else(|| malformed("property cut short"))?,
+        ]) as usize;
+        field(i + 2, l)
+    };
+    while i < body.len() {
+        let id = body[i];
+        i += 1;
+        i = match id {
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2a => field(i, 1)?,
+            0x13 | 0x21 | 0x22 | 0x23 => field(i, 2)?,
+            0x02 | 0x11 | 0x18 | 0x27 => field(i, 4)?,
+            0x0b => {
+                i + varint(&body[i..])
+                    .ok_or_else(|| malformed("bad subscription identifier"))?
+                    .1
+            }
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1a | 0x1c | 0x1f => string(i)?,
+            0x26 => string(string(i)?)?,
+            _ => return Err(malformed(format!("unknown property {id:#04x}"))),
+        };
+        if id != 0x26 && id != 0x0b && std::mem::replace(&mut seen[id as usize], true) {
+            return Err(malformed(format!("property {id:#04x} given twice")));
+        }
+    }
+    Ok(n + len)
 }
 
 fn varint(b: &[u8]) -> Option<(usize, usize)> {
@@ -739,8 +799,6 @@ pub enum SubCode {
     Granted(u8),
     NotAuthorized,
     InvalidFilter,
-    /// A shared subscription with No Local (a protocol error in MQTT 5, refused here instead).
-    Unspecified,
 }
 
 pub fn suback(proto: Proto, pkid: u16, codes: &[SubCode]) -> Bytes {
@@ -765,7 +823,6 @@ pub fn suback(proto: Proto, pkid: u16, codes: &[SubCode]) -> Bytes {
                     SubCode::Granted(q) => R::Success(m5::qos(*q).unwrap_or(m5::QoS::AtMostOnce)),
                     SubCode::NotAuthorized => R::NotAuthorized,
                     SubCode::InvalidFilter => R::TopicFilterInvalid,
-                    SubCode::Unspecified => R::Unspecified,
                 })
                 .collect();
             v5::SubAck {

@@ -244,14 +244,15 @@ pub async fn serve<S>(
         shared.unregister(&user, conn_id);
         refuse!(Refusal::NotAuthorized, "device revoked while logging in".into());
     }
-    let attached = shared.attach(
-        &key,
-        id.clone(),
-        connect.clean,
+    let req = super::router::AttachReq {
+        key,
+        identity: id.clone(),
+        clean: connect.clean,
         expiry,
-        kick.clone(),
-        taken_over.clone(),
-    );
+        internal: false,
+        window: connect.receive_max.max(1) as usize,
+    };
+    let attached = shared.attach(req, kick.clone(), taken_over.clone());
     let announce = codec::Announce {
         receive_max: shared.limits.max_inflight,
         max_packet: shared.limits.max_packet_size.0 as u32,
@@ -732,8 +733,9 @@ fn on_packet(
                     continue;
                 }
                 if group.is_some() && f.no_local {
-                    codes.push(SubCode::Unspecified);
-                    continue;
+                    // A protocol error [MQTT-3.8.3-4]: the connection is closed.
+                    Metrics::inc(&m.malformed_packets);
+                    return Step::Close(Goodbye::ProtocolError, "No Local on a shared subscription");
                 }
                 if !shared.may_subscribe(&ctx.id, &f.filter) {
                     Metrics::inc(&m.subscribe_denied);
@@ -760,6 +762,7 @@ fn on_packet(
                             qos: qos.min(msg.qos),
                             retain: true,
                             sub_ids: id.into_iter().collect(),
+                            share: None,
                         },
                         msg,
                     ));
@@ -813,9 +816,12 @@ async fn writer<W: AsyncWrite + Unpin>(
             encode(ctx, &f.d, f.pkid, true, &mut aliases, now, &mut out);
         }
     }
+    // The first round takes without waiting: a resumed session may hold queued messages that
+    // no wake-up announces (restored from the store, or queued while it was away).
+    let mut first = true;
     loop {
         let mut closing = None;
-        if out.is_empty() {
+        if out.is_empty() && !std::mem::take(&mut first) {
             tokio::select! {
                 o = rx.recv() => match o {
                     Some(o) => closing = take_out(ctx, o, &mut out),
@@ -851,7 +857,12 @@ async fn writer<W: AsyncWrite + Unpin>(
         };
         match ctx.session.take(ctx.gen, ctx.receive_max, TAKE_BATCH, fits) {
             None => {
+                // A newer connection holds the session: tell this client why it is closed.
+                if let Some(d) = codec::disconnect(ctx.proto, Goodbye::SessionTakenOver) {
+                    out.extend_from_slice(&d);
+                }
                 let _ = flush(&mut cwr, &mut out, write_timeout).await;
+                let _ = timeout(Duration::from_secs(1), cwr.shutdown()).await;
                 return End::TakenOver;
             }
             Some(t) => {

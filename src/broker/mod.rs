@@ -253,23 +253,13 @@ impl Shared {
     /// Attaches a connection to its session, cancelling a delayed will of the same session.
     fn attach(
         &self,
-        key: &str,
-        id: auth::Identity,
-        clean: bool,
-        expiry: u32,
+        req: router::AttachReq,
         token: CancellationToken,
         taken_over: Arc<AtomicBool>,
     ) -> router::Attached {
-        if let Some(w) = self.delayed_wills.lock().expect("wills lock").remove(key) {
+        if let Some(w) = self.delayed_wills.lock().expect("wills lock").remove(req.key.as_str()) {
             w.cancel();
         }
-        let req = router::AttachReq {
-            key: key.to_string(),
-            identity: id,
-            clean,
-            expiry,
-            internal: false,
-        };
         self.router.attach(req, token, taken_over)
     }
 
@@ -423,6 +413,7 @@ impl Shared {
             clean: true,
             expiry: 0,
             internal: true,
+            window: usize::MAX,
         };
         let a = self
             .router
@@ -466,6 +457,7 @@ impl LocalClient {
                 qos: 0,
                 retain: true,
                 sub_ids: vec![],
+                share: None,
             };
             self.shared.router.push(&t, &m, true, None);
         }

@@ -42,6 +42,56 @@ pub struct Target {
     pub qos: u8,
     pub retain: bool,
     pub sub_ids: Vec<u32>,
+    /// The shared subscription (`$share/G/F`) it goes out under, if any.
+    pub share: Option<Arc<str>>,
+}
+
+/// One member of a shared group for `msg`: round robin from `cursor` over the members that are
+/// connected and hold fewer deliveries than their window (Receive Maximum), so a member that
+/// stops acknowledging is passed over once its window is full; if no member is ready, the one
+/// with the least queued past its window (a connected one before one that is away).
+fn pick_member(
+    inner: &Inner,
+    group: &str,
+    filter: &str,
+    members: &[(u64, Entry)],
+    cursor: usize,
+    msg: &Message,
+) -> Option<Target> {
+    let n = members.len();
+    let mut best: Option<(usize, usize)> = None;
+    for k in 0..n {
+        let i = (cursor + k) % n;
+        let (id, o) = &members[i];
+        let Some(s) = inner.by_id.get(id) else { continue };
+        if o.no_local && *id == msg.from {
+            continue;
+        }
+        let load = s.pending.load(Ordering::Relaxed);
+        let window = s.window.load(Ordering::Relaxed);
+        let online = s.online.load(Ordering::Relaxed);
+        if online && load < window {
+            best = Some((i, 0));
+            break;
+        }
+        let past = load.saturating_sub(window);
+        let score = if online {
+            past
+        } else {
+            usize::MAX / 2 + past.min(usize::MAX / 4)
+        };
+        if best.is_none_or(|(_, b)| score < b) {
+            best = Some((i, score));
+        }
+    }
+    let (id, o) = &members[best?.0];
+    Some(Target {
+        session: inner.by_id.get(id)?.clone(),
+        qos: o.qos.min(msg.qos),
+        retain: o.retain_as_published && msg.retain,
+        sub_ids: o.id.into_iter().collect(),
+        share: Some(Arc::from(format!("$share/{group}/{filter}"))),
+    })
 }
 
 pub struct Router {
@@ -76,6 +126,8 @@ pub struct AttachReq {
     pub expiry: u32,
     /// A component of the gateway itself.
     pub internal: bool,
+    /// The connection's Receive Maximum (deliveries in flight toward it at most).
+    pub window: usize,
 }
 
 /// What became of a session when its connection ended.
@@ -154,6 +206,7 @@ impl Router {
             clean,
             expiry,
             internal,
+            window,
         } = req;
         let key = key.as_str();
         let mut inner = self.lock();
@@ -183,6 +236,7 @@ impl Router {
         };
         drop(inner);
         session.identity.store(Arc::new(identity));
+        session.window.store(window, Ordering::Relaxed);
         let mut st = session.lock();
         if let Some(old) = st.conn.take() {
             old.taken_over.store(true, Ordering::Relaxed);
@@ -262,9 +316,39 @@ impl Router {
         if let Some(st) = self.stored(session) {
             st.end(&session.key);
         }
+        // What a shared group gave this session and it never acknowledged goes to another
+        // member of the group (MQTT 5 4.8.2); the rest ends with the session.
+        let (shared, freed) = session.drain_shared();
+        self.release(freed);
         let freed = session.clear();
         self.release(freed);
+        self.reroute_shared(shared);
         true
+    }
+
+    fn reroute_shared(&self, deliveries: Vec<Delivery>) {
+        for d in deliveries {
+            let Some(share) = d.share.clone() else { continue };
+            let target = {
+                let inner = self.lock();
+                let (group, filter) = split_share(&share);
+                let mut t = None;
+                let cursor = self.share_cursor.fetch_add(1, Ordering::Relaxed);
+                inner.index.for_each_match(
+                    &d.msg.topic,
+                    |_, _| {},
+                    |g, f, members| {
+                        if Some(g) == group && f == filter && t.is_none() {
+                            t = pick_member(&inner, g, f, members, cursor, &d.msg);
+                        }
+                    },
+                );
+                t
+            };
+            if let Some(t) = target {
+                self.push(&t, &d.msg, false, None);
+            }
+        }
     }
 
     fn remove_locked(inner: &mut Inner, session: &Arc<Session>) {
@@ -344,6 +428,7 @@ impl Router {
                     qos,
                     retain: false,
                     sub_ids: vec![],
+                    share: None,
                 });
                 t.qos = t.qos.max(qos);
                 t.retain |= o.retain_as_published && msg.retain;
@@ -351,39 +436,9 @@ impl Router {
                     t.sub_ids.push(i);
                 }
             },
-            |_group, _filter, members| {
-                let n = members.len();
-                if n == 0 {
-                    return;
-                }
-                let mut best: Option<(usize, usize)> = None;
-                for k in 0..n {
-                    let (id, o) = &members[(cursor + k) % n];
-                    let Some(s) = inner.by_id.get(id) else { continue };
-                    if o.no_local && *id == msg.from {
-                        continue;
-                    }
-                    let load = s.pending.load(Ordering::Relaxed);
-                    let online = s.online.load(Ordering::Relaxed);
-                    let score = if online { load } else { usize::MAX / 2 + load };
-                    if online && load < 16 {
-                        best = Some(((cursor + k) % n, score));
-                        break;
-                    }
-                    if best.is_none_or(|(_, b)| score < b) {
-                        best = Some(((cursor + k) % n, score));
-                    }
-                }
-                if let Some((i, _)) = best {
-                    let (id, o) = &members[i];
-                    if let Some(s) = inner.by_id.get(id) {
-                        shared.push(Target {
-                            session: s.clone(),
-                            qos: o.qos.min(msg.qos),
-                            retain: o.retain_as_published && msg.retain,
-                            sub_ids: o.id.into_iter().collect(),
-                        });
-                    }
+            |group, filter, members| {
+                if let Some(t) = pick_member(&inner, group, filter, members, cursor, msg) {
+                    shared.push(t);
                 }
             },
         );
@@ -427,6 +482,7 @@ impl Router {
             retain: t.retain,
             sub_ids: t.sub_ids.clone(),
             store_id: store.map_or(0, |s| s.next_id()),
+            share: t.share.clone(),
         };
         let mut wait = None;
         let queued = |d: &Delivery| {
@@ -620,12 +676,17 @@ mod tests {
     }
 
     fn attach(r: &Router, key: &str, clean: bool, expiry: u32) -> Attached {
+        attach_with_window(r, key, clean, expiry, usize::MAX)
+    }
+
+    fn attach_with_window(r: &Router, key: &str, clean: bool, expiry: u32, window: usize) -> Attached {
         let req = AttachReq {
             key: key.into(),
             identity: id(key),
             clean,
             expiry,
             internal: false,
+            window,
         };
         r.attach(req, CancellationToken::new(), Arc::new(AtomicBool::new(false)))
     }
@@ -675,8 +736,8 @@ mod tests {
     #[test]
     fn a_shared_group_skips_a_member_that_does_not_read() {
         let r = router(100_000);
-        let slow = attach(&r, ":slow", true, 0);
-        let fast = attach(&r, ":fast", true, 0);
+        let slow = attach_with_window(&r, ":slow", true, 0, 10);
+        let fast = attach_with_window(&r, ":fast", true, 0, 10);
         r.subscribe(&slow.session, "$share/g/t", opts(1, None), 0);
         r.subscribe(&fast.session, "$share/g/t", opts(1, None), 0);
         for _ in 0..1000 {
@@ -688,7 +749,10 @@ mod tests {
             }
         }
         let stuck = slow.session.pending.load(Ordering::Relaxed);
-        assert!(stuck <= 20, "the slow member got {stuck} of 1000 while it did not read");
+        assert_eq!(stuck, 10, "the slow member gets its window's worth, no more");
+        // When it leaves, what it held goes to the member that reads.
+        assert_eq!(r.detach(&slow.session, slow.gen), Detached::Ended);
+        assert_eq!(fast.session.pending.load(Ordering::Relaxed), 10);
     }
 
     #[test]

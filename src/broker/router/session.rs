@@ -35,6 +35,8 @@ pub struct Delivery {
     pub sub_ids: Vec<u32>,
     /// Its row in the session store (0: not stored: a clean session, or QoS 0).
     pub store_id: u64,
+    /// The shared subscription it came under, so it can go to another member if this session ends.
+    pub share: Option<Arc<str>>,
 }
 
 /// A delivery sent with a packet id, awaiting PUBACK, or PUBREC then PUBCOMP.
@@ -135,6 +137,8 @@ pub struct Session {
     pub delivered: AtomicU64,
     /// Kept in the session store (it outlives its connection, and is a client's).
     pub persisted: AtomicBool,
+    /// The Receive Maximum of the connection holding it (how much a shared group gives it).
+    pub window: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -150,6 +154,7 @@ impl Session {
             online: AtomicBool::new(false),
             delivered: AtomicU64::new(0),
             persisted: AtomicBool::new(false),
+            window: AtomicUsize::new(usize::MAX),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 inflight: VecDeque::new(),
@@ -327,6 +332,35 @@ impl Session {
         }
         self.sync_pending(&st);
         added
+    }
+
+    /// Takes out the deliveries that came under shared subscriptions and were never acknowledged
+    /// (QoS 1/2, queued or in flight); returns them and the bytes freed.
+    pub fn drain_shared(&self) -> (Vec<Delivery>, usize) {
+        let mut st = self.lock();
+        let mut out = vec![];
+        let mut freed = 0;
+        let inflight = std::mem::take(&mut st.inflight);
+        for f in inflight {
+            if f.d.share.is_some() && !f.released {
+                freed += f.d.msg.cost();
+                out.push(f.d);
+            } else {
+                st.inflight.push_back(f);
+            }
+        }
+        let queue = std::mem::take(&mut st.queue);
+        for d in queue {
+            if d.share.is_some() && d.qos > 0 {
+                freed += d.msg.cost();
+                out.push(d);
+            } else {
+                st.queue.push_back(d);
+            }
+        }
+        st.bytes -= freed;
+        self.sync_pending(&st);
+        (out, freed)
     }
 
     /// Empties the queue and inflight (a clean start, or the session's end); returns bytes freed.

@@ -277,6 +277,7 @@ fn load(db: &Connection) -> Result<Vec<Restored>> {
                         retain: r.get(5)?,
                         sub_ids: sub_ids.split(',').filter_map(|x| x.parse().ok()).collect(),
                         store_id: r.get::<_, i64>(0)? as u64,
+                        share: None,
                     },
                     r.get::<_, u16>(9)?,
                     r.get::<_, bool>(10)?,
