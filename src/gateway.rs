@@ -16,6 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 /// Runs the gateway until a stop signal. `config_path` is re-read on SIGHUP.
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let started = std::time::Instant::now();
+    crate::system::memory::return_large_blocks();
     std::fs::create_dir_all(&cfg.gateway.data_dir)
         .with_context(|| format!("gateway.data_dir: cannot create {}", cfg.gateway.data_dir.display()))?;
     let broker = Broker::start(&cfg).await?;

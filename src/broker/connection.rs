@@ -171,9 +171,13 @@ pub async fn serve<S>(
             let ok = match timeout_at(deadline, shared.auth_slots.acquire()).await {
                 Ok(Ok(_slot)) => {
                     let (p, u, pw) = (policy.clone(), user.clone(), pass.clone().unwrap_or_default());
-                    tokio::task::spawn_blocking(move || p.verify_password(&u, &pw))
-                        .await
-                        .unwrap_or(false)
+                    tokio::task::spawn_blocking(move || {
+                        let ok = p.verify_password(&u, &pw);
+                        crate::system::memory::trim();
+                        ok
+                    })
+                    .await
+                    .unwrap_or(false)
                 }
                 _ => false,
             };

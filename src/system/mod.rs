@@ -5,5 +5,6 @@ pub mod clock;
 pub mod health;
 pub mod jsonfile;
 pub mod logging;
+pub mod memory;
 pub mod notify;
 pub mod revert;
