@@ -80,25 +80,37 @@ async fn adapter() -> Result<btleplug::platform::Adapter, ProvError> {
 
 /// Devices advertising the provisioning service, with their names.
 pub async fn scan(wait: Duration) -> Result<Vec<(Peripheral, String)>, ProvError> {
-    scan_on(&adapter().await?, wait).await
+    scan_on(&adapter().await?, wait, |_| false).await
 }
 
-async fn scan_on(a: &btleplug::platform::Adapter, wait: Duration) -> Result<Vec<(Peripheral, String)>, ProvError> {
+/// Scans for `wait`, or until a device whose name satisfies `enough` shows up.
+async fn scan_on(
+    a: &btleplug::platform::Adapter,
+    wait: Duration,
+    enough: impl Fn(&str) -> bool,
+) -> Result<Vec<(Peripheral, String)>, ProvError> {
     a.start_scan(ScanFilter {
         services: vec![SERVICE],
     })
     .await
-    .map_err(|e| ProvError::Link(e.to_string()))?;
-    tokio::time::sleep(wait).await;
-    let _ = a.stop_scan().await;
+    .map_err(|e| ProvError::Link(format!("scan: {e}")))?;
+    let end = tokio::time::Instant::now() + wait;
     let mut out = vec![];
-    for p in a.peripherals().await.map_err(|e| ProvError::Link(e.to_string()))? {
-        if let Ok(Some(props)) = p.properties().await {
-            if props.services.contains(&SERVICE) {
-                out.push((p, props.local_name.unwrap_or_else(|| "(no name)".into())));
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        out.clear();
+        for p in a.peripherals().await.map_err(|e| ProvError::Link(e.to_string()))? {
+            if let Ok(Some(props)) = p.properties().await {
+                if props.services.contains(&SERVICE) {
+                    out.push((p, props.local_name.unwrap_or_else(|| "(no name)".into())));
+                }
             }
         }
+        if out.iter().any(|(_, n)| enough(n)) || tokio::time::Instant::now() >= end {
+            break;
+        }
     }
+    let _ = a.stop_scan().await;
     Ok(out)
 }
 
@@ -106,7 +118,7 @@ impl Ble {
     /// Connects to the first device whose name contains `name` (any, when empty).
     pub async fn connect(name: &str, wait: Duration) -> Result<Ble, ProvError> {
         let a = adapter().await?;
-        let found = scan_on(&a, wait).await?;
+        let found = scan_on(&a, wait, |n| n.contains(name)).await?;
         let (peripheral, _) = found.into_iter().find(|(_, n)| n.contains(name)).ok_or_else(|| {
             ProvError::Link(format!(
                 "no device advertising the provisioning service matches `{name}`"

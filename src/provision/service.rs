@@ -1,6 +1,7 @@
 //! Provisioning driven over the local broker, for a dashboard or a script: an admin publishes
 //! `{"transport": "uart", "port": "/dev/ttyUSB0", "device": "boiler", "code": "739201",
-//! "reply_to": "outpost/<id>/provision/reply/<anything>"}` (or `"transport": "ble", "name": ...`)
+//! "mqtt_host": "192.168.1.2", "reply_to": "outpost/<id>/provision/reply/<anything>"}` (or
+//! `"transport": "ble", "name": ...`; `"force": true` re-provisions with a new key)
 //! on `outpost/<gateway.id>/provision/request` and hears `started`, then the outcome. One device
 //! at a time.
 

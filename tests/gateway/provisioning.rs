@@ -623,3 +623,195 @@ async fn an_attacker_posing_as_the_device_gets_one_online_guess_and_nothing_to_s
     );
     assert!(d.get("hardware_id").is_none(), "{ks}");
 }
+
+// ---- BLE through BlueZ's D-Bus API ---------------------------------------------------------
+
+/// A private dbus-daemon and, on it, tests/tools/fake_bluez.py: BlueZ's object API with one
+/// device behind it that speaks protocol v2 (a Python implementation written from the doc).
+struct FakeBluez {
+    bus: Child,
+    bluez: Child,
+    address: String,
+    lines: std::sync::mpsc::Receiver<serde_json::Value>,
+    _dir: tempfile::TempDir,
+}
+
+use std::process::Child;
+
+impl FakeBluez {
+    fn start(code: &str, hw: &str, mode: &str) -> FakeBluez {
+        use std::io::BufRead;
+        assert!(
+            std::path::Path::new("/usr/bin/dbus-daemon").exists(),
+            "dbus-daemon is missing (Debian `dbus-daemon`; .ci/test installs it)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let address = format!("unix:path={}", dir.path().join("bus").display());
+        let mut bus = Command::new("/usr/bin/dbus-daemon")
+            .args([
+                "--session",
+                "--nofork",
+                "--nopidfile",
+                "--address",
+                &address,
+                "--print-address",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // It prints its address once it listens.
+        let mut first = String::new();
+        std::io::BufReader::new(bus.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(first.starts_with("unix:path="), "dbus-daemon said {first:?}");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/fake_bluez.py");
+        let mut bluez = Command::new("/usr/bin/python3")
+            .args([script, &address, code, hw, mode])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = bluez.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<serde_json::Value>();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&l) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        let ready = lines.recv_timeout(Duration::from_secs(10)).expect("fake BlueZ started");
+        assert_eq!(ready["ready"], true, "{ready}");
+        FakeBluez {
+            bus,
+            bluez,
+            address,
+            lines,
+            _dir: dir,
+        }
+    }
+
+    /// Everything the stand-in and its device reported so far.
+    fn seen(&self) -> Vec<serde_json::Value> {
+        std::thread::sleep(Duration::from_millis(300));
+        self.lines.try_iter().collect()
+    }
+
+    fn provision(&self, gw: &Gateway, device: &str, code: &str) -> std::process::Output {
+        Command::new(BIN)
+            .args([
+                "provision",
+                "ble",
+                "--name",
+                "outpost-dev",
+                "--device",
+                device,
+                "--code",
+                code,
+            ])
+            .args(["--mqtt-host", "127.0.0.1", "--config"])
+            .arg(&gw.config)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for FakeBluez {
+    fn drop(&mut self) {
+        let _ = self.bluez.kill();
+        let _ = self.bluez.wait();
+        let _ = self.bus.kill();
+        let _ = self.bus.wait();
+    }
+}
+
+fn add_device(gw: &Gateway, id: &str) {
+    assert!(Command::new(BIN)
+        .args(["devices", "add", id, "--config"])
+        .arg(&gw.config)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// `outpost provision ble` over btleplug's real BlueZ path: scan with the service filter,
+/// connect, service discovery, notifications on, 20-byte writes with response, notifications
+/// back; then a wrong code, a device that drops the connection mid-exchange, and no adapter.
+#[test]
+fn ble_provisioning_runs_through_bluez_d_bus_api() {
+    let port = free_port();
+    let gw = Gateway::start(&open_broker(port));
+    for id in ["lamp", "fan", "heater", "none"] {
+        add_device(&gw, id);
+    }
+
+    let bz = FakeBluez::start("ab12-cd34", "nrf52-0001", "ok");
+    let out = bz.provision(&gw, "lamp", "AB12CD34");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hardware id nrf52-0001"));
+    let seen = bz.seen();
+    let done = seen
+        .iter()
+        .find(|v| v.get("acknowledged").is_some())
+        .expect("the device finished");
+    assert_eq!(done["acknowledged"], true, "{seen:?}");
+    assert_eq!(done["bundle"]["id"], "lamp");
+    assert_eq!(done["bundle"]["mqtt"]["port"], port);
+    // What btleplug asked BlueZ for: a scan filtered on our service, writes with response of at
+    // most 20 bytes, notifications switched on, and a disconnect at the end.
+    let filter = seen
+        .iter()
+        .find_map(|v| v.get("discovery_filter"))
+        .expect("a discovery filter");
+    assert_eq!(filter["UUIDs"][0], "6f75742d-706f-7374-0000-70726f760001", "{filter}");
+    let writes: Vec<_> = seen.iter().filter(|v| v.get("write").is_some()).collect();
+    assert!(writes.len() >= 8, "{writes:?}");
+    assert!(writes
+        .iter()
+        .all(|v| v["write"].as_u64().unwrap() <= 20 && v["type"] == "request"));
+    assert!(seen.iter().any(|v| v.get("notify").is_some()));
+    assert!(seen.iter().any(|v| v["disconnect"] == "by the gateway"), "{seen:?}");
+    drop(bz);
+
+    // A wrong code: the device refuses the gateway's confirmation and says ERROR 2.
+    let bz = FakeBluez::start("999111", "nrf52-0002", "ok");
+    let out = bz.provision(&gw, "fan", "111999");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("pairing failed"), "{err}");
+    assert!(bz.seen().iter().any(|v| v["pairing"] == "failed"));
+    drop(bz);
+
+    // The device drops the connection mid-exchange: the gateway says so at once.
+    let bz = FakeBluez::start("424243", "nrf52-0003", "drop-after-pake");
+    let t0 = std::time::Instant::now();
+    let out = bz.provision(&gw, "heater", "424243");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the device disconnected"),
+        "{err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+    assert!(bz.seen().iter().any(|v| v["disconnected"] == true));
+    drop(bz);
+
+    // No adapter at all.
+    let bz = FakeBluez::start("424243", "x", "no-adapter");
+    let out = bz.provision(&gw, "none", "424243");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no Bluetooth adapter"), "{err}");
+
+    let ks = std::fs::read_to_string(gw.dir.path().join("data/devices.json")).unwrap();
+    let ks: serde_json::Value = serde_json::from_str(&ks).unwrap();
+    let hw: Vec<_> = ks["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["hardware_id"].clone())
+        .collect();
+    assert_eq!(hw[0], "nrf52-0001");
+    assert!(hw[1..].iter().all(|h| h.is_null()), "{ks}");
+}
