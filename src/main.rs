@@ -107,12 +107,19 @@ struct ProvisionArgs {
     /// The device (from `outpost devices add`).
     #[arg(long)]
     device: String,
-    /// The pairing code the device shows.
+    /// The pairing code the device shows (6-32 letters or digits; spaces and `-` are ignored).
     #[arg(long)]
     code: String,
-    /// The broker address the device should use (default: the first non-loopback listener).
+    /// The broker address the device should use (default: the first listener on a specific
+    /// non-loopback address; required when the broker listens only on loopback or 0.0.0.0).
     #[arg(long)]
     mqtt_host: Option<String>,
+    /// Provision a device that already is, with a new key and password.
+    #[arg(long)]
+    force: bool,
+    /// How long to wait for the device to answer (it may also announce itself meanwhile).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    wait: std::time::Duration,
     #[arg(long, requires = "wifi_password")]
     wifi_ssid: Option<String>,
     #[arg(long)]
@@ -219,16 +226,14 @@ async fn provision_over<T: outpost::provision::protocol::Transport>(
         .clone()
         .zip(args.wifi_password.clone())
         .map(|(ssid, password)| outpost::provision::protocol::Wifi { ssid, password });
-    outpost::provision::provision(
-        cfg,
-        dir,
-        &args.device,
-        &args.code,
-        args.mqtt_host.as_deref(),
+    let req = outpost::provision::Request {
+        mqtt_host: args.mqtt_host.as_deref(),
         wifi,
-        link,
-    )
-    .await
+        force: args.force,
+        wait: args.wait,
+        ..outpost::provision::Request::new(&args.device, &args.code)
+    };
+    outpost::provision::provision(cfg, dir, &req, link).await
 }
 
 fn main() -> ExitCode {
@@ -447,7 +452,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ProvisionHow::Ble { name, args } => {
                         eprintln!("scanning for a device advertising the provisioning service...");
                         let mut link = ble::Ble::connect(&name, std::time::Duration::from_secs(5)).await?;
-                        provision_over(&cfg, &dir, &args, &mut link).await?
+                        let res = provision_over(&cfg, &dir, &args, &mut link).await;
+                        link.close().await;
+                        res?
                     }
                     ProvisionHow::Scan => {
                         for (_, name) in ble::scan(std::time::Duration::from_secs(5)).await? {

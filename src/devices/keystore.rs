@@ -35,9 +35,43 @@ pub struct Device {
     /// Set once the device proved over the provisioning link that it holds the key.
     #[serde(default)]
     pub provisioned: bool,
+    /// The hardware id the device gave when it was last provisioned (bound into that exchange).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_id: Option<String>,
+    /// Seconds since the epoch of the last successful provisioning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provisioned_at: Option<u64>,
+    /// Provisioning attempts in a row in which the pairing code was tried and not proven (reset
+    /// by a success); each makes the gateway wait longer before the next ([`pairing_delay`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pairing_failures: u32,
+    /// Seconds since the epoch of the last of those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pairing_failure: Option<u64>,
     /// Fields a newer outpost wrote, kept on rewrite.
     #[serde(flatten, default)]
     pub later: serde_json::Map<String, serde_json::Value>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Longest wait between provisioning attempts for one device.
+pub const MAX_PAIRING_DELAY: u64 = 3600;
+
+/// Seconds to wait before the next provisioning attempt for `d` is allowed: 2^n after n
+/// failures in a row (2, 4, 8, ... up to an hour); `None` when it may start now.
+pub fn pairing_delay(d: &Device, now: u64) -> Option<u64> {
+    if d.pairing_failures == 0 {
+        return None;
+    }
+    let delay = 1u64
+        .checked_shl(d.pairing_failures.min(63))
+        .unwrap_or(u64::MAX)
+        .min(MAX_PAIRING_DELAY);
+    let until = d.last_pairing_failure.unwrap_or(0).saturating_add(delay);
+    (now < until).then(|| until - now)
 }
 
 impl std::fmt::Debug for Device {
@@ -81,7 +115,7 @@ pub fn now_secs() -> u64 {
 }
 
 /// A new key and password.
-fn secrets() -> (String, String) {
+pub fn secrets() -> (String, String) {
     let key: [u8; 16] = rand::random();
     let pw: [u8; 18] = rand::random();
     (hex(&key), hex(&pw))
@@ -138,6 +172,10 @@ pub fn add(path: &Path, id: &str) -> Result<Device> {
             rotated: None,
             revoked: false,
             provisioned: false,
+            hardware_id: None,
+            provisioned_at: None,
+            pairing_failures: 0,
+            last_pairing_failure: None,
             later: Default::default(),
         };
         ks.devices.push(d.clone());
@@ -208,5 +246,54 @@ mod tests {
         assert!(std::fs::read_to_string(&p).unwrap().contains("later_field"));
         std::fs::write(&p, r#"{"format": 2, "devices": []}"#).unwrap();
         assert!(load(&p).unwrap_err().to_string().contains("newer outpost"));
+    }
+
+    /// The previous release's `Device`, as it was: no provisioning fields of its own.
+    #[derive(Deserialize, Serialize)]
+    struct PreviousDevice {
+        id: String,
+        key: String,
+        password: String,
+        created: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rotated: Option<u64>,
+        #[serde(default)]
+        revoked: bool,
+        #[serde(default)]
+        provisioned: bool,
+        #[serde(flatten, default)]
+        later: serde_json::Map<String, serde_json::Value>,
+    }
+
+    #[test]
+    fn provisioning_fields_survive_the_previous_loader_and_old_files_load() {
+        // A file of the previous release loads, with the new fields empty.
+        let old =
+            r#"{"id":"a","key":"762e4c1dc0a7d8b60e61bc68dc858bee","password":"p","created":1,"provisioned":true}"#;
+        let d: Device = serde_json::from_str(old).unwrap();
+        assert_eq!((d.hardware_id.clone(), d.pairing_failures), (None, 0));
+        // What this one writes, the previous one reads and writes back with the fields kept.
+        let mut d = d;
+        d.hardware_id = Some("esp32-c3-0042".into());
+        d.provisioned_at = Some(5);
+        d.pairing_failures = 2;
+        d.last_pairing_failure = Some(7);
+        let prev: PreviousDevice = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+        assert!(prev.provisioned && prev.later.contains_key("hardware_id"));
+        let back: Device = serde_json::from_str(&serde_json::to_string(&prev).unwrap()).unwrap();
+        assert_eq!(back, d);
+    }
+
+    #[test]
+    fn the_pairing_delay_doubles_and_is_capped() {
+        let mut d: Device = serde_json::from_str(r#"{"id":"a","key":"","password":"","created":0}"#).unwrap();
+        assert_eq!(pairing_delay(&d, 100), None);
+        d.last_pairing_failure = Some(100);
+        for (n, wait) in [(1, 2), (2, 4), (3, 8), (11, 2048), (12, 3600), (40, 3600)] {
+            d.pairing_failures = n;
+            assert_eq!(pairing_delay(&d, 100), Some(wait), "{n}");
+        }
+        d.pairing_failures = 1;
+        assert_eq!(pairing_delay(&d, 102), None);
     }
 }

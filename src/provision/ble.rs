@@ -3,7 +3,9 @@
 //! Messages travel as `length (2) | message`, in pieces of at most 20 bytes (the minimum ATT MTU).
 
 use super::protocol::{ProvError, Transport, MAX_MESSAGE, REFUSED};
-use btleplug::api::{Central, Characteristic, Manager as _, Peripheral as _, ScanFilter, ValueNotification, WriteType};
+use btleplug::api::{
+    Central, CentralEvent, Characteristic, Manager as _, Peripheral as _, ScanFilter, ValueNotification, WriteType,
+};
 use btleplug::platform::{Manager, Peripheral};
 use futures_util::stream::{Stream, StreamExt};
 use std::pin::Pin;
@@ -51,11 +53,14 @@ impl Reassembler {
 }
 
 type Notifications = Pin<Box<dyn Stream<Item = ValueNotification> + Send>>;
+type Events = Pin<Box<dyn Stream<Item = CentralEvent> + Send>>;
 
 pub struct Ble {
     peripheral: Peripheral,
     write: Characteristic,
     notifications: Notifications,
+    /// The adapter's events, to notice the device disconnecting while we wait.
+    events: Events,
     reassembler: Reassembler,
 }
 
@@ -75,37 +80,60 @@ async fn adapter() -> Result<btleplug::platform::Adapter, ProvError> {
 
 /// Devices advertising the provisioning service, with their names.
 pub async fn scan(wait: Duration) -> Result<Vec<(Peripheral, String)>, ProvError> {
-    let a = adapter().await?;
+    scan_on(&adapter().await?, wait, |_| false).await
+}
+
+/// Scans for `wait`, or until a device whose name satisfies `enough` shows up.
+async fn scan_on(
+    a: &btleplug::platform::Adapter,
+    wait: Duration,
+    enough: impl Fn(&str) -> bool,
+) -> Result<Vec<(Peripheral, String)>, ProvError> {
     a.start_scan(ScanFilter {
         services: vec![SERVICE],
     })
     .await
-    .map_err(|e| ProvError::Link(e.to_string()))?;
-    tokio::time::sleep(wait).await;
-    let _ = a.stop_scan().await;
+    .map_err(|e| ProvError::Link(format!("scan: {e}")))?;
+    let end = tokio::time::Instant::now() + wait;
     let mut out = vec![];
-    for p in a.peripherals().await.map_err(|e| ProvError::Link(e.to_string()))? {
-        if let Ok(Some(props)) = p.properties().await {
-            if props.services.contains(&SERVICE) {
-                out.push((p, props.local_name.unwrap_or_else(|| "(no name)".into())));
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        out.clear();
+        for p in a.peripherals().await.map_err(|e| ProvError::Link(e.to_string()))? {
+            if let Ok(Some(props)) = p.properties().await {
+                if props.services.contains(&SERVICE) {
+                    out.push((p, props.local_name.unwrap_or_else(|| "(no name)".into())));
+                }
             }
         }
+        if out.iter().any(|(_, n)| enough(n)) || tokio::time::Instant::now() >= end {
+            break;
+        }
     }
+    let _ = a.stop_scan().await;
     Ok(out)
 }
 
 impl Ble {
     /// Connects to the first device whose name contains `name` (any, when empty).
     pub async fn connect(name: &str, wait: Duration) -> Result<Ble, ProvError> {
-        let found = scan(wait).await?;
+        let a = adapter().await?;
+        let found = scan_on(&a, wait, |n| n.contains(name)).await?;
         let (peripheral, _) = found.into_iter().find(|(_, n)| n.contains(name)).ok_or_else(|| {
             ProvError::Link(format!(
                 "no device advertising the provisioning service matches `{name}`"
             ))
         })?;
         let e = |e: btleplug::Error| ProvError::Link(e.to_string());
-        peripheral.connect().await.map_err(e)?;
-        peripheral.discover_services().await.map_err(e)?;
+        let events = a.events().await.map_err(e)?;
+        peripheral
+            .connect()
+            .await
+            .map_err(|x| ProvError::Link(format!("connect: {x}")))?;
+        peripheral
+            .discover_services()
+            .await
+            .map_err(|x| ProvError::Link(format!("service discovery: {x}")))?;
         let chars = peripheral.characteristics();
         let find = |u: Uuid| {
             chars
@@ -115,14 +143,23 @@ impl Ble {
                 .ok_or_else(|| ProvError::Link(format!("device lacks characteristic {u}")))
         };
         let (write, notify) = (find(TO_DEVICE)?, find(FROM_DEVICE)?);
-        peripheral.subscribe(&notify).await.map_err(e)?;
         let notifications = peripheral.notifications().await.map_err(e)?;
+        peripheral
+            .subscribe(&notify)
+            .await
+            .map_err(|x| ProvError::Link(format!("notifications: {x}")))?;
         Ok(Ble {
             peripheral,
             write,
             notifications,
+            events,
             reassembler: Reassembler::default(),
         })
+    }
+
+    /// Disconnects (BlueZ would otherwise keep the connection up for other clients).
+    pub async fn close(self) {
+        let _ = self.peripheral.disconnect().await;
     }
 }
 
@@ -132,23 +169,33 @@ impl Transport for Ble {
             self.peripheral
                 .write(&self.write, &piece, WriteType::WithResponse)
                 .await
-                .map_err(|e| ProvError::Link(e.to_string()))?;
+                .map_err(|e| ProvError::Link(format!("write: {e}")))?;
         }
         Ok(())
     }
 
     async fn recv(&mut self, within: Duration) -> Result<Vec<u8>, ProvError> {
         let end = tokio::time::Instant::now() + within;
+        let me = self.peripheral.id();
         loop {
-            match tokio::time::timeout_at(end, self.notifications.next()).await {
-                Err(_) => return Err(ProvError::Timeout),
-                Ok(None) => return Err(ProvError::Link("the device disconnected".into())),
-                Ok(Some(n)) if n.uuid == FROM_DEVICE => {
-                    if let Some(m) = self.reassembler.push(&n.value)? {
-                        return Ok(m);
+            tokio::select! {
+                n = self.notifications.next() => match n {
+                    None => return Err(ProvError::Link("the device disconnected".into())),
+                    Some(n) if n.uuid == FROM_DEVICE => {
+                        if let Some(m) = self.reassembler.push(&n.value)? {
+                            return Ok(m);
+                        }
                     }
-                }
-                Ok(Some(_)) => {}
+                    Some(_) => {}
+                },
+                ev = self.events.next() => match ev {
+                    Some(CentralEvent::DeviceDisconnected(id)) if id == me => {
+                        return Err(ProvError::Link("the device disconnected".into()))
+                    }
+                    None => return Err(ProvError::Link("BlueZ went away".into())),
+                    Some(_) => {}
+                },
+                _ = tokio::time::sleep_until(end) => return Err(ProvError::Timeout),
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Provisioning driven over the local broker, for a dashboard or a script: an admin publishes
 //! `{"transport": "uart", "port": "/dev/ttyUSB0", "device": "boiler", "code": "739201",
-//! "reply_to": "outpost/<id>/provision/reply/<anything>"}` (or `"transport": "ble", "name": ...`)
+//! "mqtt_host": "192.168.1.2", "reply_to": "outpost/<id>/provision/reply/<anything>"}` (or
+//! `"transport": "ble", "name": ...`; `"force": true` re-provisions with a new key)
 //! on `outpost/<gateway.id>/provision/request` and hears `started`, then the outcome. One device
 //! at a time.
 
@@ -80,21 +81,29 @@ impl ProvisionService {
                 .await;
         };
         self.reply(to, json!({ "state": "started", "device": device })).await;
-        let host = m["mqtt_host"].as_str();
+        let req = super::Request {
+            mqtt_host: m["mqtt_host"].as_str(),
+            force: m["force"].as_bool().unwrap_or(false),
+            ..super::Request::new(device, code)
+        };
         let res = match m["transport"].as_str() {
             Some("uart") => match super::uart::open(
                 m["port"].as_str().unwrap_or(""),
                 m["baud"].as_u64().unwrap_or(115_200) as u32,
             ) {
-                Ok(mut link) => super::provision(&self.cfg, &self.data_dir, device, code, host, None, &mut link).await,
+                Ok(mut link) => super::provision(&self.cfg, &self.data_dir, &req, &mut link).await,
                 Err(e) => Err(e.into()),
             },
-            Some("ble") => match super::ble::Ble::connect(m["name"].as_str().unwrap_or(""), Duration::from_secs(5))
-                .await
-            {
-                Ok(mut link) => super::provision(&self.cfg, &self.data_dir, device, code, host, None, &mut link).await,
-                Err(e) => Err(e.into()),
-            },
+            Some("ble") => {
+                match super::ble::Ble::connect(m["name"].as_str().unwrap_or(""), Duration::from_secs(5)).await {
+                    Ok(mut link) => {
+                        let res = super::provision(&self.cfg, &self.data_dir, &req, &mut link).await;
+                        link.close().await;
+                        res
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
             _ => Err(anyhow::anyhow!("transport must be uart or ble")),
         };
         let v = match res {

@@ -1,5 +1,8 @@
 //! Provisioning over a serial line shared with the device's log output: one text line per
-//! message, `#OP1:<base64>*<crc32 hex>`, everything else on the line ignored.
+//! message, `#OP1:<base64>*<crc32 hex>\n`, everything else on the line ignored. Base64 is the
+//! standard alphabet with `=` padding (RFC 4648 section 4); the CRC is CRC-32/ISO-HDLC (zlib's)
+//! of the base64 characters, as exactly 8 lower-case hex digits; a `\r` before the `\n` is
+//! accepted. (The 1 in `#OP1:` is the framing's version, not the protocol's.)
 
 use super::protocol::{ProvError, Transport, MAX_MESSAGE, REFUSED};
 use base64::Engine as _;
@@ -8,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub const HEADER: &str = "#OP1:";
-/// Longest line kept; longer ones are noise.
+/// Longest line kept, counted from its first byte to its `\n` included; longer ones are noise.
 pub const MAX_LINE: usize = 4096;
 /// A line that stops arriving for this long is dropped.
 pub const INTER_BYTE: Duration = Duration::from_millis(500);
@@ -20,9 +23,11 @@ pub fn encode_line(msg: &[u8]) -> String {
 
 /// The message in a line, if the line is a frame and intact.
 pub fn parse_line(line: &str) -> Option<Vec<u8>> {
-    let rest = line.trim_end_matches(['\r', '\n']).strip_prefix(HEADER)?;
+    let line = line.strip_suffix('\n').unwrap_or(line);
+    let rest = line.strip_suffix('\r').unwrap_or(line).strip_prefix(HEADER)?;
     let (b64, crc) = rest.rsplit_once('*')?;
-    if crc.len() != 8 || u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(b64.as_bytes()) {
+    let lower_hex = crc.len() == 8 && crc.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !lower_hex || u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(b64.as_bytes()) {
         return None;
     }
     let msg = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
@@ -33,6 +38,8 @@ pub struct Uart<S> {
     io: S,
     buf: Vec<u8>,
     last_byte: Instant,
+    /// Frames (lines with the header) this link dropped as damaged.
+    refused: u64,
 }
 
 impl<S> Uart<S> {
@@ -41,6 +48,7 @@ impl<S> Uart<S> {
             io,
             buf: vec![],
             last_byte: Instant::now(),
+            refused: 0,
         }
     }
 
@@ -50,16 +58,18 @@ impl<S> Uart<S> {
             let line: Vec<u8> = self.buf.drain(..=end).collect();
             let text = String::from_utf8_lossy(&line);
             match text.find(HEADER).map(|i| parse_line(&text[i..])) {
-                Some(Some(m)) => return Some(m),
-                // A frame header with a bad CRC or body: line noise, counted.
-                Some(None) => {
+                Some(Some(m)) if line.len() <= MAX_LINE => return Some(m),
+                // A frame header with a bad CRC or body, or too long: line noise, counted.
+                Some(_) => {
                     REFUSED.fetch_add(1, Ordering::Relaxed);
+                    self.refused += 1;
                 }
                 None => {}
             }
         }
         if self.buf.len() > MAX_LINE {
             REFUSED.fetch_add(1, Ordering::Relaxed);
+            self.refused += 1;
             self.buf.clear();
         }
         None
@@ -73,6 +83,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for Uart<S> {
             .await
             .map_err(|e| ProvError::Link(e.to_string()))?;
         self.io.flush().await.map_err(|e| ProvError::Link(e.to_string()))
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused
     }
 
     async fn recv(&mut self, within: Duration) -> Result<Vec<u8>, ProvError> {
@@ -141,6 +155,20 @@ mod tests {
         bad[7] ^= 1;
         assert_eq!(parse_line(&String::from_utf8_lossy(&bad)), None);
         assert_eq!(parse_line("I (1234) wifi: connected\n"), None);
+        // CRLF is accepted; upper-case hex, other base64 flavours and missing padding are not.
+        assert_eq!(parse_line(&l.replace('\n', "\r\n")).unwrap(), b"\x01\x00hello");
+        let (body, crc) = l.trim_end().rsplit_once('*').unwrap();
+        if crc.bytes().any(|b| b.is_ascii_lowercase()) {
+            assert_eq!(parse_line(&format!("{body}*{}\n", crc.to_uppercase())), None);
+        }
+        // CRC-32/ISO-HDLC: the check value of "123456789" is cbf43926.
+        assert_eq!(crc32fast::hash(b"123456789"), 0xcbf43926);
+        let unpadded = "#OP1:AQBoZWxsbw"; // the same message without its `==`
+        let crc = crc32fast::hash(b"AQBoZWxsbw");
+        assert_eq!(parse_line(&format!("{unpadded}*{crc:08x}\n")), None);
+        let url_safe = base64::engine::general_purpose::URL_SAFE.encode([0xfb, 0xff]);
+        let crc = crc32fast::hash(url_safe.as_bytes());
+        assert_eq!(parse_line(&format!("{HEADER}{url_safe}*{crc:08x}\n")), None);
     }
 
     proptest! {
