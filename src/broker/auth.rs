@@ -127,6 +127,17 @@ impl Policy {
         }
     }
 
+    /// Users of `self` that `newer` no longer has: their connections must end when `newer`
+    /// comes in force. (A changed hash may be the same password with a new salt: it is not
+    /// taken as a change.)
+    pub fn users_gone_in(&self, newer: &Policy) -> Vec<String> {
+        self.users
+            .keys()
+            .filter(|name| !newer.users.contains_key(*name))
+            .cloned()
+            .collect()
+    }
+
     pub fn has_user(&self, user: &str) -> bool {
         self.users.contains_key(user)
     }

@@ -160,27 +160,49 @@ pub async fn serve<S>(
         .username
         .as_ref()
         .is_some_and(|u| !policy.has_user(u) && shared.device_login(u, "").is_some());
+    // Back-off after failed logins, per user and (off loopback) per source address: refused
+    // at once, without a password check.
+    let source = (!peer.ip().is_loopback()).then(|| peer.ip().to_string());
+    if let Some(user) = &connect.username {
+        if let Some(left) = shared.login_backoff(source.as_deref(), Some(user)) {
+            Metrics::inc(&shared.metrics.logins_throttled);
+            refuse!(
+                Refusal::BadCredentials,
+                format!("too many failed logins as {user:?} or from this address; next try in {left:.1?}")
+            );
+        }
+    }
+    // A password check on the blocking pool, a few at once (argon2 is slow on purpose). An
+    // unknown user and a device's wrong password cost the same as a wrong password (no timing
+    // tells which names exist).
+    let slow_check = |user: String, pass: String| {
+        let (policy, shared) = (policy.clone(), shared.clone());
+        async move {
+            match timeout_at(deadline, shared.auth_slots.acquire()).await {
+                Ok(Ok(_slot)) => tokio::task::spawn_blocking(move || {
+                    let ok = policy.verify_password(&user, &pass);
+                    crate::system::memory::trim();
+                    ok
+                })
+                .await
+                .unwrap_or(false),
+                _ => false,
+            }
+        }
+    };
     match (&connect.username, &connect.password) {
         (Some(user), pass) if device => {
             // A device from the keystore: a random password, compared in constant time.
             if shared.device_login(user, pass.as_deref().unwrap_or("")) != Some(true) {
+                slow_check(String::new(), pass.clone().unwrap_or_default()).await;
+                shared.login_result(source.as_deref(), Some(user), false);
                 refuse!(Refusal::BadCredentials, format!("wrong password for device {user:?}"));
             }
+            shared.login_result(source.as_deref(), Some(user), true);
         }
         (Some(user), pass) => {
-            let ok = match timeout_at(deadline, shared.auth_slots.acquire()).await {
-                Ok(Ok(_slot)) => {
-                    let (p, u, pw) = (policy.clone(), user.clone(), pass.clone().unwrap_or_default());
-                    tokio::task::spawn_blocking(move || {
-                        let ok = p.verify_password(&u, &pw);
-                        crate::system::memory::trim();
-                        ok
-                    })
-                    .await
-                    .unwrap_or(false)
-                }
-                _ => false,
-            };
+            let ok = slow_check(user.clone(), pass.clone().unwrap_or_default()).await;
+            shared.login_result(source.as_deref(), Some(user), ok);
             if !ok {
                 refuse!(
                     Refusal::BadCredentials,

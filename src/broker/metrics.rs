@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Deliveries not made because the subscriber may not read the topic (a deny rule, an
     /// ended grant, a wider subscription than the ACL allows reading).
     pub delivery_denied: AtomicU64,
+    /// Logins refused without a password check while their source or user was in back-off.
+    pub logins_throttled: AtomicU64,
     /// Connections ended by a bug (a panic caught in their task); the rest carry on.
     pub session_panics: AtomicU64,
 }
@@ -62,6 +64,7 @@ impl Metrics {
             "inflight_exceeded": g(&self.inflight_exceeded),
             "delivery_denied": g(&self.delivery_denied),
             "session_panics": g(&self.session_panics),
+            "logins_throttled": g(&self.logins_throttled),
         })
     }
 }

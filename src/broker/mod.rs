@@ -69,7 +69,24 @@ pub struct Shared {
     pub admin_topics: ArcSwap<Vec<(String, Vec<String>)>>,
     /// Wills waiting out their MQTT 5 delay, by session key: a reconnect cancels them.
     delayed_wills: Mutex<HashMap<Arc<str>, CancellationToken>>,
+    /// `outpost/<gateway.id>/`: the gateway's own topics (status, bridges, devices), which no
+    /// client may publish to whatever the ACL says (but the request topics of their admins).
+    pub reserved_prefix: String,
+    /// Recent failed logins by source address and by user name, for back-off.
+    failures: Mutex<HashMap<String, Failures>>,
 }
+
+/// Failed logins of one source or user: how many in a row, and until when the next attempt is
+/// refused without a password check.
+#[derive(Clone, Copy)]
+struct Failures {
+    count: u32,
+    until: std::time::Instant,
+}
+
+/// Failures allowed before back-off starts, and its longest wait.
+const FREE_FAILURES: u32 = 5;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Conn {
     id: u64,
@@ -131,6 +148,9 @@ impl Shared {
     pub fn may_publish(&self, id: &auth::Identity, topic: &str) -> bool {
         if let Some((_, admins)) = self.admin_topics.load().iter().find(|(t, _)| t == topic) {
             return !id.device && id.username.as_ref().is_some_and(|u| admins.contains(u));
+        }
+        if topic.starts_with(&self.reserved_prefix) {
+            return false;
         }
         let g = self.grants.load();
         let now = crate::grants::now_secs();
@@ -196,6 +216,41 @@ impl Shared {
                 .is_some_and(|d| d.subscribe.iter().any(|f| topics::matches(topic, f)));
         }
         self.policy.load().may_read(id, topic)
+    }
+
+    /// Is a login from `source` as `user` in back-off after failures? Returns how long is left.
+    pub fn login_backoff(&self, source: Option<&str>, user: Option<&str>) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let f = self.failures.lock().expect("failures lock");
+        [source.map(|s| format!("src:{s}")), user.map(|u| format!("user:{u}"))]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| f.get(&k).filter(|x| x.until > now).map(|x| x.until - now))
+            .max()
+    }
+
+    /// Records a login's outcome: failures grow a back-off per source and per user (doubling
+    /// past the first few, up to 30 s); a success clears the user's.
+    pub fn login_result(&self, source: Option<&str>, user: Option<&str>, ok: bool) {
+        let now = std::time::Instant::now();
+        let mut f = self.failures.lock().expect("failures lock");
+        if f.len() > 10_000 {
+            f.retain(|_, x| x.until > now);
+        }
+        let keys = [source.map(|s| format!("src:{s}")), user.map(|u| format!("user:{u}"))];
+        for k in keys.into_iter().flatten() {
+            if ok {
+                f.remove(&k);
+                continue;
+            }
+            let e = f.entry(k).or_insert(Failures { count: 0, until: now });
+            e.count += 1;
+            let wait = match e.count.checked_sub(FREE_FAILURES) {
+                None => Duration::ZERO,
+                Some(n) => (Duration::from_millis(250) * 2u32.saturating_pow(n.min(8))).min(MAX_BACKOFF),
+            };
+            e.until = now + wait;
+        }
     }
 
     /// Registers a connection; its token is cancelled by [`Shared::kick`].
@@ -339,7 +394,14 @@ impl Shared {
     fn publish_will(&self, session: &Session, w: &codec::Will) {
         // Checked again now: a reload may have taken the right away since CONNECT.
         let id = session.identity.load();
-        if !self.may_publish(&id, &w.topic) {
+        let login_gone = id.username.as_deref().is_some_and(|u| {
+            if id.device {
+                self.device_login(u, "").is_none()
+            } else {
+                !self.policy.load().has_user(u)
+            }
+        });
+        if login_gone || !self.may_publish(&id, &w.topic) {
             log::info!(
                 "will of {:?} on {:?} no longer allowed; not published",
                 id.client_id,
@@ -575,6 +637,8 @@ impl Broker {
             grants: ArcSwap::from_pointee(GrantState::default()),
             admin_topics: ArcSwap::from_pointee(vec![]),
             delayed_wills: Mutex::new(HashMap::new()),
+            reserved_prefix: format!("outpost/{}/", cfg.gateway.id),
+            failures: Mutex::new(HashMap::new()),
         });
         shared.restore_sessions(kept);
         let stop_accepting = CancellationToken::new();
@@ -614,8 +678,17 @@ impl Broker {
     }
 
     /// Puts new users and ACLs in force; connected clients stay connected.
+    /// Connections of users removed from the config are closed: a login is only as good as the
+    /// config in force.
     pub fn reload(&self, cfg: &Config) {
-        self.shared.policy.store(Arc::new(Policy::from_config(&cfg.broker)));
+        let new = Arc::new(Policy::from_config(&cfg.broker));
+        let old = self.shared.policy.swap(new.clone());
+        for user in old.users_gone_in(&new) {
+            let n = self.shared.kick(&user);
+            if n > 0 {
+                log::info!("user {user:?} removed from the config: {n} connection(s) closed");
+            }
+        }
     }
 
     /// Stops accepting, lets routed messages drain, tells clients, and waits up to `grace` for

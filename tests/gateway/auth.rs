@@ -382,3 +382,111 @@ async fn failed_logins_do_not_keep_memory() {
         "RSS went from {before} KiB to {after} KiB (peak {peak} KiB) after 50 failed logins"
     );
 }
+
+#[tokio::test]
+async fn a_user_removed_on_reload_is_disconnected_and_its_will_not_published() {
+    let port = free_port();
+    let mut gw = Gateway::start(&secured(port, ""));
+    let (admin, mut aev) = connect(user(port, "watch", "admin", "admin-pw")).await.unwrap();
+    assert_eq!(
+        subscribe(&admin, &mut aev, "devices/#", QoS::AtLeastOnce).await,
+        vec![R4::Success(QoS::AtLeastOnce)]
+    );
+    let mut o = user(port, "alice-1", "alice", "alice-pw");
+    o.set_last_will(rumqttc::LastWill::new(
+        "devices/alice/status",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (alice, mut ev) = connect(o).await.unwrap();
+    alice
+        .publish("devices/alice/t", QoS::AtLeastOnce, false, "before")
+        .await
+        .unwrap();
+    let acked = wait_for(&mut ev, T, |p| matches!(p, Packet::PubAck(_)).then_some(())).await;
+    assert_eq!(acked, Some(()));
+    assert_eq!(
+        next_publish(&mut aev, T).await.map(|m| m.0),
+        Some("devices/alice/t".into())
+    );
+
+    // alice leaves the config; her ACL rule would still allow the will's topic to others.
+    let without_alice = secured(port, "");
+    let mut lines: Vec<&str> = without_alice.lines().collect();
+    lines.retain(|l| !l.contains("name: alice"));
+    gw.write_config(&(lines.join("\n") + "\n"));
+    gw.signal("HUP");
+    gw.wait_note("READY=1", T);
+    let closed = tokio::time::timeout(T, async {
+        loop {
+            if ev.poll().await.is_err() {
+                return true;
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "a removed user's connection stayed open");
+    assert!(
+        connect(user(port, "alice-1", "alice", "alice-pw")).await.is_err(),
+        "a removed user logged in again"
+    );
+    // Its will was allowed at CONNECT, but the user is gone: the will is checked again.
+    let stray = next_publish(&mut aev, Duration::from_millis(800)).await;
+    assert_eq!(stray, None, "the removed user's will was published");
+}
+
+#[tokio::test]
+async fn failed_logins_back_off_per_user_and_the_right_password_works_after() {
+    let port = free_port();
+    let gw = Gateway::start(&secured(port, ""));
+    for _ in 0..7 {
+        assert!(connect(user(port, "alice-1", "alice", "guess")).await.is_err());
+    }
+    // In back-off: even the right password is refused at once, without a check, and counted.
+    let t0 = std::time::Instant::now();
+    assert!(connect(user(port, "alice-1", "alice", "alice-pw")).await.is_err());
+    assert!(t0.elapsed() < Duration::from_millis(500));
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while gw.status()["broker"]["logins_throttled"].as_u64().unwrap_or(0) == 0 && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gw.status()["broker"]["logins_throttled"].as_u64().unwrap_or(0) >= 1);
+    // Other users are not held up by alice's back-off.
+    assert!(connect(user(port, "adm", "admin", "admin-pw")).await.is_ok());
+    // Once the wait is over, the right password gets in (and clears the count).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(connect(user(port, "alice-1", "alice", "alice-pw")).await.is_ok());
+}
+
+#[tokio::test]
+async fn clients_may_not_publish_the_gateways_own_topics() {
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let (watch, mut wev) = connect(opts(port, "watch")).await.unwrap();
+    assert_eq!(
+        subscribe(&watch, &mut wev, "outpost/test-gw/#", QoS::AtLeastOnce).await,
+        vec![R4::Success(QoS::AtLeastOnce)]
+    );
+    // The retained `online` of the status topic arrives first.
+    assert_eq!(
+        next_publish(&mut wev, T).await,
+        Some(("outpost/test-gw/status".into(), b"online".to_vec(), true))
+    );
+    let (c, ev) = connect(opts(port, "faker")).await.unwrap();
+    let _d = drive(ev);
+    c.publish("outpost/test-gw/status", QoS::AtLeastOnce, true, "offline")
+        .await
+        .unwrap();
+    c.publish("outpost/test-gw/bridges/cloud/state", QoS::AtLeastOnce, true, "{}")
+        .await
+        .unwrap();
+    c.publish("outpost/other-gw/status", QoS::AtLeastOnce, false, "not ours")
+        .await
+        .unwrap();
+    assert_eq!(
+        next_publish(&mut wev, Duration::from_millis(800)).await,
+        None,
+        "a client published on the gateway's own topics"
+    );
+}
