@@ -494,7 +494,13 @@ fn table(plan: &Plan, r: &Results) -> String {
     );
     scalar("start to ready (ms)", "ready", 0);
     t += &format!(
-        "\n{}. Flat-out totals: {} / {} / {} deliveries at QoS 0 / 1 / 2 per row, split over the publishers. \
+        "\n{}. Flat-out totals: {} / {} / {} deliveries at QoS 0 / 1 / 2 per row, split over the publishers; \
+         publishers keep 100 QoS 1/2 messages in flight; subscribers subscribe at the row's QoS. \
+         Mosquitto 2.0.11: `persistence false` (but for the persistent-session rows), `set_tcp_nodelay true`, \
+         `max_queued_messages 2000000`, `max_inflight_messages 100` (outpost's `max_inflight`; at its \
+         default of 20 Mosquitto discards a 3.1.1 publisher's QoS 2 messages beyond the 20th in flight \
+         after PUBREC), `max_connections -1` for the idle clients. outpost: its defaults (all services \
+         running), `max_connections: 20000` for the idle clients. \
          Disk commit of the persistent-session rows: outpost commits every message for a persistent \
          session to SQLite (WAL, synchronous=FULL, group commit) before its PUBACK; Mosquitto \
          (`persistence true`) keeps them in memory and writes its persistence file only on autosave \
