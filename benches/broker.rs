@@ -249,7 +249,7 @@ const MOSQUITTO_INFLIGHT: &str = "max_inflight_messages 100\n";
 fn start(k: Kind, s: Setup) -> Broker {
     match (k, s) {
         (Kind::Outpost, Setup::Default | Setup::Persistence) => Broker::outpost(),
-        (Kind::Outpost, Setup::ManyClients) => Broker::outpost_with("  limits: { max_connections: 20000 }\n"),
+        (Kind::Outpost, Setup::ManyClients) => Broker::outpost_with("  limits: { max_connections: 12000 }\n"),
         (Kind::Mosquitto, Setup::Default) => Broker::mosquitto_with(MOSQUITTO_INFLIGHT, "0"),
         (Kind::Mosquitto, Setup::ManyClients) => {
             Broker::mosquitto_with(&format!("{MOSQUITTO_INFLIGHT}max_connections -1\n"), "0")
@@ -500,7 +500,7 @@ fn table(plan: &Plan, r: &Results) -> String {
          `max_queued_messages 2000000`, `max_inflight_messages 100` (outpost's `max_inflight`; at its \
          default of 20 Mosquitto discards a 3.1.1 publisher's QoS 2 messages beyond the 20th in flight \
          after PUBREC), `max_connections -1` for the idle clients. outpost: its defaults (all services \
-         running), `max_connections: 20000` for the idle clients. \
+         running), `max_connections: 12000` for the idle clients. \
          Disk commit of the persistent-session rows: outpost commits every message for a persistent \
          session to SQLite (WAL, synchronous=FULL, group commit) before its PUBACK; Mosquitto \
          (`persistence true`) keeps them in memory and writes its persistence file only on autosave \

@@ -17,6 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     let started = std::time::Instant::now();
     crate::system::memory::return_large_blocks();
+    crate::system::fds::check(cfg.broker.limits.max_connections)?;
     std::fs::create_dir_all(&cfg.gateway.data_dir)
         .with_context(|| format!("gateway.data_dir: cannot create {}", cfg.gateway.data_dir.display()))?;
     let broker = Broker::start(&cfg).await?;

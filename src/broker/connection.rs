@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -86,6 +86,20 @@ impl End {
     }
 }
 
+/// Runs a step before login under the connect deadline; fails early if the socket is evicted
+/// for a newer one (see `admission`).
+pub async fn before_login<F: std::future::Future>(
+    deadline: Instant,
+    evict: &CancellationToken,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::select! {
+        r = timeout_at(deadline, f) => r,
+        // An eviction reads as a deadline: the socket is closed the same way.
+        _ = evict.cancelled() => timeout_at(Instant::now(), std::future::pending::<F::Output>()).await,
+    }
+}
+
 /// Serves one client from its first byte to its close. `deadline` bounds everything before
 /// CONNACK (handshakes included, which the caller ran under the same deadline); `prelogin`
 /// is held until then.
@@ -97,7 +111,7 @@ pub async fn serve<S>(
     shared: Arc<Shared>,
     deadline: Instant,
     stop: CancellationToken,
-    prelogin: OwnedSemaphorePermit,
+    prelogin: super::admission::PreLogin,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -105,7 +119,7 @@ pub async fn serve<S>(
     let max = shared.limits.max_packet_size.0 as usize;
     let mut cbuf = BytesMut::with_capacity(1024);
 
-    let first = match timeout_at(deadline, read_connect(&mut crd, &mut cbuf, max)).await {
+    let first = match before_login(deadline, &prelogin.evict, read_connect(&mut crd, &mut cbuf, max)).await {
         Ok(Ok(Some(f))) => f,
         Ok(Ok(None)) | Err(_) => {
             Metrics::inc(&shared.metrics.handshakes_failed);
@@ -270,13 +284,19 @@ pub async fn serve<S>(
         shared.unregister(&user, conn_id);
         refuse!(Refusal::NotAuthorized, "device revoked while logging in".into());
     }
+    // MQTT 5 clients say how many deliveries they take in flight; 3.1.1 clients cannot, and get
+    // the broker's own limit (as Mosquitto's max_inflight_messages).
+    let window = match proto {
+        Proto::V5 => connect.receive_max.max(1) as usize,
+        Proto::V4 => shared.limits.max_inflight.max(1) as usize,
+    };
     let req = super::router::AttachReq {
         key,
         identity: id.clone(),
         clean: connect.clean,
         expiry,
         internal: false,
-        window: connect.receive_max.max(1) as usize,
+        window,
     };
     let attached = shared.attach(req, kick.clone(), taken_over.clone());
     let announce = codec::Announce {
@@ -314,7 +334,7 @@ pub async fn serve<S>(
         shared: shared.clone(),
         session: attached.session.clone(),
         gen: attached.gen,
-        receive_max: connect.receive_max.max(1) as usize,
+        receive_max: window,
         max_packet: connect.max_packet as usize,
         alias_max: connect.topic_alias_max.min(OUR_ALIAS_MAX),
         zero_expiry_at_connect: connect.session_expiry == Some(0),

@@ -13,7 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 use tokio_rustls::rustls::{self, server::WebPkiClientVerifier, RootCertStore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -79,7 +79,7 @@ impl Listener {
                 },
                 _ = stop.cancelled() => return,
             };
-            let Some((slot, prelogin)) = admit(&shared, &self.info.name, peer) else {
+            let Some(slot) = admit(&shared, &self.info.name, peer) else {
                 drop(stream);
                 continue;
             };
@@ -93,6 +93,10 @@ impl Listener {
                 self.protocol,
             );
             tracker.spawn(async move {
+                let Some(prelogin) = super::admission::pre_login(&shared).await else {
+                    log::warn!("{}: no pre-login slot for {peer}; closing", info.name);
+                    return;
+                };
                 accept_one(stream, peer, protocol, tls, info, shared, deadline, stop, prelogin).await;
                 drop(slot);
             });
@@ -110,8 +114,9 @@ async fn accept_one(
     shared: Arc<Shared>,
     deadline: Instant,
     stop: CancellationToken,
-    prelogin: tokio::sync::OwnedSemaphorePermit,
+    prelogin: super::admission::PreLogin,
 ) {
+    let evict = prelogin.evict.clone();
     let max_ws = shared.limits.max_packet_size.0 as usize + 64;
     let failed = |what: String| {
         super::metrics::Metrics::inc(&shared.metrics.handshakes_failed);
@@ -119,14 +124,14 @@ async fn accept_one(
     };
     match protocol {
         ListenerProtocol::Mqtt => handler::serve(stream, peer, info, shared, deadline, stop, prelogin).await,
-        ListenerProtocol::Ws => match timeout_at(deadline, ws_accept(stream, max_ws)).await {
+        ListenerProtocol::Ws => match handler::before_login(deadline, &evict, ws_accept(stream, max_ws)).await {
             Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop, prelogin).await,
             Ok(Err(e)) => failed(format!("WebSocket handshake failed: {e}")),
             Err(_) => failed("WebSocket handshake timed out".into()),
         },
         ListenerProtocol::Mqtts | ListenerProtocol::Wss => {
             let acceptor = tls.expect("TLS listener has an acceptor");
-            let tls_stream = match timeout_at(deadline, acceptor.accept(stream)).await {
+            let tls_stream = match handler::before_login(deadline, &evict, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return failed(format!("TLS handshake failed: {e}")),
                 Err(_) => return failed("TLS handshake timed out".into()),
@@ -134,7 +139,7 @@ async fn accept_one(
             if protocol == ListenerProtocol::Mqtts {
                 return handler::serve(tls_stream, peer, info, shared, deadline, stop, prelogin).await;
             }
-            match timeout_at(deadline, ws_accept(tls_stream, max_ws)).await {
+            match handler::before_login(deadline, &evict, ws_accept(tls_stream, max_ws)).await {
                 Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop, prelogin).await,
                 Ok(Err(e)) => failed(format!("WebSocket handshake failed: {e}")),
                 Err(_) => failed("WebSocket handshake timed out".into()),
@@ -156,13 +161,16 @@ impl super::FrontDoor {
             bind: bind.to_string(),
             anonymous: bind.ip().is_loopback(),
         };
-        let Some((slot, prelogin)) = admit(&shared, &info.name, peer) else {
+        let Some(slot) = admit(&shared, &info.name, peer) else {
             return;
         };
         let deadline = Instant::now() + shared.limits.connect_timeout.0;
         let config = ws_config(shared.limits.max_packet_size.0 as usize + 64);
         let close = self.close.clone();
         self.tracker.spawn(async move {
+            let Some(prelogin) = super::admission::pre_login(&shared).await else {
+                return;
+            };
             let ws = async_tungstenite::WebSocketStream::from_raw_socket(
                 async_tungstenite::tokio::TokioAdapter::new(stream),
                 async_tungstenite::tungstenite::protocol::Role::Server,
@@ -176,24 +184,15 @@ impl super::FrontDoor {
     }
 }
 
-/// Takes the two slots every new socket needs, or logs why it is dropped.
-fn admit(
-    shared: &Shared,
-    name: &str,
-    peer: SocketAddr,
-) -> Option<(tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit)> {
+/// Takes the socket slot every new socket needs, or logs why it is dropped (the pre-login
+/// slot is taken in the socket's own task: it may have to evict an older socket first).
+fn admit(shared: &Shared, name: &str, peer: SocketAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
     // Every socket, logged in or not, holds a slot: this bounds what half-open sockets cost.
     let Ok(slot) = shared.sockets_allowed.clone().try_acquire_owned() else {
         log::warn!("{name}: too many open sockets, dropping {peer}");
         return None;
     };
-    // Sockets not yet logged in have a smaller pool of their own, so silent ones cannot
-    // crowd out clients.
-    let Ok(prelogin) = shared.prelogin_allowed.clone().try_acquire_owned() else {
-        log::warn!("{name}: too many sockets still logging in, dropping {peer}");
-        return None;
-    };
-    Some((slot, prelogin))
+    Some(slot)
 }
 
 /// Messages and frames are limited to the broker's packet limit, before any login.

@@ -28,6 +28,9 @@ pub struct Metrics {
     /// Deliveries not made because the subscriber may not read the topic (a deny rule, an
     /// ended grant, a wider subscription than the ACL allows reading).
     pub delivery_denied: AtomicU64,
+    /// Sockets still logging in that were closed to make room for a newer one (all pre-login
+    /// slots taken: a slowloris attack, or a burst).
+    pub prelogin_evicted: AtomicU64,
     /// Logins refused without a password check while their source or user was in back-off.
     pub logins_throttled: AtomicU64,
     /// Connections ended by a bug (a panic caught in their task); the rest carry on.
@@ -65,6 +68,7 @@ impl Metrics {
             "delivery_denied": g(&self.delivery_denied),
             "session_panics": g(&self.session_panics),
             "logins_throttled": g(&self.logins_throttled),
+            "prelogin_evicted": g(&self.prelogin_evicted),
         })
     }
 }

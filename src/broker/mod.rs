@@ -3,6 +3,7 @@
 //! messages). Everything in the gateway meets here: its own components are clients too,
 //! in process ([`LocalClient`], [`Bus`]).
 
+pub mod admission;
 pub mod auth;
 pub mod codec;
 mod connection;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub sockets_allowed: Arc<Semaphore>,
     /// Sockets that have not finished logging in.
     pub prelogin_allowed: Arc<Semaphore>,
+    /// Those sockets, oldest first, so the oldest can be evicted for a newcomer.
+    pub pending: admission::Pending,
     /// Password checks running at once (argon2 takes ~20 MiB and tens of ms each).
     pub auth_slots: Semaphore,
     /// What must see every message entering the broker (the bridges' spools); swapped on reload.
@@ -625,6 +628,7 @@ impl Broker {
             sessions_allowed: Arc::new(Semaphore::new(limits.max_connections as usize)),
             sockets_allowed: Arc::new(Semaphore::new(limits.max_connections as usize + 256)),
             prelogin_allowed: Arc::new(Semaphore::new(256)),
+            pending: admission::Pending::default(),
             auth_slots: Semaphore::new(2),
             limits,
             sessions_cfg: SessionsCfg {

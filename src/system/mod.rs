@@ -2,6 +2,7 @@
 //! readiness and watchdog notifications, and signals.
 
 pub mod clock;
+pub mod fds;
 pub mod health;
 pub mod jsonfile;
 pub mod logging;

@@ -130,3 +130,57 @@ fn watchdog_pings_arrive_when_systemd_asks_for_them() {
     let mut gw = Gateway::start_with_env(&open_broker(port), &[("WATCHDOG_USEC", "400000")]);
     gw.wait_note("WATCHDOG=1", Duration::from_secs(3));
 }
+
+#[test]
+fn a_file_descriptor_limit_too_small_for_max_connections_is_refused_and_a_low_soft_limit_raised() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "gateway: {{ data_dir: {} }}\nbroker:\n  listeners: [ {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }} ]\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    // Hard limit 1024: the default max_connections (1000) cannot fit.
+    let out = Command::new("prlimit")
+        .args(["--nofile=1024:1024", BIN, "run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broker.limits.max_connections") && err.contains("1024"),
+        "{err}"
+    );
+    // Soft 1024 under a hard 8192 (systemd's default shape): raised, and it serves.
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=1024:8192", BIN, "run", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    let mut limit = String::new();
+    while std::time::Instant::now() < end {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap_or_default();
+            limit = limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .unwrap_or("")
+                .to_string();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        limit.split_whitespace().filter(|w| *w == "8192").count() == 2,
+        "{limit:?}"
+    );
+}

@@ -669,3 +669,65 @@ async fn invalid_filters_are_refused_without_harm() {
     c.publish("ok/1", QoS::AtMostOnce, false, "fine").await.unwrap();
     assert_eq!(next_publish(&mut ev, T).await.map(|m| m.1), Some(b"fine".to_vec()));
 }
+
+#[test]
+fn real_clients_get_in_while_slowloris_sockets_hold_every_prelogin_slot() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let port = free_port();
+    let gw = Gateway::start(&open_broker(port));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // 300 sockets (more than the 256 pre-login slots), each sending one byte of a CONNECT and
+    // reconnecting as soon as it is closed.
+    let attackers: Vec<_> = (0..6)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut socks: Vec<Option<std::net::TcpStream>> = (0..50).map(|_| None).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    for s in socks.iter_mut() {
+                        // Still open: a read would block. Closed: end of stream or an error.
+                        let alive = s.as_mut().is_some_and(|c| {
+                            let mut b = [0u8; 1];
+                            matches!(std::io::Read::read(c, &mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                        });
+                        if !alive {
+                            *s = std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|mut c| {
+                                let _ = c.write_all(&[0x10]);
+                                let _ = c.set_nonblocking(true);
+                                c
+                            });
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut got_in = 0;
+    for i in 0..20 {
+        let ok = rt.block_on(async {
+            let mut o = opts(port, &format!("real-{i}"));
+            o.set_keep_alive(Duration::from_secs(5));
+            tokio::time::timeout(Duration::from_secs(5), connect(o))
+                .await
+                .is_ok_and(|r| r.is_ok())
+        });
+        got_in += ok as usize;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        a.join().unwrap();
+    }
+    assert!(
+        got_in >= 19,
+        "only {got_in} of 20 real clients got in during the attack"
+    );
+    let evicted = gw.status()["broker"]["prelogin_evicted"].as_u64().unwrap_or(0);
+    assert!(
+        evicted > 0,
+        "the attack never filled the pre-login slots (nothing evicted)"
+    );
+}

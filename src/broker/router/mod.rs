@@ -48,8 +48,8 @@ pub struct Target {
 
 /// One member of a shared group for `msg`: round robin from `cursor` over the members that are
 /// connected and hold fewer deliveries than their window (Receive Maximum), so a member that
-/// stops acknowledging is passed over once its window is full; if no member is ready, the one
-/// with the least queued past its window (a connected one before one that is away).
+/// stops acknowledging is passed over once its window is full; if no member is ready, the
+/// connected one that made progress last (a delivery written or acknowledged).
 fn pick_member(
     inner: &Inner,
     group: &str,
@@ -74,9 +74,12 @@ fn pick_member(
             best = Some((i, 0));
             break;
         }
+        // Not ready: connected members first, the one that made progress last, then the one
+        // with the least queued past its window.
         let past = load.saturating_sub(window);
+        let stale_ms = (message::now_ms() as u64).saturating_sub(s.progress_ms.load(Ordering::Relaxed)) as usize;
         let score = if online {
-            past
+            stale_ms.min(usize::MAX / 8) * 4 + past.min(3)
         } else {
             usize::MAX / 2 + past.min(usize::MAX / 4)
         };

@@ -139,6 +139,9 @@ pub struct Session {
     pub persisted: AtomicBool,
     /// The Receive Maximum of the connection holding it (how much a shared group gives it).
     pub window: AtomicUsize,
+    /// When it last made progress (a delivery written or acknowledged), ms since the epoch:
+    /// a shared group whose members are all full gives to the one that moved last.
+    pub progress_ms: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -155,6 +158,7 @@ impl Session {
             delivered: AtomicU64::new(0),
             persisted: AtomicBool::new(false),
             window: AtomicUsize::new(usize::MAX),
+            progress_ms: AtomicU64::new(0),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 inflight: VecDeque::new(),
@@ -280,6 +284,9 @@ impl Session {
             }
         }
         self.sync_pending(&st);
+        if !t.out.is_empty() {
+            self.progress_ms.store(now as u64, Ordering::Relaxed);
+        }
         Some(t)
     }
 
@@ -302,6 +309,7 @@ impl Session {
         self.sync_pending(&st);
         drop(st);
         self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.progress_ms.store(now_ms() as u64, Ordering::Relaxed);
         self.notify.notify_one();
         Some((c, f.d.store_id))
     }
