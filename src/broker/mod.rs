@@ -70,6 +70,8 @@ pub struct Shared {
     pub grants: ArcSwap<GrantState>,
     /// Request topics only some users may publish on (grant requests, provisioning), with them.
     pub admin_topics: ArcSwap<Vec<(String, Vec<String>)>>,
+    /// Topics under the reserved prefix that the ACL decides after all (the grants claim topic).
+    pub open_topics: ArcSwap<Vec<String>>,
     /// Wills waiting out their MQTT 5 delay, by session key: a reconnect cancels them.
     delayed_wills: Mutex<HashMap<Arc<str>, CancellationToken>>,
     /// `outpost/<gateway.id>/`: the gateway's own topics (status, bridges, devices), which no
@@ -140,6 +142,20 @@ impl Shared {
         self.admin_topics.store(Arc::new(v));
     }
 
+    /// Lets the ACL decide who may publish on `topic`, though it lies under the gateway's
+    /// reserved prefix (a topic the gateway offers to clients, like the grants claim topic).
+    pub fn open_topic(&self, topic: &str) {
+        let mut v: Vec<String> = self
+            .open_topics
+            .load()
+            .iter()
+            .filter(|t| *t != topic)
+            .cloned()
+            .collect();
+        v.push(topic.to_string());
+        self.open_topics.store(Arc::new(v));
+    }
+
     /// Checks a device's password; `None` when `user` is not a device.
     pub fn device_login(&self, user: &str, password: &str) -> Option<bool> {
         use subtle::ConstantTimeEq;
@@ -152,7 +168,7 @@ impl Shared {
         if let Some((_, admins)) = self.admin_topics.load().iter().find(|(t, _)| t == topic) {
             return !id.device && id.username.as_ref().is_some_and(|u| admins.contains(u));
         }
-        if topic.starts_with(&self.reserved_prefix) {
+        if topic.starts_with(&self.reserved_prefix) && !self.open_topics.load().iter().any(|t| t == topic) {
             return false;
         }
         let g = self.grants.load();
@@ -640,6 +656,7 @@ impl Broker {
             by_user: Mutex::new(HashMap::new()),
             grants: ArcSwap::from_pointee(GrantState::default()),
             admin_topics: ArcSwap::from_pointee(vec![]),
+            open_topics: ArcSwap::from_pointee(vec![]),
             delayed_wills: Mutex::new(HashMap::new()),
             reserved_prefix: format!("outpost/{}/", cfg.gateway.id),
             failures: Mutex::new(HashMap::new()),
