@@ -346,7 +346,8 @@ async fn https_and_wss_on_the_dashboard_port() {
     let pki = crate::robustness::make_pki(d.path());
     let p = d.path().display();
     let mut gw = Gateway::start(&format!(
-        "{}dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  tls: {{ cert: {p}/server.pem, key: {p}/server.key }}\n",
+        // Anonymous on /mqtt is asked for here: it is off by default.
+        "{}dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  anonymous: true\n  tls: {{ cert: {p}/server.pem, key: {p}/server.key }}\n",
         open_broker(port)
     ));
     // Plain HTTP on the TLS port gets nowhere; the gateway keeps serving.
@@ -362,4 +363,304 @@ async fn https_and_wss_on_the_dashboard_port() {
     let got = next_publish(&mut sev, Duration::from_secs(5)).await;
     assert_eq!(got, Some(("tls/x".into(), b"secret".to_vec(), false)));
     assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}
+
+/// A WebSocket handshake on `/mqtt` by hand, with or without an `Origin`; the HTTP status.
+fn ws_handshake(dport: u16, origin: Option<&str>) -> (u16, std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", dport)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1:{dport}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n{origin}\r\n"
+    )
+    .unwrap();
+    let mut head = vec![];
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, s)
+}
+
+/// Sends an MQTT 3.1.1 CONNECT (optionally with a user) in one masked frame; the CONNACK code.
+fn ws_connect(s: &mut std::net::TcpStream, user: Option<(&str, &str)>) -> Option<u8> {
+    use std::io::{Read, Write};
+    let str_ = |v: &str| {
+        let mut o = vec![0, v.len() as u8];
+        o.extend_from_slice(v.as_bytes());
+        o
+    };
+    let mut body = str_("MQTT");
+    body.extend([4u8, if user.is_some() { 0xc2 } else { 0x02 }, 0, 30]);
+    body.extend(str_("raw-ws"));
+    if let Some((u, p)) = user {
+        body.extend(str_(u));
+        body.extend(str_(p));
+    }
+    let mut pkt = vec![0x10, body.len() as u8];
+    pkt.extend(body);
+    let key = [9u8, 8, 7, 6];
+    let mut frame = vec![0x82, 0x80 | pkt.len() as u8];
+    frame.extend(key);
+    frame.extend(pkt.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    s.write_all(&frame).unwrap();
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).ok()?;
+    let mut payload = vec![0u8; (head[1] & 0x7f) as usize];
+    s.read_exact(&mut payload).ok()?;
+    (payload.first() == Some(&0x20)).then(|| payload[3])
+}
+
+/// Issue 13, point 4: another site's page in the operator's browser cannot open `/mqtt`, and
+/// a client with no user name is not let in there even on loopback (unless configured).
+#[test]
+fn mqtt_on_the_dashboard_refuses_other_origins_and_anonymous_clients() {
+    let (port, dport, upstream) = (free_port(), free_port(), free_port());
+    let mut gw = Gateway::start(&config(port, dport, upstream, &passwd("alice-pw")));
+    let (code, _) = ws_handshake(dport, Some("https://evil.example"));
+    assert_eq!(code, 403, "a WebSocket from another origin was accepted");
+    let (code, _) = ws_handshake(dport, Some(&format!("http://localhost.evil.example:{dport}")));
+    assert_eq!(code, 403);
+    // The dashboard's own page, and clients that are not browsers (no Origin), get in.
+    let (code, mut s) = ws_handshake(dport, Some(&format!("http://127.0.0.1:{dport}")));
+    assert_eq!(code, 101);
+    assert_eq!(
+        ws_connect(&mut s, None),
+        Some(5),
+        "an anonymous CONNECT on /mqtt was accepted"
+    );
+    let (code, mut s) = ws_handshake(dport, None);
+    assert_eq!(code, 101);
+    assert_eq!(ws_connect(&mut s, Some(("alice", "alice-pw"))), Some(0));
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+
+    // Listed origins get in; anonymous only when asked for.
+    let (port, dport) = (free_port(), free_port());
+    let mut gw = Gateway::start(&format!(
+        "{}dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  anonymous: true\n  origins: [\"https://ops.example\"]\n",
+        open_broker(port)
+    ));
+    let (code, mut s) = ws_handshake(dport, Some("https://ops.example"));
+    assert_eq!(code, 101);
+    assert_eq!(ws_connect(&mut s, None), Some(0));
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}
+
+fn get_auth(url: &str, auth: Option<&str>) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut req = agent.get(url);
+    if let Some(a) = auth {
+        req = req.header("Authorization", a);
+    }
+    let mut r = req.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+}
+
+fn basic(user: &str, pw: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    )
+}
+
+/// Issue 13, point 11: bound off loopback, `/metrics` and `/info.json` need a login or the
+/// token, and `/healthz` says only whether the gateway is healthy.
+#[test]
+fn off_loopback_metrics_and_info_need_a_login_and_healthz_says_only_ok() {
+    let (port, dport) = (free_port(), free_port());
+    let mut gw = Gateway::start(&format!(
+        "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n  users:\n    - {{ name: alice, password_hash: \"{}\" }}\n\
+         dashboard:\n  bind: \"0.0.0.0:{dport}\"\n  token: \"scrape-token-0123456789\"\n",
+        passwd("alice-pw")
+    ));
+    let url = |p: &str| format!("http://127.0.0.1:{dport}{p}");
+    for p in ["/metrics", "/info.json"] {
+        let (code, body) = get_auth(&url(p), None);
+        assert_eq!(code, 401, "{p} without a login: {body}");
+        assert!(!body.contains("test-gw"), "{p} told the gateway id without a login");
+        assert_eq!(get_auth(&url(p), Some(&basic("alice", "wrong"))).0, 401);
+        assert_eq!(get_auth(&url(p), Some("Bearer not-the-token-at-all")).0, 401);
+        assert_eq!(get_auth(&url(p), Some(&basic("alice", "alice-pw"))).0, 200, "{p}");
+        assert_eq!(get_auth(&url(p), Some("Bearer scrape-token-0123456789")).0, 200, "{p}");
+    }
+    let (code, body) = get_auth(&url("/healthz"), None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        serde_json::json!({"healthy": true})
+    );
+    // The token is for scrapers: it is not a user of the page.
+    assert_eq!(get_auth(&url("/api/me"), Some("Bearer scrape-token-0123456789")).0, 401);
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}
+
+/// Issue 17, point 5 (server side): `/api/me` lists what the user may read, checked against
+/// the policy in force, and says what is hidden.
+#[test]
+fn api_me_lists_what_a_limited_user_may_read() {
+    let (port, dport) = (free_port(), free_port());
+    let mut gw = Gateway::start(&format!(
+        "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n  users:\n    - {{ name: alice, password_hash: \"{a}\" }}\n    - {{ name: bob, password_hash: \"{b}\" }}\n  acl:\n    - {{ who: \"user:alice\", allow: {{ publish: [\"#\"], subscribe: [\"#\"] }} }}\n    - {{ who: \"user:*\", allow: {{ subscribe: [\"plant/{{username}}/#\", \"sensor/+/1m\"] }} }}\n\
+         dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  admins: [alice]\n",
+        a = passwd("alice-pw"),
+        b = passwd("bob-pw")
+    ));
+    let me = |who: &str, pw: &str| {
+        let (code, body) = get_auth(&format!("http://127.0.0.1:{dport}/api/me"), Some(&basic(who, pw)));
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    let bob = me("bob", "bob-pw");
+    assert_eq!(
+        bob["filters"],
+        serde_json::json!(["plant/bob/#", "sensor/+/1m"]),
+        "{bob}"
+    );
+    assert_eq!(bob["everything"], false);
+    assert_eq!(bob["admin"], false);
+    assert!(bob["notice"].as_str().unwrap().contains("plant/bob/#"), "{bob}");
+    let alice = me("alice", "alice-pw");
+    assert_eq!(alice["filters"], serde_json::json!(["#"]));
+    assert_eq!(alice["admin"], true);
+    assert_eq!(get_auth(&format!("http://127.0.0.1:{dport}/api/me"), None).0, 401);
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}
+
+/// The next PUBLISH on an MQTT 5 client, as JSON.
+async fn reply(ev: &mut rumqttc::v5::EventLoop) -> serde_json::Value {
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(end, ev.poll()).await {
+            Ok(Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(p)))) => {
+                return serde_json::from_slice::<serde_json::Value>(&p.payload).unwrap()
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no reply: {other:?}"),
+        }
+    }
+}
+
+/// Issue 17, point 8 (admin): a dashboard admin pauses, resumes and restarts a bridge over the
+/// broker; anyone else's request is refused by the broker (MQTT 5: PUBACK 0x87).
+#[tokio::test]
+async fn an_admin_pauses_and_restarts_a_bridge_and_others_are_refused() {
+    let mut up = Mosquitto::start("allow_anonymous true");
+    let (port, dport) = (free_port(), free_port());
+    let mut gw = Gateway::start(&format!(
+        "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n  users:\n    - {{ name: alice, password_hash: \"{a}\" }}\n    - {{ name: bob, password_hash: \"{b}\" }}\n  acl:\n    - {{ who: \"*\", allow: {{ publish: [\"#\"], subscribe: [\"#\"] }} }}\n\
+         dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  admins: [alice]\n\
+         bridges:\n  - name: cloud\n    url: \"{url}\"\n    backoff: {{ min: 200ms, max: 1s }}\n    rules:\n      - {{ direction: out, local: \"sensor/#\", remote: \"site/{{#}}\", qos: 1 }}\n",
+        a = passwd("alice-pw"),
+        b = passwd("bob-pw"),
+        url = up.url()
+    ));
+    let wait_bridge = |want: &dyn Fn(&serde_json::Value) -> bool, what: &str| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let b = gw.bridge_state("cloud");
+            if want(&b) {
+                return b;
+            }
+            assert!(Instant::now() < end, "bridge never {what}: {b}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_bridge(&|b| b["connected"] == true, "connected");
+    let mut o = rumqttc::v5::MqttOptions::new("alice-ops", "127.0.0.1", port);
+    o.set_credentials("alice", "alice-pw");
+    let (alice, mut aev) = rumqttc::v5::AsyncClient::new(o, 10);
+    alice
+        .subscribe(
+            "outpost/test-gw/bridges/reply/#",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let ask = |action: &str| {
+        serde_json::json!({ "bridge": "cloud", "action": action, "reply_to": "outpost/test-gw/bridges/reply/alice" })
+            .to_string()
+    };
+    alice
+        .publish(
+            "outpost/test-gw/bridges/request",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            ask("pause"),
+        )
+        .await
+        .unwrap();
+    let r = reply(&mut aev).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let b = wait_bridge(&|b| b["connected"] == false && b["paused"] == true, "paused");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        gw.bridge_state("cloud")["connected"],
+        false,
+        "a paused bridge reconnected: {b}"
+    );
+    alice
+        .publish(
+            "outpost/test-gw/bridges/request",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            ask("resume"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut aev).await["ok"], true);
+    wait_bridge(&|b| b["connected"] == true && b["paused"] == false, "resumed");
+    let before = gw.bridge_state("cloud")["reconnects"].as_u64().unwrap();
+    alice
+        .publish(
+            "outpost/test-gw/bridges/request",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            ask("restart"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut aev).await["ok"], true);
+    wait_bridge(
+        &|b| b["connected"] == true && b["reconnects"].as_u64() > Some(before),
+        "restarted",
+    );
+
+    // Bob is no admin: the broker refuses his request.
+    let mut o = rumqttc::v5::MqttOptions::new("bob-ops", "127.0.0.1", port);
+    o.set_credentials("bob", "bob-pw");
+    let (bob, mut bev) = rumqttc::v5::AsyncClient::new(o, 10);
+    bob.publish(
+        "outpost/test-gw/bridges/request",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        ask("pause"),
+    )
+    .await
+    .unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        match tokio::time::timeout_at(end, bev.poll()).await {
+            Ok(Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(a)))) => break a.reason,
+            Ok(Ok(_)) => {}
+            other => panic!("no PUBACK for bob: {other:?}"),
+        }
+    };
+    assert_eq!(code, rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(gw.bridge_state("cloud")["paused"], false, "bob paused the bridge");
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+    up.stop();
 }
