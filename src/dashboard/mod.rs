@@ -280,12 +280,16 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Repl
     r
 }
 
-fn unauthorized(why: &str) -> Reply {
+/// 401, with a challenge only for other clients (curl, a browser opening `/metrics`): the
+/// page asks with its own form, and a challenge would make the browser pop up its login dialog.
+fn unauthorized(why: &str, challenge: bool) -> Reply {
     let mut r = reply(StatusCode::UNAUTHORIZED, "text/plain", format!("{why}\n"));
-    r.headers_mut().insert(
-        WWW_AUTHENTICATE,
-        HeaderValue::from_static("Basic realm=\"outpost\", charset=\"UTF-8\""),
-    );
+    if challenge {
+        r.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"outpost\", charset=\"UTF-8\""),
+        );
+    }
     r
 }
 
@@ -301,6 +305,7 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
     let path = req.uri().path().to_string();
+    let challenge = !path.starts_with("/api/") && !req.headers().contains_key("x-outpost-page");
     let needs_caller = matches!(path.as_str(), "/api/me" | "/api/problems")
         || (!ctx.open && matches!(path.as_str(), "/metrics" | "/info.json"));
     let caller = if needs_caller {
@@ -322,7 +327,7 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
                     1,
                     format!("dashboard login refused for user `{user}` from {}", peer.ip()),
                 );
-                return unauthorized("wrong user or password");
+                return unauthorized("wrong user or password", challenge);
             }
         }
     } else {
@@ -345,8 +350,12 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
             };
             reply(code, "application/json", body.to_string())
         }
-        "/metrics" if !ctx.open && caller == api::Caller::Nobody => unauthorized("log in, or send the dashboard token"),
-        "/info.json" if !ctx.open && caller == api::Caller::Nobody => unauthorized("log in to see this gateway"),
+        "/metrics" if !ctx.open && caller == api::Caller::Nobody => {
+            unauthorized("log in, or send the dashboard token", challenge)
+        }
+        "/info.json" if !ctx.open && caller == api::Caller::Nobody => {
+            unauthorized("log in to see this gateway", challenge)
+        }
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -357,7 +366,7 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
             let user = match &caller {
                 api::Caller::User(u) => Some(u.as_str()),
                 api::Caller::Nobody if anonymous_ok => None,
-                _ => return unauthorized("log in with a broker user"),
+                _ => return unauthorized("log in with a broker user", false),
             };
             let status = ctx.view.status.load();
             if path == "/api/me" {

@@ -41,52 +41,6 @@ pub struct GrantFile {
     pub grants: Vec<Grant>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn grant(who: &str) -> Grant {
-        Grant {
-            id: String::new(),
-            who: who.into(),
-            filter: "sensor/kiosk/live".into(),
-            subscribe: true,
-            publish: false,
-            not_before: 0,
-            expires: u64::MAX,
-            created: 0,
-            source: "cli".into(),
-            revoked: false,
-        }
-    }
-
-    fn id(user: Option<&str>, client: &str, device: bool) -> Identity {
-        Identity {
-            username: user.map(str::to_string),
-            client_id: client.into(),
-            listener: "127.0.0.1:1883".into(),
-            device,
-        }
-    }
-
-    #[test]
-    fn a_client_id_grant_is_refused_and_one_on_file_grants_nothing() {
-        let d = tempfile::tempdir().unwrap();
-        let e = add(&path(d.path()), grant("client:kiosk-7"), None).unwrap_err();
-        assert!(e.to_string().contains("user:NAME"), "{e}");
-        let old = grant("client:kiosk-7");
-        assert!(!old.allows_subscribe(&id(None, "kiosk-7", false), "sensor/kiosk/live", 1));
-        assert!(!old.allows_subscribe(&id(Some("bob"), "kiosk-7", false), "sensor/kiosk/live", 1));
-        let user = grant("user:kiosk");
-        assert!(user.allows_subscribe(&id(Some("kiosk"), "any", false), "sensor/kiosk/live", 1));
-        assert!(
-            !user.allows_subscribe(&id(Some("kiosk"), "any", true), "sensor/kiosk/live", 1),
-            "a device named like the user"
-        );
-        assert!(add(&path(d.path()), grant("user:kiosk*"), None).is_err());
-    }
-}
-
 pub fn now_secs() -> u64 {
     crate::devices::keystore::now_secs()
 }
@@ -191,4 +145,50 @@ pub fn audit(what: &str, g: &Grant) {
         if g.publish { "publish" } else { "" },
         g.filter, g.expires, g.source
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(who: &str) -> Grant {
+        Grant {
+            id: String::new(),
+            who: who.into(),
+            filter: "sensor/kiosk/live".into(),
+            subscribe: true,
+            publish: false,
+            not_before: 0,
+            expires: u64::MAX,
+            created: 0,
+            source: "cli".into(),
+            revoked: false,
+        }
+    }
+
+    fn id(user: Option<&str>, client: &str, device: bool) -> Identity {
+        Identity {
+            username: user.map(str::to_string),
+            client_id: client.into(),
+            listener: "127.0.0.1:1883".into(),
+            device,
+        }
+    }
+
+    #[test]
+    fn a_client_id_grant_is_refused_and_one_on_file_grants_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let e = add(&path(d.path()), grant("client:kiosk-7"), None).unwrap_err();
+        assert!(e.to_string().contains("user:NAME"), "{e}");
+        let old = grant("client:kiosk-7");
+        assert!(!old.allows_subscribe(&id(None, "kiosk-7", false), "sensor/kiosk/live", 1));
+        assert!(!old.allows_subscribe(&id(Some("bob"), "kiosk-7", false), "sensor/kiosk/live", 1));
+        let user = grant("user:kiosk");
+        assert!(user.allows_subscribe(&id(Some("kiosk"), "any", false), "sensor/kiosk/live", 1));
+        assert!(
+            !user.allows_subscribe(&id(Some("kiosk"), "any", true), "sensor/kiosk/live", 1),
+            "a device named like the user"
+        );
+        assert!(add(&path(d.path()), grant("user:kiosk*"), None).is_err());
+    }
 }
