@@ -57,6 +57,8 @@ fn digest(b: &[u8]) -> u64 {
 const ECHO_WINDOW: Duration = Duration::from_secs(10);
 /// A session that lasted this long resets the backoff.
 const STABLE: Duration = Duration::from_secs(10);
+/// How `serve` ends when an admin paused or restarted the bridge.
+const ADMIN_KICK: &str = "paused or restarted by an admin";
 
 impl Echoes {
     fn sent(&mut self, topic: &str, payload: &[u8]) {
@@ -118,6 +120,14 @@ impl Link {
         let mut attempt = 0u32;
         let mut first = true;
         loop {
+            // Paused by an admin: stay away from the upstream until resumed.
+            while self.stats.paused.load(Ordering::Relaxed) {
+                self.publish_state().await;
+                tokio::select! {
+                    _ = self.stats.kick.notified() => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
             // Reads certificates and the password file: off the async threads.
             let (cfg, id, topic) = (self.cfg.clone(), self.client_id.clone(), self.status_topic.clone());
             let made = tokio::task::spawn_blocking(move || Upstream::new(&cfg, &id, &topic)).await;
@@ -139,11 +149,13 @@ impl Link {
                         Ok(_) => {}
                         Err(e) => break Err(e),
                     },
+                    _ = self.stats.kick.notified() => break Err(ADMIN_KICK.to_string()),
                     _ = stop.cancelled() => return,
                 }
             };
             let (session_present, server_max) = match connected {
                 Ok(s) => s,
+                Err(e) if e == ADMIN_KICK => continue,
                 Err(e) => {
                     self.failed(&e);
                     if self.backoff(&mut attempt, &stop).await {
@@ -180,6 +192,14 @@ impl Link {
                     up.disconnect().await;
                     self.publish_state().await;
                     return;
+                }
+                Err(e) if e == ADMIN_KICK => {
+                    // Say goodbye upstream as on a stop, then pause or connect again at once.
+                    log::info!("bridge {name}: {ADMIN_KICK}");
+                    up.publish(&self.status_topic, &Bytes::from_static(b"offline"), 1, true);
+                    up.disconnect().await;
+                    attempt = 0;
+                    self.publish_state().await;
                 }
                 Err(e) => {
                     self.failed(&e);
@@ -226,6 +246,7 @@ impl Link {
         );
         tokio::select! {
             _ = tokio::time::sleep(wait) => false,
+            _ = self.stats.kick.notified() => false,
             _ = stop.cancelled() => true,
         }
     }
@@ -367,6 +388,10 @@ impl Link {
                         self.echoes.prune();
                         self.publish_state().await;
                     }
+                }
+                _ = stats.kick.notified() => {
+                    self.spool.ack(std::mem::take(&mut acks));
+                    return Err(ADMIN_KICK.into());
                 }
                 _ = stop.cancelled() => {
                     self.spool.ack(std::mem::take(&mut acks));

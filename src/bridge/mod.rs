@@ -40,6 +40,10 @@ pub struct LinkStats {
     /// A rule's filter matched but its template made no valid topic (e.g. empty).
     pub dropped_unmappable: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Paused by an admin: the link stays disconnected (the spool keeps filling) until resumed.
+    pub paused: AtomicBool,
+    /// Wakes the link for an admin's pause or restart.
+    pub kick: tokio::sync::Notify,
 }
 
 /// The bridge's state as JSON, for its local state topic and `outpost status`.
@@ -54,6 +58,7 @@ pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value
     serde_json::json!({
         "name": name,
         "connected": s.connected.load(Ordering::Relaxed),
+        "paused": s.paused.load(Ordering::Relaxed),
         "since_ms": s.since_ms.load(Ordering::Relaxed),
         "queued": sp.queued.load(Ordering::Relaxed),
         "queued_bytes": sp.queued_bytes.load(Ordering::Relaxed),
@@ -156,10 +161,36 @@ pub struct Bridges {
     /// Open spools and counters by bridge name: they outlive restarts of their bridge (one
     /// writer per spool file, counters that do not reset on reload).
     spools: HashMap<String, (config::Spool, Spool, Arc<LinkStats>)>,
+    /// The running bridges' counters by name, for the admin request topic.
+    controls: Controls,
+}
+
+type Controls = Arc<Mutex<HashMap<String, Arc<LinkStats>>>>;
+
+/// Where admins ask to pause, resume or restart a bridge:
+/// `{"bridge": "cloud", "action": "pause" | "resume" | "restart", "reply_to": "<reply prefix>..."}`.
+/// Only `dashboard.admins` may publish there (the dashboard restricts it; until then nobody may).
+pub fn request_topic(gateway_id: &str) -> String {
+    format!("outpost/{gateway_id}/bridges/request")
+}
+
+/// Replies go under this prefix, and only there.
+pub fn reply_prefix(gateway_id: &str) -> String {
+    format!("outpost/{gateway_id}/bridges/reply/")
 }
 
 impl Bridges {
     pub fn new(shared: Arc<Shared>, bus: Bus, gateway: &config::Gateway) -> Bridges {
+        let controls: Controls = Default::default();
+        let topic = request_topic(&gateway.id);
+        shared.restrict_topic(&topic, &[]);
+        let client = shared.local_client("bridges-admin", std::slice::from_ref(&topic));
+        tokio::spawn(admin_requests(
+            client,
+            bus.clone(),
+            controls.clone(),
+            gateway.id.clone(),
+        ));
         Bridges {
             shared,
             bus,
@@ -167,6 +198,7 @@ impl Bridges {
             dir: gateway.data_dir.join("bridges"),
             running: HashMap::new(),
             spools: HashMap::new(),
+            controls,
         }
     }
 
@@ -234,6 +266,11 @@ impl Bridges {
                 },
             );
         }
+        *self.controls.lock().expect("controls lock") = self
+            .running
+            .iter()
+            .map(|(n, r)| (n.clone(), r.tap.stats.clone()))
+            .collect();
         Ok(())
     }
 
@@ -300,6 +337,46 @@ impl Bridges {
         }
         for (_, s, _) in self.spools.values() {
             s.flush().await;
+        }
+    }
+}
+
+/// Answers admins' bridge requests (the broker lets only them publish on the topic).
+async fn admin_requests(mut client: crate::broker::LocalClient, bus: Bus, controls: Controls, gateway_id: String) {
+    let prefix = reply_prefix(&gateway_id);
+    loop {
+        let d = client.recv().await;
+        // A retained request would act again at every restart: only live ones count.
+        if d.retain {
+            continue;
+        }
+        let m: serde_json::Value = serde_json::from_slice(&d.msg.payload).unwrap_or_default();
+        let name = m["bridge"].as_str().unwrap_or_default();
+        let action = m["action"].as_str().unwrap_or_default();
+        let stats = controls.lock().expect("controls lock").get(name).cloned();
+        let reply = match (stats, action) {
+            (None, _) => {
+                serde_json::json!({ "ok": false, "bridge": name, "error": format!("no running bridge `{name}`") })
+            }
+            (Some(s), "pause" | "resume" | "restart") => {
+                let was = s.paused.swap(action == "pause", Ordering::Relaxed);
+                // Resuming a bridge that runs changes nothing; the rest wakes the link.
+                if action != "resume" || was {
+                    s.kick.notify_one();
+                }
+                log::info!(target: "outpost::audit", "bridge {name}: {action} asked by an admin");
+                serde_json::json!({ "ok": true, "bridge": name, "action": action, "paused": action == "pause" })
+            }
+            (Some(_), a) => {
+                serde_json::json!({ "ok": false, "bridge": name, "error": format!("action `{a}` must be pause, resume or restart") })
+            }
+        };
+        if let Some(to) = m["reply_to"]
+            .as_str()
+            .filter(|t| t.starts_with(&prefix) && crate::broker::topics::valid_topic(t))
+        {
+            bus.publish(to, bytes::Bytes::from(reply.to_string()), 1, false, None)
+                .await;
         }
     }
 }

@@ -25,7 +25,8 @@ pub struct Price {
 }
 
 /// Confirms a payment: an HTTP endpoint (POST JSON, answers 200 with `{"valid": true}`) or a
-/// command (run with the reference, amount and user as arguments; exit 0 means paid).
+/// command (run with no arguments, the claim on standard input as one JSON line
+/// `{"reference", "amount", "user"}`; exit 0 means paid).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Verifier {

@@ -43,16 +43,48 @@ pub struct Config {
     pub dashboard: Dashboard,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dashboard {
-    /// Off unless set. `/healthz`, `/metrics`, and `/mqtt` (the broker's front door, same
-    /// users and ACLs). Off loopback it needs `broker.users`, like a listener.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The page, `/healthz`, `/metrics`, and `/mqtt` (the broker's front door, same users and
+    /// ACLs). On by default at `127.0.0.1:8080`; `bind: null` (or `enabled: false`) turns it off.
+    /// Off loopback it needs `broker.users`, like a listener. The default address gives way
+    /// (a warning, no dashboard) when another program holds it; any other address must bind.
     pub bind: Option<Bind>,
+    /// `false` turns the dashboard off whatever `bind` says (handy with `snap set`).
+    pub enabled: bool,
     /// Serve HTTPS (and `wss://` on `/mqtt`) with this certificate, as a `wss` listener does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<Tls>,
+    /// Web origins (`https://ops.example.com`) whose pages may open `/mqtt` besides the
+    /// dashboard's own page. A browser's WebSocket from any other origin is refused.
+    pub origins: Vec<String>,
+    /// Let clients without a user name in on `/mqtt`. Off by default, even on loopback: any
+    /// local process or browser tab could otherwise use the broker as the anonymous rule allows.
+    pub anonymous: bool,
+    /// Users who may pause, resume and restart bridges (`outpost/<gateway.id>/bridges/request`).
+    pub admins: Vec<String>,
+    /// A bearer token (`Authorization: Bearer ...`) that opens `/metrics` and `/info.json` off
+    /// loopback to a scraper, besides a broker user's login. At least 16 characters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// Where the dashboard listens unless told otherwise.
+pub const DEFAULT_DASHBOARD_BIND: &str = "127.0.0.1:8080";
+
+impl Default for Dashboard {
+    fn default() -> Self {
+        Dashboard {
+            bind: Some(DEFAULT_DASHBOARD_BIND.parse().expect("a socket address")),
+            enabled: true,
+            tls: None,
+            origins: vec![],
+            anonymous: false,
+            admins: vec![],
+            token: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -352,10 +384,13 @@ impl Config {
     /// Parses and validates YAML text; `file` names it in errors.
     pub fn from_yaml(text: &str, file: &Path) -> Result<Config, ConfigError> {
         let de = serde_yaml::Deserializer::from_str(text);
-        let config: Config = match serde_path_to_error::deserialize(de) {
+        let mut config: Config = match serde_path_to_error::deserialize(de) {
             Ok(c) => c,
             Err(e) => return Err(ConfigError::from_serde(file, text, e)),
         };
+        if !config.dashboard.enabled {
+            config.dashboard.bind = None;
+        }
         config
             .validate()
             .map_err(|(key, reason)| ConfigError::invalid(file, text, &key, reason))?;
@@ -388,6 +423,22 @@ impl Config {
             }
             if let Some(tls) = &self.dashboard.tls {
                 tls.files_readable("dashboard.tls")?;
+            }
+            for (i, o) in self.dashboard.origins.iter().enumerate() {
+                let ok = (o.starts_with("http://") || o.starts_with("https://"))
+                    && !o.ends_with('/')
+                    && o.split("://").nth(1).is_some_and(|h| !h.is_empty() && !h.contains('/'));
+                if !ok {
+                    return err(
+                        format!("dashboard.origins[{i}]"),
+                        format!(
+                            "`{o}` is not a web origin: write scheme://host[:port], e.g. `https://ops.example.com`"
+                        ),
+                    );
+                }
+            }
+            if self.dashboard.token.as_ref().is_some_and(|t| t.len() < 16) {
+                return err("dashboard.token".into(), "a token needs at least 16 characters".into());
             }
             if b.listeners.iter().any(|l| l.bind.0 == bind.0 && bind.0.port() != 0) {
                 return err(
@@ -567,6 +618,26 @@ mod tests {
         );
         let ok = parse("dashboard:\n  bind: \"127.0.0.1:8080\"\n").unwrap();
         assert_eq!(ok.dashboard.bind.map(|b| b.0.port()), Some(8080));
+    }
+
+    #[test]
+    fn dashboard_is_on_by_default_on_loopback_and_can_be_turned_off() {
+        let c = parse("gateway:\n  id: g\n").unwrap();
+        assert_eq!(
+            c.dashboard.bind.map(|b| b.0.to_string()).as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert!(!c.dashboard.anonymous, "anonymous on /mqtt must be asked for");
+        assert_eq!(parse("dashboard:\n  bind: null\n").unwrap().dashboard.bind, None);
+        assert_eq!(parse("dashboard:\n  enabled: false\n").unwrap().dashboard.bind, None);
+        // Off survives a round trip through YAML (snap-config writes the file back).
+        let off = parse("dashboard:\n  bind: null\n").unwrap();
+        let again = parse(&serde_yaml::to_string(&off).unwrap()).unwrap();
+        assert_eq!(again.dashboard.bind, None);
+        let e = parse("dashboard:\n  origins: [\"evil.example\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dashboard.origins[0]"), "{e}");
     }
 
     proptest! {

@@ -1,9 +1,16 @@
 //! The dashboard's HTTP port: `/healthz` and `/metrics` for supervisors and scrapers, and MQTT
-//! over WebSocket on `/mqtt`, handed to the broker's front door (same users, ACLs and limits).
-//! The page (`page/`, compiled in) is itself an MQTT client of `/mqtt`: it sees only what its
-//! user's ACL lets it subscribe to. The endpoints read the gateway's state only through the
-//! status document the gateway hands over.
+//! over WebSocket on `/mqtt`, handed to the broker's front door (same users, ACLs and limits)
+//! once [`gate`] has checked its `Origin` and that it names a user. The page (`page/`, compiled
+//! in) is itself an MQTT 5 client of `/mqtt`: it sees only what its user's ACL lets it read, and
+//! every action it takes is a PUBLISH checked by the broker. `/api/me` tells it what its user
+//! may read; `/api/problems` what went wrong lately. The endpoints read the gateway's state only
+//! through the status document the gateway hands over.
+//!
+//! Bound off loopback, `/metrics` and `/info.json` need a broker user's login or the
+//! `dashboard.token`, and `/healthz` says only whether the gateway is healthy.
 
+pub mod api;
+pub mod gate;
 pub mod metrics;
 
 use crate::broker::FrontDoor;
@@ -13,7 +20,10 @@ use async_tungstenite::tungstenite::handshake::derive_accept_key;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
+use hyper::header::{
+    HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, ORIGIN, SEC_WEBSOCKET_ACCEPT,
+    SEC_WEBSOCKET_KEY, UPGRADE, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::Value;
@@ -41,7 +51,8 @@ pub struct View {
 const INDEX_HTML: &str = include_str!("page/index.html");
 const APP_JS: &str = include_str!("page/app.js");
 
-/// The `/info.json` document: gateway id, version, start time and every way to connect.
+/// The `/info.json` document: gateway id, version, start time and every way to connect. It also
+/// carries the dashboard's settings under `_settings`, taken off before it is served.
 pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard: SocketAddr) -> Value {
     let ws = if cfg.dashboard.tls.is_some() { "wss" } else { "ws" };
     let mut listeners: Vec<Value> = cfg
@@ -72,6 +83,7 @@ pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard:
         "version": env!("CARGO_PKG_VERSION"),
         "started": started,
         "listeners": listeners,
+        "_settings": serde_json::to_value(api::Settings::from_config(cfg)).unwrap_or_default(),
     })
 }
 
@@ -111,7 +123,8 @@ impl View {
 /// A bound dashboard port, ready to serve.
 pub struct Dashboard {
     pub local: SocketAddr,
-    tcp: TcpListener,
+    /// `None` when the default address was taken by another program: no dashboard then.
+    tcp: Option<TcpListener>,
     /// Set for HTTPS; the handshake runs in the connection's task under a deadline.
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -122,12 +135,29 @@ impl Dashboard {
             Some(t) => Some(crate::broker::listener::tls_acceptor(t).context("dashboard.tls")?),
             None => None,
         };
-        let tcp = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("dashboard.bind: cannot bind {addr}"))?;
+        let tcp = match TcpListener::bind(addr).await {
+            Ok(t) => t,
+            // The default comes on by itself: another program on 8080 must not keep the
+            // gateway from starting. An address someone wrote must bind.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && addr.to_string() == crate::config::DEFAULT_DASHBOARD_BIND =>
+            {
+                log::warn!(
+                    "dashboard: the default address {addr} is in use ({e}); the dashboard is off. \
+                     Set dashboard.bind to another address, or `dashboard.bind: null` to say so"
+                );
+                return Ok(Dashboard {
+                    local: addr,
+                    tcp: None,
+                    tls,
+                });
+            }
+            Err(e) => return Err(e).with_context(|| format!("dashboard.bind: cannot bind {addr}")),
+        };
         Ok(Dashboard {
             local: tcp.local_addr()?,
-            tcp,
+            tcp: Some(tcp),
             tls,
         })
     }
@@ -135,9 +165,40 @@ impl Dashboard {
     /// Accepts until `stop`; each connection is served in its own task.
     pub async fn run(self, door: FrontDoor, view: Arc<View>, stop: CancellationToken) {
         let local = self.local;
+        let Some(tcp) = self.tcp else { return };
+        let mut info = view.info.clone();
+        let settings: api::Settings = info
+            .as_object_mut()
+            .and_then(|o| o.remove("_settings"))
+            .and_then(|s| serde_json::from_value(s).ok())
+            .unwrap_or_default();
+        // Bridge requests are for the dashboard's admins alone, whatever the ACL says.
+        door.shared
+            .restrict_topic(&settings.bridge_request_topic(), &settings.admins);
+        let ctx = Arc::new(Ctx {
+            door: door.clone(),
+            view,
+            info,
+            settings,
+            logins: api::Logins::default(),
+            problems: api::Problems::default(),
+            local,
+            open: local.ip().is_loopback(),
+        });
+        let sampler = ctx.clone();
+        let stop_sampler = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sampler.problems.sample(&sampler.view.status.load()),
+                    _ = stop_sampler.cancelled() => return,
+                }
+            }
+        });
         loop {
             let (stream, peer) = tokio::select! {
-                r = self.tcp.accept() => match r {
+                r = tcp.accept() => match r {
                     Ok(s) => s,
                     Err(e) => {
                         log::warn!("dashboard: accept failed: {e}");
@@ -153,15 +214,15 @@ impl Dashboard {
                 log::warn!("dashboard: too many open sockets, dropping {peer}");
                 continue;
             };
-            let (door, view, stop, tls) = (door.clone(), view.clone(), stop.clone(), self.tls.clone());
+            let (ctx, stop, tls) = (ctx.clone(), stop.clone(), self.tls.clone());
             tokio::spawn(async move {
                 let _slot = slot;
                 match tls {
-                    None => serve_http(stream, peer, local, door, view, stop).await,
+                    None => serve_http(stream, peer, ctx, stop).await,
                     Some(acceptor) => {
-                        let deadline = door.shared.limits.connect_timeout.0;
+                        let deadline = ctx.door.shared.limits.connect_timeout.0;
                         match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => serve_http(s, peer, local, door, view, stop).await,
+                            Ok(Ok(s)) => serve_http(s, peer, ctx, stop).await,
                             Ok(Err(e)) => log::info!("dashboard: {peer}: TLS handshake failed: {e}"),
                             Err(_) => log::info!("dashboard: {peer}: TLS handshake timed out"),
                         }
@@ -172,20 +233,28 @@ impl Dashboard {
     }
 }
 
-/// One HTTP/1 connection; `/mqtt` upgrades leave it for the front door.
-async fn serve_http<S>(
-    stream: S,
-    peer: SocketAddr,
-    local: SocketAddr,
+/// What every request is served with.
+struct Ctx {
     door: FrontDoor,
     view: Arc<View>,
-    stop: CancellationToken,
-) where
+    /// `/info.json` as served (without the settings).
+    info: Value,
+    settings: api::Settings,
+    logins: api::Logins,
+    problems: api::Problems,
+    local: SocketAddr,
+    /// Bound on loopback: `/metrics` and `/info.json` need no login.
+    open: bool,
+}
+
+/// One HTTP/1 connection; `/mqtt` upgrades leave it for the front door.
+async fn serve_http<S>(stream: S, peer: SocketAddr, ctx: Arc<Ctx>, stop: CancellationToken)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        let (door, view) = (door.clone(), view.clone());
-        async move { Ok::<_, std::convert::Infallible>(route(req, &door, &view, peer, local)) }
+        let ctx = ctx.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(req, &ctx, peer).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -211,37 +280,130 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Repl
     r
 }
 
-fn route(req: Request<Incoming>, door: &FrontDoor, view: &View, peer: SocketAddr, local: SocketAddr) -> Reply {
+/// 401, with a challenge only for other clients (curl, a browser opening `/metrics`): the
+/// page asks with its own form, and a challenge would make the browser pop up its login dialog.
+fn unauthorized(why: &str, challenge: bool) -> Reply {
+    let mut r = reply(StatusCode::UNAUTHORIZED, "text/plain", format!("{why}\n"));
+    if challenge {
+        r.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"outpost\", charset=\"UTF-8\""),
+        );
+    }
+    r
+}
+
+fn json_reply(v: &Value) -> Reply {
+    let mut r = reply(StatusCode::OK, "application/json", v.to_string());
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
-    match req.uri().path() {
+    let path = req.uri().path().to_string();
+    let challenge = !path.starts_with("/api/") && !req.headers().contains_key("x-outpost-page");
+    let needs_caller = matches!(path.as_str(), "/api/me" | "/api/problems")
+        || (!ctx.open && matches!(path.as_str(), "/metrics" | "/info.json"));
+    let caller = if needs_caller {
+        let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        match ctx.logins.caller(&ctx.door.shared, &ctx.settings, header).await {
+            Ok(c) => c,
+            Err(()) => {
+                let user = header
+                    .and_then(|h| h.strip_prefix("Basic "))
+                    .and_then(|b| {
+                        use base64::Engine;
+                        base64::engine::general_purpose::STANDARD.decode(b.trim()).ok()
+                    })
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .and_then(|t| t.split_once(':').map(|(u, _)| u.to_string()))
+                    .unwrap_or_default();
+                ctx.problems.note(
+                    "dashboard_login_refused",
+                    1,
+                    format!("dashboard login refused for user `{user}` from {}", peer.ip()),
+                );
+                return unauthorized("wrong user or password", challenge);
+            }
+        }
+    } else {
+        api::Caller::Nobody
+    };
+    let anonymous_ok = ctx.settings.anonymous && caller == api::Caller::Nobody;
+    match path.as_str() {
         "/healthz" => {
-            let problems = view.health();
+            let problems = ctx.view.health();
             let code = if problems.is_empty() {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            let body = serde_json::json!({ "healthy": problems.is_empty(), "problems": problems });
+            // Off loopback, only whether: the problems name paths and bridges.
+            let body = if ctx.open {
+                serde_json::json!({ "healthy": problems.is_empty(), "problems": problems })
+            } else {
+                serde_json::json!({ "healthy": problems.is_empty() })
+            };
             reply(code, "application/json", body.to_string())
+        }
+        "/metrics" if !ctx.open && caller == api::Caller::Nobody => {
+            unauthorized("log in, or send the dashboard token", challenge)
+        }
+        "/info.json" if !ctx.open && caller == api::Caller::Nobody => {
+            unauthorized("log in to see this gateway", challenge)
         }
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            metrics::render(&view.status.load()),
+            metrics::render(&ctx.view.status.load()),
         ),
-        "/mqtt" => upgrade(req, door, peer, local),
+        "/info.json" => json_reply(&ctx.info),
+        "/api/me" | "/api/problems" => {
+            let user = match &caller {
+                api::Caller::User(u) => Some(u.as_str()),
+                api::Caller::Nobody if anonymous_ok => None,
+                _ => return unauthorized("log in with a broker user", false),
+            };
+            let status = ctx.view.status.load();
+            if path == "/api/me" {
+                json_reply(&api::me(
+                    &ctx.door.shared,
+                    &ctx.settings,
+                    user,
+                    &ctx.local.to_string(),
+                    &status,
+                ))
+            } else {
+                json_reply(&ctx.problems.doc(&status))
+            }
+        }
+        "/mqtt" => upgrade(req, ctx, peer),
         "/" | "/index.html" => reply(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
         "/app.js" => reply(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
-        "/info.json" => reply(StatusCode::OK, "application/json", view.info.to_string()),
         p => reply(StatusCode::NOT_FOUND, "text/plain", format!("no such page: {p}\n")),
     }
 }
 
 /// Answers a WebSocket upgrade (RFC 6455) and passes the connection to the front door.
-fn upgrade(mut req: Request<Incoming>, door: &FrontDoor, peer: SocketAddr, local: SocketAddr) -> Reply {
+fn upgrade(mut req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
     let h = req.headers();
+    let origin = h.get(ORIGIN).and_then(|v| v.to_str().ok());
+    let host = h.get(HOST).and_then(|v| v.to_str().ok());
+    if !gate::origin_allowed(origin, host, ctx.settings.tls, &ctx.settings.origins) {
+        let origin = origin.unwrap_or_default().chars().take(100).collect::<String>();
+        log::warn!("dashboard: {peer}: WebSocket from origin `{origin}` refused (not in dashboard.origins)");
+        ctx.problems
+            .note("origin_refused", 1, format!("WebSocket from origin `{origin}` refused"));
+        return reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "this origin may not open /mqtt (see dashboard.origins)\n",
+        );
+    }
     let is_ws = h
         .get(UPGRADE)
         .and_then(|v| v.to_str().ok())
@@ -260,11 +422,37 @@ fn upgrade(mut req: Request<Incoming>, door: &FrontDoor, peer: SocketAddr, local
         .unwrap_or("")
         .to_string();
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let door = door.clone();
+    let (door, local, anonymous) = (ctx.door.clone(), ctx.local, ctx.settings.anonymous);
+    let limit = door.shared.limits.max_packet_size.0 as usize;
+    let deadline = door.shared.limits.connect_timeout.0;
     tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(up) => door.adopt_websocket(TokioIo::new(up), peer, local),
-            Err(e) => log::info!("dashboard: {peer}: WebSocket upgrade failed: {e}"),
+        let mut io = match on_upgrade.await {
+            Ok(up) => TokioIo::new(up),
+            Err(e) => return log::info!("dashboard: {peer}: WebSocket upgrade failed: {e}"),
+        };
+        if anonymous {
+            return door.adopt_websocket(io, peer, local);
+        }
+        match tokio::time::timeout(deadline, gate::read_first(&mut io, limit.min(64 * 1024))).await {
+            Ok(Ok((gate::First::Anonymous(level), _))) => {
+                log::info!("dashboard: {peer}: anonymous CONNECT on /mqtt refused (dashboard.anonymous is off)");
+                door.shared
+                    .metrics
+                    .connects_refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                gate::refuse_anonymous(&mut io, level).await;
+            }
+            Ok(Ok((gate::First::PassOn, head))) => door.adopt_websocket(
+                gate::Replay {
+                    head,
+                    pos: 0,
+                    inner: io,
+                },
+                peer,
+                local,
+            ),
+            Ok(Err(e)) => log::debug!("dashboard: {peer}: closed before CONNECT: {e}"),
+            Err(_) => log::info!("dashboard: {peer}: no CONNECT in {deadline:?}"),
         }
     });
     let mut r = reply(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());

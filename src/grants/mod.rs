@@ -17,7 +17,8 @@ pub const FORMAT: u32 = 1;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Grant {
     pub id: String,
-    /// `user:NAME` or `client:ID` (trailing `*` allowed).
+    /// `user:NAME`: a logged-in broker user. (`client:ID` grants are refused: anyone, even an
+    /// anonymous client, can connect with any client id; one in an older file grants nothing.)
     pub who: String,
     pub filter: String,
     #[serde(default)]
@@ -49,8 +50,9 @@ impl Grant {
         !self.revoked && self.not_before <= now && now < self.expires
     }
 
+    /// A grant names an authenticated identity: a user, never a device login or a client id.
     pub fn applies(&self, id: &Identity) -> bool {
-        Who::parse(&self.who).is_ok_and(|w| w.applies(id))
+        !id.device && matches!(Who::parse(&self.who), Ok(w @ Who::User(_)) if w.applies(id))
     }
 
     pub fn allows_subscribe(&self, id: &Identity, filter: &str, now: u64) -> bool {
@@ -83,11 +85,14 @@ pub fn load(path: &Path) -> Result<GrantFile> {
 
 /// A new grant, checked and stored; `reference` (of a payment) may be used once only.
 pub fn add(path: &Path, mut g: Grant, reference: Option<&str>) -> Result<Grant> {
-    if Who::parse(&g.who)
-        .map(|w| !matches!(w, Who::User(_) | Who::Client(_)))
-        .unwrap_or(true)
-    {
-        bail!("who `{}` must be user:NAME or client:ID", g.who);
+    match Who::parse(&g.who) {
+        Ok(Who::User(name)) if !name.ends_with('*') && !name.contains(['/', '+', '#']) => {}
+        Ok(Who::Client(_)) => bail!(
+            "who `{}`: a grant names a logged-in user (user:NAME); a client id proves nothing, \
+             anyone may connect with it",
+            g.who
+        ),
+        _ => bail!("who `{}` must be user:NAME", g.who),
     }
     if !topics::valid_filter(&g.filter) || g.filter.starts_with('$') {
         bail!("`{}` is not a topic filter", g.filter);
@@ -140,4 +145,50 @@ pub fn audit(what: &str, g: &Grant) {
         if g.publish { "publish" } else { "" },
         g.filter, g.expires, g.source
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(who: &str) -> Grant {
+        Grant {
+            id: String::new(),
+            who: who.into(),
+            filter: "sensor/kiosk/live".into(),
+            subscribe: true,
+            publish: false,
+            not_before: 0,
+            expires: u64::MAX,
+            created: 0,
+            source: "cli".into(),
+            revoked: false,
+        }
+    }
+
+    fn id(user: Option<&str>, client: &str, device: bool) -> Identity {
+        Identity {
+            username: user.map(str::to_string),
+            client_id: client.into(),
+            listener: "127.0.0.1:1883".into(),
+            device,
+        }
+    }
+
+    #[test]
+    fn a_client_id_grant_is_refused_and_one_on_file_grants_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let e = add(&path(d.path()), grant("client:kiosk-7"), None).unwrap_err();
+        assert!(e.to_string().contains("user:NAME"), "{e}");
+        let old = grant("client:kiosk-7");
+        assert!(!old.allows_subscribe(&id(None, "kiosk-7", false), "sensor/kiosk/live", 1));
+        assert!(!old.allows_subscribe(&id(Some("bob"), "kiosk-7", false), "sensor/kiosk/live", 1));
+        let user = grant("user:kiosk");
+        assert!(user.allows_subscribe(&id(Some("kiosk"), "any", false), "sensor/kiosk/live", 1));
+        assert!(
+            !user.allows_subscribe(&id(Some("kiosk"), "any", true), "sensor/kiosk/live", 1),
+            "a device named like the user"
+        );
+        assert!(add(&path(d.path()), grant("user:kiosk*"), None).is_err());
+    }
 }

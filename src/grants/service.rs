@@ -161,7 +161,8 @@ impl GrantService {
     }
 
     /// `{"user": "alice", "amount": 500, "reference": "tx-1", "topic": "sensor/kitchen/live"}`:
-    /// priced by the first price whose topic covers the one asked for, confirmed by the verifier.
+    /// one topic (never a wildcard), priced by the first price whose topic covers it, confirmed
+    /// by the verifier.
     async fn claim(&self, m: &Value) -> Value {
         let refuse = |why: String| {
             CLAIMS_REFUSED.fetch_add(1, Ordering::Relaxed);
@@ -176,8 +177,15 @@ impl GrantService {
         ) else {
             return refuse("a claim needs user, amount, reference and topic".into());
         };
-        if user.is_empty() || user.contains(['/', '+', '#']) || reference.is_empty() {
+        if user.is_empty() || user.contains(['/', '+', '#', '*']) || reference.is_empty() {
             return refuse("bad user or reference".into());
+        }
+        // A claim buys one topic: a price is for each topic it covers, so a wildcard would buy
+        // every one of them for the price of one.
+        if !crate::broker::topics::valid_topic(topic) || topic.starts_with('$') {
+            return refuse(format!(
+                "`{topic}` is not one topic: a claim buys one topic (no + or #), each at its price"
+            ));
         }
         let Some(price) = self
             .cfg
@@ -253,13 +261,24 @@ async fn verify(v: Verifier, reference: String, amount: u64, user: String) -> Re
     }
 }
 
-/// A verifier command, killed if it takes longer than 15 s.
+/// A verifier command, killed if it takes longer than 15 s. It gets no arguments: the claim
+/// comes on standard input as one JSON line `{"reference": ..., "amount": ..., "user": ...}`,
+/// so nothing a claimant writes can become an option of the command.
 async fn verify_command(cmd: &str, reference: &str, amount: u64, user: &str) -> Result<(), String> {
-    let child = tokio::process::Command::new(cmd)
-        .args([reference, &amount.to_string(), user])
-        .kill_on_drop(true)
-        .status();
-    match tokio::time::timeout(Duration::from_secs(15), child).await {
+    use tokio::io::AsyncWriteExt;
+    let line = json!({ "reference": reference, "amount": amount, "user": user }).to_string() + "\n";
+    let run = async {
+        let mut child = tokio::process::Command::new(cmd)
+            .stdin(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A command that does not read its input may close it: its exit status still counts.
+            let _ = stdin.write_all(line.as_bytes()).await;
+        }
+        child.wait().await
+    };
+    match tokio::time::timeout(Duration::from_secs(15), run).await {
         Ok(Ok(st)) if st.success() => Ok(()),
         Ok(Ok(st)) => Err(format!("{cmd} said no ({st})")),
         Ok(Err(e)) => Err(format!("{cmd}: {e}")),

@@ -36,6 +36,9 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     notify: UnixDatagram,
+    /// The dashboard's port: the test's own `dashboard:` section, or a free port of its own
+    /// (the dashboard is on by default, and every test gateway must not take 8080).
+    pub dashboard: Option<u16>,
     /// Everything the gateway wrote to its notify socket so far.
     pub notes: Vec<String>,
     env: Vec<(String, String)>,
@@ -52,11 +55,7 @@ impl Gateway {
     pub fn start_with_env(broker_yaml: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("outpost.yaml");
-        let yaml = format!(
-            "gateway:\n  id: test-gw\n  data_dir: {}\n  shutdown_timeout: 2s\nlog:\n  level: debug\n{broker_yaml}",
-            dir.path().join("data").display()
-        );
-        std::fs::write(&config, yaml).unwrap();
+        let dashboard = dashboard_port(broker_yaml).unwrap_or_else(|| Some(free_port()));
         let notify = UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
         notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -65,18 +64,31 @@ impl Gateway {
             dir,
             config,
             notify,
+            dashboard,
             notes: vec![],
             env,
         };
+        gw.write_config(broker_yaml);
         gw.spawn();
         gw
     }
 
+    /// Writes the config file: the gateway header, then `broker_yaml`, then (unless it has its
+    /// own) a `dashboard:` section on this gateway's own port.
     pub fn write_config(&self, broker_yaml: &str) {
-        let yaml = format!(
+        let mut yaml = format!(
             "gateway:\n  id: test-gw\n  data_dir: {}\n  shutdown_timeout: 2s\nlog:\n  level: debug\n{broker_yaml}",
             self.dir.path().join("data").display()
         );
+        if dashboard_port(broker_yaml).is_none() {
+            if !yaml.ends_with('\n') {
+                yaml.push('\n');
+            }
+            match self.dashboard {
+                Some(p) => yaml.push_str(&format!("dashboard:\n  bind: \"127.0.0.1:{p}\"\n")),
+                None => yaml.push_str("dashboard:\n  bind: null\n"),
+            }
+        }
         std::fs::write(&self.config, yaml).unwrap();
     }
 
@@ -183,6 +195,28 @@ impl Drop for Gateway {
             let _ = c.wait();
         }
     }
+}
+
+/// The dashboard port a test's YAML sets itself: `None` when it has no `dashboard:` section,
+/// `Some(None)` when it has one without a port on loopback (off, or elsewhere).
+fn dashboard_port(yaml: &str) -> Option<Option<u16>> {
+    let at = yaml
+        .find("\ndashboard:")
+        .map(|i| i + 1)
+        .or(yaml.starts_with("dashboard:").then_some(0))?;
+    let section: String = yaml[at..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with(' '))
+        .collect::<Vec<_>>()
+        .join("\n");
+    Some(
+        section
+            .split("bind: \"127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|p| p.parse().ok()),
+    )
 }
 
 /// A plain loopback `mqtt` listener section, anonymous allowed.

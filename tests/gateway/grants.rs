@@ -282,3 +282,171 @@ async fn grants_from_an_admin_request_and_from_verified_claims_and_replays_refus
         "carol's grant is not alice's"
     );
 }
+
+/// Issue 13, point 5: a grant names a logged-in user. A `client:ID` grant is refused when
+/// asked for, and one already on file (written by an older outpost) gives nothing to whoever
+/// connects with that id, anonymous or another user.
+#[tokio::test]
+async fn a_client_id_grant_is_refused_and_one_on_file_is_not_taken_by_that_id() {
+    let port = free_port();
+    let gw = Gateway::start(&config(port, "grants:\n  admins: [payer]\n"));
+    let (shop, mut sev) = connect(opts(port, "shop")).await.unwrap();
+    subscribe(&shop, &mut sev, "outpost/test-gw/grants/reply/#", QoS::AtLeastOnce).await;
+    let (payer, pev) = connect(login(port, "payer-1", "payer", "payer-pw")).await.unwrap();
+    let _d = drive(pev);
+    let req = serde_json::json!({ "action": "add", "who": "client:kiosk-7", "topic": "sensor/kiosk/live", "for": "1h", "reply_to": "outpost/test-gw/grants/reply/shop" });
+    payer
+        .publish(
+            "outpost/test-gw/grants/request",
+            QoS::AtLeastOnce,
+            false,
+            req.to_string(),
+        )
+        .await
+        .unwrap();
+    let r = reply(&mut sev).await.expect("a reply to the request");
+    assert_eq!(r["ok"], false, "a client:ID grant was made: {r}");
+    assert!(r["error"].as_str().unwrap().contains("user:NAME"), "{r}");
+    let out = Command::new(BIN)
+        .args([
+            "grants",
+            "add",
+            "--who",
+            "client:kiosk-7",
+            "--topic",
+            "sensor/kiosk/live",
+            "--for",
+            "1h",
+            "--config",
+        ])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the CLI made a client:ID grant");
+
+    // A grants file from before: the id alone must not open the topic.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let file = serde_json::json!({ "format": 1, "grants": [{ "id": "old1", "who": "client:kiosk-7", "filter": "sensor/kiosk/live",
+        "subscribe": true, "publish": false, "not_before": now - 10, "expires": now + 3600, "created": now - 10, "source": "cli" }] });
+    std::fs::write(gw.dir.path().join("data/grants.json"), file.to_string()).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (anon, mut aev) = connect(opts(port, "kiosk-7")).await.unwrap();
+    assert_eq!(
+        subscribe(&anon, &mut aev, "sensor/kiosk/live", QoS::AtMostOnce).await,
+        vec![R::Failure],
+        "an anonymous client took the grant by its client id"
+    );
+    let (alice, mut ev) = connect(login(port, "kiosk-7", "alice", "alice-pw")).await.unwrap();
+    assert_eq!(
+        subscribe(&alice, &mut ev, "sensor/kiosk/live", QoS::AtMostOnce).await,
+        vec![R::Failure],
+        "another user took the grant by its client id"
+    );
+}
+
+/// Issue 13, point 6: a claim buys the one topic asked for. A wildcard claim is refused (the
+/// price is per topic), and a paid claim opens that topic only.
+#[tokio::test]
+async fn a_claim_buys_one_topic_and_a_wildcard_claim_is_refused() {
+    let vport = verifier().await;
+    let port = free_port();
+    let gw = Gateway::start(&config(
+        port,
+        &format!("grants:\n  claims: true\n  prices: [ {{ topic: \"sensor/+/live\", price: 500, per: 1h }} ]\n  verifier: {{ url: \"http://127.0.0.1:{vport}/verify\" }}\n"),
+    ));
+    let (shop, mut sev) = connect(opts(port, "shop")).await.unwrap();
+    subscribe(&shop, &mut sev, "outpost/test-gw/grants/reply/#", QoS::AtLeastOnce).await;
+    let claim = |reference: &str, topic: &str| {
+        serde_json::json!({ "user": "alice", "amount": 500, "reference": reference, "topic": topic, "reply_to": "outpost/test-gw/grants/reply/shop" }).to_string()
+    };
+    for wild in ["sensor/+/live", "sensor/#"] {
+        shop.publish(
+            "outpost/test-gw/grants/claim",
+            QoS::AtLeastOnce,
+            false,
+            claim("good-w", wild),
+        )
+        .await
+        .unwrap();
+        let r = reply(&mut sev)
+            .await
+            .unwrap_or_else(|| panic!("no reply; log:\n{}", gw.log()));
+        assert_eq!(r["ok"], false, "one payment bought {wild}: {r}");
+        assert!(r["error"].as_str().unwrap().contains("one topic"), "{r}");
+    }
+    shop.publish(
+        "outpost/test-gw/grants/claim",
+        QoS::AtLeastOnce,
+        false,
+        claim("good-k", "sensor/kitchen/live"),
+    )
+    .await
+    .unwrap();
+    let r = reply(&mut sev).await.unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["grant"]["filter"], "sensor/kitchen/live");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (alice, mut ev) = connect(login(port, "alice-1", "alice", "alice-pw")).await.unwrap();
+    assert_eq!(
+        subscribe(&alice, &mut ev, "sensor/kitchen/live", QoS::AtMostOnce).await,
+        vec![R::Success(QoS::AtMostOnce)]
+    );
+    assert_eq!(
+        subscribe(&alice, &mut ev, "sensor/garage/live", QoS::AtMostOnce).await,
+        vec![R::Failure],
+        "the claim for one topic opened another"
+    );
+}
+
+/// Issue 13, point 13: a verifier command gets no arguments a claimant could turn into
+/// options: the claim comes on standard input as JSON.
+#[tokio::test]
+async fn a_verifier_command_reads_the_claim_on_stdin_never_as_arguments() {
+    let port = free_port();
+    let d = tempfile::tempdir().unwrap();
+    let seen = d.path().join("seen");
+    let script = d.path().join("verify.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"args=$#:$*\" > {seen}\ncat >> {seen}\ngrep -q '\"reference\":\"--help\"' {seen}\n",
+            seen = seen.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let gw = Gateway::start(&config(
+        port,
+        &format!(
+            "grants:\n  claims: true\n  prices: [ {{ topic: \"sensor/+/live\", price: 500, per: 1h }} ]\n  verifier: {{ command: \"{}\" }}\n",
+            script.display()
+        ),
+    ));
+    let (shop, mut sev) = connect(opts(port, "shop")).await.unwrap();
+    subscribe(&shop, &mut sev, "outpost/test-gw/grants/reply/#", QoS::AtLeastOnce).await;
+    let claim = serde_json::json!({ "user": "alice", "amount": 500, "reference": "--help", "topic": "sensor/kitchen/live", "reply_to": "outpost/test-gw/grants/reply/shop" });
+    shop.publish(
+        "outpost/test-gw/grants/claim",
+        QoS::AtLeastOnce,
+        false,
+        claim.to_string(),
+    )
+    .await
+    .unwrap();
+    let r = reply(&mut sev)
+        .await
+        .unwrap_or_else(|| panic!("no reply; log:\n{}", gw.log()));
+    let got = std::fs::read_to_string(&seen).unwrap_or_default();
+    let mut lines = got.lines();
+    assert_eq!(lines.next(), Some("args=0:"), "the verifier got arguments:\n{got}");
+    let doc: serde_json::Value = serde_json::from_str(lines.next().unwrap_or("null")).unwrap();
+    assert_eq!(
+        doc,
+        serde_json::json!({ "reference": "--help", "amount": 500, "user": "alice" })
+    );
+    assert_eq!(r["ok"], true, "{r}");
+}
