@@ -371,7 +371,9 @@ async fn a_both_rule_and_a_chain_of_two_gateways_echo_nothing() {
             "b",
             &format!("mqtt://127.0.0.1:{port_b}"),
             &[r#"{ direction: both, local: "x/#", remote: "x/#", qos: 1 }"#],
-            "",
+            // Both test gateways share one gateway id, and B keeps outpost/<its id>/ to itself:
+            // A's bridge state (and its will) upstream goes elsewhere, as a second site's would.
+            "status_topic: site-a/outpost/status",
         ),
     ));
     let cloud = Collector::start(m.port, "cloud-watch", "x/#", None, false);
