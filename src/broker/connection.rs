@@ -830,11 +830,15 @@ fn on_packet(
                 }
                 ctx.session.lock().expiry = e.min(shared.sessions_cfg.max_session_expiry);
             }
-            Step::End(if reason == 0x04 {
-                End::DisconnectWithWill
-            } else {
-                End::Disconnected
-            })
+            if reason == 0x04 {
+                return Step::End(End::DisconnectWithWill);
+            }
+            // A session that ends here is ended before the socket closes, so a client that
+            // reconnects at once cannot find it still there.
+            if ctx.session.lock().expiry == 0 {
+                shared.detach(&ctx.session, ctx.gen, None, false);
+            }
+            Step::End(End::Disconnected)
         }
     }
 }

@@ -135,8 +135,13 @@ async fn a_plug_that_changes_port_is_followed() {
         back = collect(port, "sensor/desk/live", Duration::from_secs(1)).await;
     }
     assert!(!back.is_empty(), "readings did not resume after the port change");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let p = gw.status()["plugs"][0].clone();
+    // status.json is rewritten every 2 s: wait for the one that saw the move.
+    let end = Instant::now() + T;
+    let mut p = gw.status()["plugs"][0].clone();
+    while p["moved"].as_u64() != Some(1) && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        p = gw.status()["plugs"][0].clone();
+    }
     assert_eq!(
         (p["port"].as_u64(), p["moved"].as_u64()),
         (Some(sim.port() as u64), Some(1)),
