@@ -8,7 +8,7 @@ use super::auth::Identity;
 use super::codec::{self, AckCode, Frame, FrameError, Goodbye, In, OutPublish, Proto, Refusal, SubCode};
 use super::metrics::Metrics;
 use super::router::message::{now_ms, Message};
-use super::router::session::{Delivery, Session, SubOpts};
+use super::router::session::{Delivery, DropReason, Session, SubOpts};
 use super::router::{Target, NEVER};
 use super::{topics, Shared};
 use bytes::BytesMut;
@@ -28,6 +28,8 @@ const TOPIC_ALIAS_MAX: u16 = 32;
 const OUR_ALIAS_MAX: u16 = 64;
 /// The longest keep-alive the broker accepts; MQTT 5 clients asking more are told this one.
 const MAX_KEEP_ALIVE: u16 = 3600;
+/// How long the writer gets to write what the reader left when the reader ends.
+const WRITER_DRAIN: Duration = Duration::from_secs(2);
 /// Deliveries the writer takes from the session per round.
 const TAKE_BATCH: usize = 256;
 
@@ -58,7 +60,7 @@ enum End {
     /// Read or write failure, keep-alive timeout, a client that stopped reading.
     ClientGone(String),
     Disconnected,
-    /// MQTT 5 DISCONNECT 0x04: close, and let the will go.
+    /// MQTT 5 DISCONNECT with a reason other than 0x00 (0x04 or an error): the will goes.
     DisconnectWithWill,
     Protocol(&'static str),
     TakenOver,
@@ -343,9 +345,17 @@ pub async fn serve<S>(
     // A panic on this connection (a bug) ends this connection only: it is caught here, counted,
     // and the session is let go as for any other end.
     let halves = async {
+        let r = reader(&ctx, crd, cbuf, tx);
+        let w = writer(&ctx, cwr, rx, stop, (kick, taken_over));
+        tokio::pin!(r, w);
         tokio::select! {
-            end = reader(&ctx, crd, cbuf, tx) => end,
-            end = writer(&ctx, cwr, rx, stop, (kick, taken_over)) => end,
+            end = &mut r => {
+                // The reader's last words (acks, a DISCONNECT with its reason) are in the channel,
+                // which the reader closed on return: the writer writes them, then closes.
+                let _ = timeout(WRITER_DRAIN, &mut w).await;
+                end
+            }
+            end = &mut w => end,
         }
     };
     let end = match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(halves)).await {
@@ -464,6 +474,17 @@ enum PacketKind {
 }
 
 impl Ctx {
+    /// Why a delivery may not be written to this client now, if it may not: larger than its
+    /// Maximum Packet Size, or a topic it may no longer read (it may have waited in the queue
+    /// across an ACL reload or the end of a grant).
+    fn check(&self, d: &Delivery) -> Option<DropReason> {
+        let size = codec::publish_size(self.proto, &d.msg, d.qos) + 8 * d.sub_ids.len();
+        if self.max_packet != 0 && size > self.max_packet {
+            return Some(DropReason::TooLarge);
+        }
+        (!self.shared.may_read(&self.id, &d.msg.topic)).then_some(DropReason::Denied)
+    }
+
     /// The session store, when this session is kept in it.
     fn store(&self) -> Option<&super::router::store::SessionStore> {
         self.shared
@@ -830,7 +851,9 @@ fn on_packet(
                 }
                 ctx.session.lock().expiry = e.min(shared.sessions_cfg.max_session_expiry);
             }
-            if reason == 0x04 {
+            // Only a normal disconnection (0x00) discards the will [MQTT-3.1.2-10]; 0x04 asks
+            // for it, and any error reason leaves it to be published.
+            if reason != 0x00 {
                 return Step::End(End::DisconnectWithWill);
             }
             // A session that ends here is ended before the socket closes, so a client that
@@ -859,7 +882,14 @@ async fn writer<W: AsyncWrite + Unpin>(
     let mut out = BytesMut::new();
     let mut aliases: HashMap<Arc<str>, u16> = HashMap::new();
     let now = now_ms();
-    for f in ctx.session.inflight() {
+    let Some(resume) = ctx.session.resume(ctx.gen, ctx.receive_max, |d| ctx.check(d)) else {
+        return End::TakenOver;
+    };
+    shared.router.release(resume.freed);
+    for id in resume.dropped_ids {
+        shared.router.done(id);
+    }
+    for f in resume.resend {
         if f.released {
             out.extend_from_slice(&codec::pubrel(f.pkid));
         } else {
@@ -902,18 +932,22 @@ async fn writer<W: AsyncWrite + Unpin>(
         }
         // Deliveries, as many as the window allows, in rounds so one write stays bounded.
         let now = now_ms();
-        let fits = |d: &Delivery| {
-            ctx.max_packet == 0 || codec::publish_size(ctx.proto, &d.msg, d.qos) + 8 * d.sub_ids.len() <= ctx.max_packet
-        };
-        match ctx.session.take(ctx.gen, ctx.receive_max, TAKE_BATCH, fits) {
+        match ctx.session.take(ctx.gen, ctx.receive_max, TAKE_BATCH, |d| ctx.check(d)) {
             None => {
-                // A newer connection holds the session: tell this client why it is closed.
-                if let Some(d) = codec::disconnect(ctx.proto, Goodbye::SessionTakenOver) {
-                    out.extend_from_slice(&d);
+                // A newer connection holds the session (tell this client why it is closed), or
+                // the session ended under a closing connection (DISCONNECT with expiry 0).
+                if taken_over.load(Ordering::Relaxed) {
+                    if let Some(d) = codec::disconnect(ctx.proto, Goodbye::SessionTakenOver) {
+                        out.extend_from_slice(&d);
+                    }
                 }
                 let _ = flush(&mut cwr, &mut out, write_timeout).await;
                 let _ = timeout(Duration::from_secs(1), cwr.shutdown()).await;
-                return End::TakenOver;
+                return if taken_over.load(Ordering::Relaxed) {
+                    End::TakenOver
+                } else {
+                    End::Disconnected
+                };
             }
             Some(t) => {
                 shared.router.release(t.freed);
@@ -925,6 +959,10 @@ async fn writer<W: AsyncWrite + Unpin>(
                 }
                 if t.expired > 0 {
                     shared.router.dropped_expired.fetch_add(t.expired, Ordering::Relaxed);
+                }
+                if t.denied > 0 {
+                    shared.router.dropped_denied.fetch_add(t.denied, Ordering::Relaxed);
+                    Metrics::add(&m.delivery_denied, t.denied);
                 }
                 let more = t.out.len() == TAKE_BATCH;
                 for id in &t.dropped_ids {

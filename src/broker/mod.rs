@@ -366,18 +366,24 @@ impl Shared {
                 });
             }
         }
-        if !ended && expiry != NEVER {
+        if how == router::Detached::Kept && expiry != NEVER {
             self.expire_later(session, gen, Duration::from_secs(expiry as u64));
         }
     }
 
-    /// Ends `session` after `after`, unless a connection took it since generation `gen`.
+    /// Ends `session` after `after`, unless a connection took it since generation `gen` (which
+    /// cancels this timer, so a client that comes and goes leaves one timer, not one each time).
     fn expire_later(self: &Arc<Self>, session: &Arc<Session>, gen: u64, after: Duration) {
+        let cancel = self.router.expiry_timer(session);
         let (me, s) = (self.clone(), session.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            if me.router.end_session(&s, gen) {
-                log::debug!("session {} expired", s.key);
+            tokio::select! {
+                _ = tokio::time::sleep(after) => {
+                    if me.router.end_session(&s, gen) {
+                        log::debug!("session {} expired", s.key);
+                    }
+                }
+                _ = cancel.cancelled() => {}
             }
         });
     }
@@ -471,10 +477,6 @@ impl Shared {
             waits.extend(t.accept(&m, durable));
         }
         for t in self.router.route(msg) {
-            if !t.session.internal && !self.may_read(&t.session.identity.load(), &msg.topic) {
-                Metrics::inc(&self.metrics.delivery_denied);
-                continue;
-            }
             self.router
                 .push(&t, msg, false, if durable { Some(&mut *waits) } else { None });
         }
@@ -554,7 +556,7 @@ impl LocalClient {
             if let Some(m) = self.buf.pop_front() {
                 return m;
             }
-            if let Some(t) = self.session.take(self.gen, usize::MAX, 256, |_| true) {
+            if let Some(t) = self.session.take(self.gen, usize::MAX, 256, |_| None) {
                 self.shared.router.release(t.freed);
                 self.buf.extend(t.out.into_iter().map(|(_, d)| d));
                 if !self.buf.is_empty() {
@@ -611,6 +613,9 @@ impl Broker {
             QueueLimits {
                 max_messages: sc.max_queued_messages as usize,
                 max_bytes: sc.max_queued_bytes.0 as usize,
+                // Clients that are away hold half the budget at most: the live ones always
+                // have the rest.
+                away_bytes: sc.memory_budget.0 as usize / 2,
             },
             sc.memory_budget.0 as usize,
             Some(store),
@@ -661,6 +666,17 @@ impl Broker {
             reserved_prefix: format!("outpost/{}/", cfg.gateway.id),
             failures: Mutex::new(HashMap::new()),
         });
+        // Routing asks the broker who may read what (a shared group picks among those only).
+        let weak = Arc::downgrade(&shared);
+        let access: router::Access = Box::new(move |s, topic| {
+            let Some(sh) = weak.upgrade() else { return false };
+            let ok = s.internal || sh.may_read(&s.identity.load(), topic);
+            if !ok {
+                Metrics::inc(&sh.metrics.delivery_denied);
+            }
+            ok
+        });
+        let _ = shared.router.access.set(access);
         shared.restore_sessions(kept);
         let stop_accepting = CancellationToken::new();
         let stop_connections = CancellationToken::new();

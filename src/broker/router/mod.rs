@@ -4,8 +4,10 @@
 //!
 //! Invariants: the index holds exactly the subscriptions of sessions in `sessions` (a removed
 //! session leaves nothing behind, and memory for a filter is freed with its last subscriber);
-//! `queued` is the sum of every session's `bytes`; one lock (`inner`) guards the index, the
-//! session map and the retained map, and no session lock is ever taken while it is held.
+//! `queued` is the sum of every session's `bytes`, `away` that of the sessions no connection
+//! holds; one lock (`inner`) guards the index, the session map and the retained map. A session
+//! lock may be taken while it is held (attach, end, subscribe: so a session is never half in
+//! the router), never the other way round.
 
 pub mod index;
 pub mod message;
@@ -18,7 +20,7 @@ use message::Message;
 use session::{Conn, Delivery, QueueLimits, Session, SubOpts};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use store::SessionStore;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -50,10 +52,12 @@ pub struct Target {
 /// connected and hold fewer deliveries than their window (Receive Maximum), so a member that
 /// stops acknowledging is passed over once its window is full; if no member is ready, the
 /// connected one that made progress last (a delivery written or acknowledged).
+/// Only members that may read the message's topic are candidates, and a member whose queue is
+/// at its bound is not ready whatever its window.
 fn pick_member(
+    router: &Router,
     inner: &Inner,
-    group: &str,
-    filter: &str,
+    (group, filter): (&str, &str),
     members: &[(u64, Entry)],
     cursor: usize,
     msg: &Message,
@@ -67,8 +71,11 @@ fn pick_member(
         if o.no_local && *id == msg.from {
             continue;
         }
+        if !router.readable(s, &msg.topic) {
+            continue;
+        }
         let load = s.pending.load(Ordering::Relaxed);
-        let window = s.window.load(Ordering::Relaxed);
+        let window = s.window.load(Ordering::Relaxed).min(router.limits.max_messages);
         let online = s.online.load(Ordering::Relaxed);
         if online && load < window {
             best = Some((i, 0));
@@ -112,12 +119,22 @@ pub struct Router {
     pub dropped_queue_full: AtomicU64,
     pub dropped_too_large: AtomicU64,
     pub dropped_expired: AtomicU64,
+    pub dropped_away_budget: AtomicU64,
+    pub dropped_denied: AtomicU64,
     pub paused: AtomicU64,
+    /// Bytes queued in sessions no connection holds (bounded by `limits.away_bytes`).
+    away: Arc<AtomicUsize>,
+    /// May this session read this topic now? Set by the broker (its ACLs, grants and devices);
+    /// unset, everything is readable (the router tested alone).
+    pub access: OnceLock<Access>,
     /// Flips while publishers wait for the budget, so a waiting reader is logged once.
     over: AtomicBool,
     /// Where sessions that outlive their connection are kept (`None` in tests of the router alone).
     pub store: Option<SessionStore>,
 }
+
+/// The broker's read check, as the router calls it.
+pub type Access = Box<dyn Fn(&Session, &str) -> bool + Send + Sync>;
 
 /// Who opens a session, and how.
 pub struct AttachReq {
@@ -166,10 +183,18 @@ impl Router {
             dropped_queue_full: AtomicU64::new(0),
             dropped_too_large: AtomicU64::new(0),
             dropped_expired: AtomicU64::new(0),
+            dropped_away_budget: AtomicU64::new(0),
+            dropped_denied: AtomicU64::new(0),
             paused: AtomicU64::new(0),
+            away: Arc::new(AtomicUsize::new(0)),
+            access: OnceLock::new(),
             over: AtomicBool::new(false),
             store,
         }
+    }
+
+    fn readable(&self, s: &Session, topic: &str) -> bool {
+        self.access.get().is_none_or(|f| f(s, topic))
     }
 
     fn stored(&self, s: &Session) -> Option<&SessionStore> {
@@ -201,7 +226,7 @@ impl Router {
     }
 
     /// Opens (or resumes) the session `key` for a new connection. A connection holding it now
-    /// is told to go (its token is cancelled). `clean` discards what the session had.
+    /// is told to go (its token is cancelled). `clean` ends what the session had.
     pub fn attach(&self, req: AttachReq, token: CancellationToken, taken_over: Arc<AtomicBool>) -> Attached {
         let AttachReq {
             key,
@@ -214,50 +239,83 @@ impl Router {
         let key = key.as_str();
         let mut inner = self.lock();
         let existing = inner.sessions.get(key).cloned();
-        let (session, present) = match existing {
-            Some(s) if !clean => (s, true),
+        let (session, present, ended) = match existing {
+            Some(s) if !clean => (s, true, None),
             Some(s) => {
-                Self::remove_locked(&mut inner, &s);
-                if let Some(st) = self.stored(&s) {
-                    st.end(&s.key);
-                }
-                let freed = s.clear();
-                self.release(freed);
-                if let Some(c) = s.lock().conn.take() {
-                    c.taken_over.store(true, Ordering::Relaxed);
-                    c.token.cancel();
-                }
-                (
-                    self.new_session_locked(&mut inner, key, identity.clone(), internal, expiry),
-                    false,
-                )
+                Self::close_locked(&mut inner, &s);
+                let new = self.new_session_locked(&mut inner, key, identity.clone(), internal, expiry);
+                (new, false, Some(s))
             }
             None => (
                 self.new_session_locked(&mut inner, key, identity.clone(), internal, expiry),
                 false,
+                None,
             ),
         };
+        // Under the router lock: an expiry racing this attach either ended the session first
+        // (and a new one was made above) or finds it held.
+        let (gen, was_persisted) = {
+            let mut st = session.lock();
+            if let Some(old) = st.conn.take() {
+                old.taken_over.store(true, Ordering::Relaxed);
+                old.token.cancel();
+            }
+            if let Some(t) = st.expiry_timer.take() {
+                t.cancel();
+            }
+            st.gen += 1;
+            st.expiry = expiry;
+            st.conn = Some(Conn {
+                gen: st.gen,
+                token,
+                taken_over,
+            });
+            session.set_away(&mut st, false);
+            session.identity.store(Arc::new(identity));
+            session.window.store(window, Ordering::Relaxed);
+            session.online.store(true, Ordering::Relaxed);
+            (st.gen, session.persisted.load(Ordering::Relaxed))
+        };
         drop(inner);
-        session.identity.store(Arc::new(identity));
-        session.window.store(window, Ordering::Relaxed);
-        let mut st = session.lock();
-        if let Some(old) = st.conn.take() {
-            old.taken_over.store(true, Ordering::Relaxed);
-            old.token.cancel();
+        if let Some(old) = ended {
+            self.finish_end(&old);
         }
-        st.gen += 1;
-        let gen = st.gen;
-        st.expiry = expiry;
-        st.conn = Some(Conn { gen, token, taken_over });
-        drop(st);
         if let Some(store) = self.store.as_ref().filter(|_| !internal && expiry > 0) {
             session.persisted.store(true, Ordering::Relaxed);
             store.session(&session.key, &session.identity.load(), expiry);
+            if !was_persisted {
+                // It outlives its connection from now on: what it holds goes to the store too.
+                self.persist_whole(&session, store);
+            }
         }
-        session.online.store(true, Ordering::Relaxed);
         // Wake a writer of an older generation so it notices and stops.
         session.notify.notify_waiters();
         Attached { session, present, gen }
+    }
+
+    /// Writes what a session that just became persistent holds: its subscriptions and its
+    /// QoS 1/2 deliveries, queued or in flight.
+    fn persist_whole(&self, session: &Session, store: &SessionStore) {
+        let mut st = session.lock();
+        for (f, o) in &st.subs {
+            store.sub(&session.key, f, o);
+        }
+        for &pkid in &st.incoming_qos2 {
+            store.qos2_in(&session.key, pkid, true);
+        }
+        let st = &mut *st;
+        for f in st.inflight.iter_mut().filter(|f| f.d.qos > 0 && f.d.store_id == 0) {
+            f.d.store_id = store.next_id();
+            let _ = store.enqueue(&session.key, f.d.store_id, &f.d, false);
+            store.sent(f.d.store_id, f.pkid);
+            if f.released {
+                store.released(f.d.store_id);
+            }
+        }
+        for d in st.queue.iter_mut().filter(|d| d.qos > 0 && d.store_id == 0) {
+            d.store_id = store.next_id();
+            let _ = store.enqueue(&session.key, d.store_id, d, false);
+        }
     }
 
     fn new_session_locked(
@@ -270,24 +328,37 @@ impl Router {
     ) -> Arc<Session> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let key: Arc<str> = Arc::from(key);
-        let s = Arc::new(Session::new(id, key.clone(), identity, internal, expiry));
+        let s = Arc::new(Session::new(
+            id,
+            key.clone(),
+            identity,
+            internal,
+            expiry,
+            self.away.clone(),
+        ));
         inner.sessions.insert(key, s.clone());
         inner.by_id.insert(id, s.clone());
         s
     }
 
     /// The connection of generation `gen` has ended: the session ends with it (expiry 0), is
-    /// kept for a later connection, or was already taken by a newer one.
+    /// kept for a later connection, or was already taken by a newer one (`Ended` when that one
+    /// started clean, which ended this session).
     pub fn detach(&self, session: &Arc<Session>, gen: u64) -> Detached {
         let expiry = {
             let mut st = session.lock();
             if st.gen != gen {
-                return Detached::TakenOver;
+                return if st.closed && st.gen == gen + 1 {
+                    Detached::Ended
+                } else {
+                    Detached::TakenOver
+                };
             }
             st.conn = None;
+            session.set_away(&mut st, true);
+            session.online.store(false, Ordering::Relaxed);
             st.expiry
         };
-        session.online.store(false, Ordering::Relaxed);
         if expiry == 0 {
             self.end_session(session, gen);
             return Detached::Ended;
@@ -303,7 +374,7 @@ impl Router {
         let mut inner = self.lock();
         {
             let st = session.lock();
-            if st.gen != gen || st.conn.is_some() {
+            if st.gen != gen || st.conn.is_some() || st.closed {
                 return false;
             }
         }
@@ -314,19 +385,59 @@ impl Router {
         {
             return false;
         }
-        Self::remove_locked(&mut inner, session);
+        Self::close_locked(&mut inner, session);
         drop(inner);
+        self.finish_end(session);
+        true
+    }
+
+    /// Takes a session out of the router (index, maps) and closes it: a connection holding it
+    /// is told it was taken over, and nothing more is queued or subscribed to it.
+    fn close_locked(inner: &mut Inner, session: &Arc<Session>) {
+        let mut st = session.lock();
+        for (f, _) in st.subs.drain() {
+            let (group, filter) = split_share(&f);
+            inner.index.remove(filter, group, &session.id);
+        }
+        inner.sessions.remove(&session.key);
+        inner.by_id.remove(&session.id);
+        st.closed = true;
+        st.gen += 1;
+        if let Some(c) = st.conn.take() {
+            c.taken_over.store(true, Ordering::Relaxed);
+            c.token.cancel();
+        }
+        if let Some(t) = st.expiry_timer.take() {
+            t.cancel();
+        }
+        session.set_away(&mut st, false);
+        drop(st);
+        session.online.store(false, Ordering::Relaxed);
+        session.notify.notify_waiters();
+    }
+
+    /// After `close_locked`, outside the router lock: the store forgets the session, its bytes
+    /// go back to the budget, and what a shared group gave it and it never acknowledged goes to
+    /// another member of the group (MQTT 5 4.8.2); the rest ends with the session.
+    fn finish_end(&self, session: &Arc<Session>) {
         if let Some(st) = self.stored(session) {
             st.end(&session.key);
         }
-        // What a shared group gave this session and it never acknowledged goes to another
-        // member of the group (MQTT 5 4.8.2); the rest ends with the session.
         let (shared, freed) = session.drain_shared();
         self.release(freed);
         let freed = session.clear();
         self.release(freed);
         self.reroute_shared(shared);
-        true
+    }
+
+    /// Arms the expiry of a session that is away; a new connection (or another arming)
+    /// cancels it. Returns the token the timer waits on.
+    pub fn expiry_timer(&self, session: &Session) -> CancellationToken {
+        let t = CancellationToken::new();
+        if let Some(old) = session.lock().expiry_timer.replace(t.clone()) {
+            old.cancel();
+        }
+        t
     }
 
     fn reroute_shared(&self, deliveries: Vec<Delivery>) {
@@ -342,7 +453,7 @@ impl Router {
                     |_, _| {},
                     |g, f, members| {
                         if Some(g) == group && f == filter && t.is_none() {
-                            t = pick_member(&inner, g, f, members, cursor, &d.msg);
+                            t = pick_member(self, &inner, (g, f), members, cursor, &d.msg);
                         }
                     },
                 );
@@ -352,16 +463,6 @@ impl Router {
                 self.push(&t, &d.msg, false, None);
             }
         }
-    }
-
-    fn remove_locked(inner: &mut Inner, session: &Arc<Session>) {
-        let subs: Vec<Arc<str>> = session.lock().subs.drain().map(|(f, _)| f).collect();
-        for f in subs {
-            let (group, filter) = split_share(&f);
-            inner.index.remove(filter, group, &session.id);
-        }
-        inner.sessions.remove(&session.key);
-        inner.by_id.remove(&session.id);
     }
 
     /// Adds or replaces a subscription; returns whether it existed before, and the retained
@@ -374,12 +475,18 @@ impl Router {
         retain_handling: u8,
     ) -> (bool, Vec<Arc<Message>>) {
         let mut inner = self.lock();
+        let mut st = session.lock();
+        if st.closed {
+            // Its connection is on its way out (a clean start replaced the session).
+            return (false, vec![]);
+        }
         let (group, inner_filter) = split_share(filter);
         let existed = inner.index.insert(inner_filter, group, session.id, opts.clone());
-        if let Some(st) = self.stored(session) {
-            st.sub(&session.key, filter, &opts);
+        if let Some(store) = self.stored(session) {
+            store.sub(&session.key, filter, &opts);
         }
-        session.lock().subs.insert(Arc::from(filter), opts);
+        st.subs.insert(Arc::from(filter), opts);
+        drop(st);
         let send = group.is_none() && (retain_handling == 0 || (retain_handling == 1 && !existed));
         let retained = if send {
             let now = message::now_ms();
@@ -425,6 +532,9 @@ impl Router {
                     return;
                 }
                 let Some(s) = inner.by_id.get(id) else { return };
+                if !plain.contains_key(id) && !self.readable(s, &msg.topic) {
+                    return;
+                }
                 let qos = o.qos.min(msg.qos);
                 let t = plain.entry(*id).or_insert_with(|| Target {
                     session: s.clone(),
@@ -440,7 +550,7 @@ impl Router {
                 }
             },
             |group, filter, members| {
-                if let Some(t) = pick_member(&inner, group, filter, members, cursor, msg) {
+                if let Some(t) = pick_member(self, &inner, (group, filter), members, cursor, msg) {
                     shared.push(t);
                 }
             },
@@ -502,7 +612,12 @@ impl Router {
                 self.queued.fetch_add(cost, Ordering::Relaxed);
                 true
             }
-            Err(_) => {
+            Err(None) => false,
+            Err(Some(session::DropReason::AwayBudget)) => {
+                self.dropped_away_budget.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(Some(_)) => {
                 self.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
                 false
             }
@@ -529,6 +644,11 @@ impl Router {
 
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Bytes queued for sessions that no connection holds.
+    pub fn away_bytes(&self) -> usize {
+        self.away.load(Ordering::Relaxed)
     }
 
     /// Do the queues hold the whole budget (so publishers are held back)?
@@ -627,7 +747,9 @@ impl Router {
             "index_nodes": nodes,
             "retained": self.retained_count(),
             "queued_bytes": self.queued_bytes(),
+            "away_bytes": self.away_bytes(),
             "memory_budget": self.budget,
+            "away_budget": self.limits.away_bytes,
             "max_queued_messages": self.limits.max_messages,
             "max_queued_bytes": self.limits.max_bytes,
             "publisher_pauses": g(&self.paused),
@@ -635,6 +757,8 @@ impl Router {
                 "queue_full": g(&self.dropped_queue_full),
                 "too_large": g(&self.dropped_too_large),
                 "expired": g(&self.dropped_expired),
+                "away_budget": g(&self.dropped_away_budget),
+                "denied": g(&self.dropped_denied),
             },
             "sessions_dropping": dropping.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
         })
@@ -672,6 +796,7 @@ mod tests {
             QueueLimits {
                 max_messages,
                 max_bytes: 1 << 30,
+                away_bytes: 1 << 29,
             },
             1 << 30,
             None,
@@ -746,7 +871,7 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(publish(&r, &msg("t", 1)), 1, "each message goes to exactly one member");
             // Only the fast member reads.
-            let t = fast.session.take(fast.gen, usize::MAX, usize::MAX, |_| true).unwrap();
+            let t = fast.session.take(fast.gen, usize::MAX, usize::MAX, |_| None).unwrap();
             for (pkid, _) in t.out {
                 fast.session.acked(pkid, false);
             }
@@ -767,7 +892,7 @@ mod tests {
         r.subscribe(&other.session, "t", opts(1, None), 0);
         for _ in 0..15 {
             publish(&r, &msg("t", 1));
-            let t = other.session.take(other.gen, usize::MAX, usize::MAX, |_| true).unwrap();
+            let t = other.session.take(other.gen, usize::MAX, usize::MAX, |_| None).unwrap();
             for (pkid, _) in t.out {
                 other.session.acked(pkid, false);
             }
@@ -790,7 +915,7 @@ mod tests {
             publish(&r, &msg("x/y/z/w", 1));
         }
         assert!(r.queued_bytes() > 0);
-        let t = a.session.take(a.gen, 20, usize::MAX, |_| true).unwrap();
+        let t = a.session.take(a.gen, 20, usize::MAX, |_| None).unwrap();
         assert_eq!(t.out.len(), 20, "the window bounds what is in flight");
         r.release(t.freed);
         for (pkid, _) in t.out {
@@ -814,12 +939,189 @@ mod tests {
         publish(&r, &msg("t", 0));
         let b = attach(&r, ":k", false, NEVER);
         assert!(b.present && Arc::ptr_eq(&a.session, &b.session));
-        let t = b.session.take(b.gen, 100, 100, |_| true).unwrap();
+        let t = b.session.take(b.gen, 100, 100, |_| None).unwrap();
         assert_eq!(t.out.len(), 1, "the QoS 1 message waited, the QoS 0 one was not kept");
         // The older generation may no longer take.
-        assert!(a.session.take(a.gen, 100, 100, |_| true).is_none());
+        assert!(a.session.take(a.gen, 100, 100, |_| None).is_none());
         let c = attach(&r, ":k", true, 0);
         assert!(!c.present && !Arc::ptr_eq(&a.session, &c.session));
         assert!(r.route(&msg("t", 1)).is_empty());
+    }
+
+    fn take_all(a: &Attached) -> Vec<(u16, Delivery)> {
+        a.session.take(a.gen, usize::MAX, usize::MAX, |_| None).unwrap().out
+    }
+
+    #[test]
+    fn away_sessions_hold_their_share_and_never_pause_the_live_ones() {
+        let cost = msg("t", 1).cost();
+        // Room for 100 messages in all, 50 of them for clients that are away.
+        let r = Router::new(
+            QueueLimits {
+                max_messages: 1000,
+                max_bytes: 1 << 30,
+                away_bytes: 50 * cost,
+            },
+            100 * cost,
+            None,
+        );
+        let mut dead = vec![];
+        for i in 0..4 {
+            let a = attach(&r, &format!(":dead{i}"), false, NEVER);
+            r.subscribe(&a.session, "#", opts(1, None), 0);
+            assert_eq!(r.detach(&a.session, a.gen), Detached::Kept);
+            dead.push(a);
+        }
+        let live = attach(&r, ":live", true, 0);
+        r.subscribe(&live.session, "t", opts(1, None), 0);
+        for _ in 0..1000 {
+            let m = msg("t", 1);
+            assert!(!r.over_budget(), "away clients paused the publishers");
+            let to_live = r
+                .route(&m)
+                .into_iter()
+                .filter(|t| Arc::ptr_eq(&t.session, &live.session));
+            for t in to_live.collect::<Vec<_>>() {
+                assert!(r.push(&t, &m, false, None), "the live client lost a message");
+            }
+            for t in r
+                .route(&m)
+                .into_iter()
+                .filter(|t| !Arc::ptr_eq(&t.session, &live.session))
+            {
+                r.push(&t, &m, false, None);
+            }
+            for (pkid, _) in take_all(&live) {
+                let (freed, _) = live.session.acked(pkid, false).unwrap();
+                r.release(freed);
+            }
+        }
+        assert_eq!(live.session.delivered.load(Ordering::Relaxed), 1000);
+        assert!(
+            r.away_bytes() <= 50 * cost,
+            "away bytes {} past their share",
+            r.away_bytes()
+        );
+        let dropped: u64 = dead
+            .iter()
+            .map(|a| *a.session.drops().get(&session::DropReason::AwayBudget).unwrap_or(&0))
+            .sum();
+        assert_eq!(dropped, 4 * 1000 - 50, "every message past the share is counted");
+        assert_eq!(r.dropped_away_budget.load(Ordering::Relaxed), dropped);
+        // A client that comes back takes its bytes out of the away share.
+        let back = attach(&r, ":dead0", false, NEVER);
+        assert!(back.present);
+        let held = back.session.lock().bytes;
+        assert!(held > 0);
+        assert_eq!(r.away_bytes(), 50 * cost - held);
+    }
+
+    #[test]
+    fn nothing_is_queued_into_a_session_that_has_ended() {
+        let r = router(100);
+        let a = attach(&r, ":a", true, 0);
+        r.subscribe(&a.session, "t", opts(1, None), 0);
+        let targets = r.route(&msg("t", 1));
+        assert_eq!(targets.len(), 1);
+        // The session ends between routing and queueing.
+        assert_eq!(r.detach(&a.session, a.gen), Detached::Ended);
+        assert!(!r.push(&targets[0], &msg("t", 1), false, None));
+        assert_eq!(r.queued_bytes(), 0, "bytes leaked into an ended session");
+        assert_eq!(a.session.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_clean_start_ends_the_old_session_for_its_connection_too() {
+        let r = router(100);
+        let (subs0, nodes0) = r.subscription_count();
+        let old = attach(&r, ":c", false, NEVER);
+        r.subscribe(&old.session, "a/b", opts(1, None), 0);
+        let new = attach(&r, ":c", true, NEVER);
+        assert!(!new.present);
+        // The old connection's reader still has a SUBSCRIBE in hand: it must not reach the index.
+        r.subscribe(&old.session, "x/y/z", opts(1, None), 0);
+        assert_eq!(r.subscription_count(), (subs0, nodes0), "a closed session subscribed");
+        assert!(
+            old.session.take(old.gen, 10, 10, |_| None).is_none(),
+            "the old writer still takes"
+        );
+        // Its end: the session it held ended (so its will goes now), nothing else is touched.
+        assert_eq!(r.detach(&old.session, old.gen), Detached::Ended);
+        assert!(r.session(":c").is_some_and(|s| Arc::ptr_eq(&s, &new.session)));
+        assert!(new.session.online.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn an_expiry_racing_a_resume_never_ends_the_resumed_session() {
+        let r = router(100);
+        let a = attach(&r, ":e", false, 10);
+        r.subscribe(&a.session, "t", opts(1, None), 0);
+        assert_eq!(r.detach(&a.session, a.gen), Detached::Kept);
+        let timer = r.expiry_timer(&a.session);
+        let b = attach(&r, ":e", false, 10);
+        assert!(timer.is_cancelled(), "the resume did not cancel the expiry timer");
+        // A timer that fired anyway finds the session held by generation b.
+        assert!(!r.end_session(&a.session, a.gen));
+        assert_eq!(publish(&r, &msg("t", 1)), 1);
+        assert_eq!(take_all(&b).len(), 1);
+    }
+
+    #[test]
+    fn a_shared_group_picks_only_members_that_may_read_and_have_room() {
+        let r = Router::new(
+            QueueLimits {
+                max_messages: 5,
+                max_bytes: 1 << 30,
+                away_bytes: 1 << 29,
+            },
+            1 << 30,
+            None,
+        );
+        let _ = r
+            .access
+            .set(Box::new(|s: &Session, _t: &str| !s.key.starts_with(":blind")));
+        let blind = attach(&r, ":blind", true, 0);
+        let full = attach(&r, ":full", true, 0);
+        let free = attach(&r, ":free", true, 0);
+        for a in [&blind, &full, &free] {
+            r.subscribe(&a.session, "$share/g/t", opts(1, None), 0);
+        }
+        // `full` has a wide window but a queue bound of 5; it never reads.
+        for _ in 0..100 {
+            assert_eq!(publish(&r, &msg("t", 1)), 1);
+            for (pkid, _) in take_all(&free) {
+                free.session.acked(pkid, false);
+            }
+        }
+        assert_eq!(
+            blind.session.pending.load(Ordering::Relaxed),
+            0,
+            "a member that may not read got messages"
+        );
+        assert!(full.session.drops().is_empty(), "a full member was picked and dropped");
+        assert_eq!(full.session.pending.load(Ordering::Relaxed), 5);
+        assert_eq!(free.session.delivered.load(Ordering::Relaxed), 95);
+    }
+
+    #[test]
+    fn a_resume_resends_only_what_the_new_receive_maximum_allows() {
+        let r = router(100);
+        let a = attach_with_window(&r, ":w", false, NEVER, 10);
+        r.subscribe(&a.session, "t", opts(1, None), 0);
+        for _ in 0..10 {
+            publish(&r, &msg("t", 1));
+        }
+        assert_eq!(a.session.take(a.gen, 10, 100, |_| None).unwrap().out.len(), 10);
+        r.detach(&a.session, a.gen);
+        let b = attach_with_window(&r, ":w", false, NEVER, 3);
+        let res = b.session.resume(b.gen, 3, |_| None).unwrap();
+        assert_eq!(res.resend.len(), 3);
+        // The rest wait in the queue and go out as the window opens.
+        assert!(b.session.take(b.gen, 3, 100, |_| None).unwrap().out.is_empty());
+        for f in &res.resend {
+            b.session.acked(f.pkid, false).unwrap();
+        }
+        assert_eq!(b.session.take(b.gen, 3, 100, |_| None).unwrap().out.len(), 3);
+        assert_eq!(b.session.pending.load(Ordering::Relaxed), 7);
     }
 }

@@ -57,15 +57,28 @@ pub enum DropReason {
     TooLarge,
     /// Its MQTT 5 message expiry passed while it waited.
     Expired,
+    /// The client is away and the queues of away clients together hold their share of the
+    /// memory budget (so clients that never return cannot pause the live ones).
+    AwayBudget,
+    /// The client may no longer read its topic (an ACL change, an ended grant) when it was due.
+    Denied,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [DropReason::QueueFull, DropReason::TooLarge, DropReason::Expired];
+    pub const ALL: [DropReason; 5] = [
+        DropReason::QueueFull,
+        DropReason::TooLarge,
+        DropReason::Expired,
+        DropReason::AwayBudget,
+        DropReason::Denied,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             DropReason::QueueFull => "queue_full",
             DropReason::TooLarge => "too_large",
             DropReason::Expired => "expired",
+            DropReason::AwayBudget => "away_budget",
+            DropReason::Denied => "denied",
         }
     }
 }
@@ -75,6 +88,8 @@ impl DropReason {
 pub struct QueueLimits {
     pub max_messages: usize,
     pub max_bytes: usize,
+    /// Bytes the queues of all away sessions may hold together.
+    pub away_bytes: usize,
 }
 
 /// What one `take` gave the writer.
@@ -86,7 +101,16 @@ pub struct Taken {
     pub freed: usize,
     pub too_large: u64,
     pub expired: u64,
+    pub denied: u64,
     /// Store rows of deliveries dropped here (expired, too large), to delete.
+    pub dropped_ids: Vec<u64>,
+}
+
+/// What a resumed connection resends, and what it dropped.
+#[derive(Default)]
+pub struct Resume {
+    pub resend: Vec<Inflight>,
+    pub freed: usize,
     pub dropped_ids: Vec<u64>,
 }
 
@@ -118,6 +142,13 @@ pub struct State {
     pub drops: HashMap<DropReason, u64>,
     /// Drops since the last log line (one line per burst).
     unlogged_drops: u64,
+    /// Taken out of the router (ended, or replaced by a clean start): nothing more is queued or
+    /// subscribed here, so no bytes or store rows outlive it.
+    pub closed: bool,
+    /// No connection holds it: its bytes count in the router's away total.
+    pub away: bool,
+    /// Cancels the pending expiry of this session once a connection takes it again.
+    pub expiry_timer: Option<CancellationToken>,
 }
 
 pub struct Session {
@@ -142,11 +173,20 @@ pub struct Session {
     /// When it last made progress (a delivery written or acknowledged), ms since the epoch:
     /// a shared group whose members are all full gives to the one that moved last.
     pub progress_ms: AtomicU64,
+    /// Bytes held by all away sessions together (the router's), kept in step under this lock.
+    away_total: Arc<AtomicUsize>,
     state: Mutex<State>,
 }
 
 impl Session {
-    pub fn new(id: u64, key: Arc<str>, identity: Identity, internal: bool, expiry: u32) -> Session {
+    pub fn new(
+        id: u64,
+        key: Arc<str>,
+        identity: Identity,
+        internal: bool,
+        expiry: u32,
+        away_total: Arc<AtomicUsize>,
+    ) -> Session {
         Session {
             id,
             key,
@@ -159,6 +199,7 @@ impl Session {
             persisted: AtomicBool::new(false),
             window: AtomicUsize::new(usize::MAX),
             progress_ms: AtomicU64::new(0),
+            away_total,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 inflight: VecDeque::new(),
@@ -171,6 +212,9 @@ impl Session {
                 expiry,
                 drops: HashMap::new(),
                 unlogged_drops: 0,
+                closed: false,
+                away: !internal,
+                expiry_timer: None,
             }),
         }
     }
@@ -186,7 +230,8 @@ impl Session {
             .store(st.queue.len() + st.inflight.len(), Ordering::Relaxed);
     }
 
-    /// Queues a delivery; returns the bytes it added to the global budget (0 when not queued).
+    /// Queues a delivery; returns the bytes it added to the global budget, or why it was not
+    /// queued (`None`: the session is closed, which is no drop).
     /// `force` skips the message bound (retained messages sent at subscribe: they are already
     /// held by the retained store, and a new `#` subscriber must get them all).
     /// `queued` runs under the session's lock once the delivery is in the queue (so the store
@@ -197,37 +242,75 @@ impl Session {
         limits: &QueueLimits,
         force: bool,
         queued: impl FnOnce(&Delivery),
-    ) -> Result<usize, DropReason> {
+    ) -> Result<usize, Option<DropReason>> {
         let cost = d.msg.cost();
         let mut st = self.lock();
-        if !force && (st.queue.len() >= limits.max_messages || st.bytes + cost > limits.max_bytes) {
-            *st.drops.entry(DropReason::QueueFull).or_default() += 1;
+        if st.closed {
+            return Err(None);
+        }
+        let why = if !force && (st.queue.len() >= limits.max_messages || st.bytes + cost > limits.max_bytes) {
+            Some(DropReason::QueueFull)
+        } else if st.away && self.away_total.load(Ordering::Relaxed) + cost > limits.away_bytes {
+            Some(DropReason::AwayBudget)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            *st.drops.entry(why).or_default() += 1;
             st.unlogged_drops += 1;
             if st.unlogged_drops == 1 {
+                let what = match why {
+                    DropReason::AwayBudget => "the queues of away clients hold their share of the memory budget",
+                    _ => "queue full",
+                };
                 log::warn!(
-                    "session {}: queue full ({} messages, {} bytes); dropping until it drains",
+                    "session {}: {what} ({} messages, {} bytes); dropping until it drains",
                     self.key,
                     st.queue.len(),
                     st.bytes
                 );
             }
-            return Err(DropReason::QueueFull);
+            return Err(Some(why));
         }
         if st.unlogged_drops > 1 {
-            log::warn!(
-                "session {}: {} messages dropped, queue full",
-                self.key,
-                st.unlogged_drops
-            );
+            log::warn!("session {}: {} messages dropped", self.key, st.unlogged_drops);
         }
         st.unlogged_drops = 0;
         queued(&d);
         st.queue.push_back(d);
-        st.bytes += cost;
+        self.grow(&mut st, cost);
         self.sync_pending(&st);
         drop(st);
         self.notify.notify_one();
         Ok(cost)
+    }
+
+    fn grow(&self, st: &mut State, cost: usize) {
+        st.bytes += cost;
+        if st.away {
+            self.away_total.fetch_add(cost, Ordering::Relaxed);
+        }
+    }
+
+    fn shrink(&self, st: &mut State, cost: usize) {
+        st.bytes -= cost;
+        if st.away {
+            self.away_total.fetch_sub(cost, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks the session away (no connection) or held; its bytes move in or out of the away
+    /// total with it.
+    pub fn set_away(&self, st: &mut State, away: bool) {
+        if st.away == away || self.internal {
+            return;
+        }
+        if away {
+            self.away_total.fetch_add(st.bytes, Ordering::Relaxed);
+        } else {
+            self.away_total.fetch_sub(st.bytes, Ordering::Relaxed);
+        }
+        st.away = away;
     }
 
     pub fn count_drop(&self, why: DropReason) {
@@ -236,9 +319,16 @@ impl Session {
 
     /// Takes what the writer of connection `gen` may send now: QoS 0 messages, and QoS 1/2 ones
     /// while fewer than `window` are in flight (each given a packet id and moved to inflight).
-    /// `fits` says whether a delivery fits the client's Maximum Packet Size; those that do not
-    /// are dropped here. `None` when a newer connection holds the session.
-    pub fn take(&self, gen: u64, window: usize, max: usize, fits: impl Fn(&Delivery) -> bool) -> Option<Taken> {
+    /// `check` says why a delivery may not go out now (larger than the client's Maximum Packet
+    /// Size, no longer readable by it); those are dropped here. `None` when a newer connection
+    /// holds the session.
+    pub fn take(
+        &self,
+        gen: u64,
+        window: usize,
+        max: usize,
+        check: impl Fn(&Delivery) -> Option<DropReason>,
+    ) -> Option<Taken> {
         let mut st = self.lock();
         if st.gen != gen {
             return None;
@@ -251,17 +341,20 @@ impl Session {
                 break;
             }
             let d = st.queue.pop_front().expect("front exists");
-            if d.msg.expired(now) || !fits(&d) {
-                let why = if d.msg.expired(now) {
-                    t.expired += 1;
-                    DropReason::Expired
-                } else {
-                    t.too_large += 1;
-                    DropReason::TooLarge
-                };
+            let why = if d.msg.expired(now) {
+                Some(DropReason::Expired)
+            } else {
+                check(&d)
+            };
+            if let Some(why) = why {
+                match why {
+                    DropReason::Expired => t.expired += 1,
+                    DropReason::TooLarge => t.too_large += 1,
+                    _ => t.denied += 1,
+                }
                 *st.drops.entry(why).or_default() += 1;
                 let c = d.msg.cost();
-                st.bytes -= c;
+                self.shrink(&mut st, c);
                 t.freed += c;
                 if d.store_id != 0 {
                     t.dropped_ids.push(d.store_id);
@@ -270,7 +363,7 @@ impl Session {
             }
             if d.qos == 0 {
                 let c = d.msg.cost();
-                st.bytes -= c;
+                self.shrink(&mut st, c);
                 t.freed += c;
                 t.out.push((0, d));
             } else {
@@ -290,9 +383,46 @@ impl Session {
         Some(t)
     }
 
-    /// What a new connection resends first: every delivery in flight, in order.
-    pub fn inflight(&self) -> Vec<Inflight> {
-        self.lock().inflight.iter().cloned().collect()
+    /// What a new connection (generation `gen`) resends first, in order: the deliveries in
+    /// flight, as many as its `window` (Receive Maximum) allows. The rest go back to the front
+    /// of the queue, to be sent with new packet ids as the window opens; those `check` refuses
+    /// now (too large for the new connection) are dropped. `None` when a newer connection holds
+    /// the session.
+    pub fn resume(&self, gen: u64, window: usize, check: impl Fn(&Delivery) -> Option<DropReason>) -> Option<Resume> {
+        let mut st = self.lock();
+        if st.gen != gen {
+            return None;
+        }
+        let mut r = Resume::default();
+        let mut back = vec![];
+        for f in std::mem::take(&mut st.inflight) {
+            if f.released {
+                // Past PUBREC: only PUBREL is sent, under the same packet id.
+                st.inflight.push_back(f);
+                continue;
+            }
+            if let Some(why) = check(&f.d) {
+                *st.drops.entry(why).or_default() += 1;
+                let c = f.d.msg.cost();
+                self.shrink(&mut st, c);
+                r.freed += c;
+                if f.d.store_id != 0 {
+                    r.dropped_ids.push(f.d.store_id);
+                }
+                continue;
+            }
+            if st.inflight.len() < window {
+                st.inflight.push_back(f);
+            } else {
+                back.push(f.d);
+            }
+        }
+        for d in back.into_iter().rev() {
+            st.queue.push_front(d);
+        }
+        r.resend = st.inflight.iter().cloned().collect();
+        self.sync_pending(&st);
+        Some(r)
     }
 
     /// PUBACK (qos 1) or PUBCOMP (qos 2 released) for `pkid`: the delivery is done. Returns the
@@ -305,7 +435,7 @@ impl Session {
             .position(|f| f.pkid == pkid && (if comp { f.released } else { f.d.qos == 1 }))?;
         let f = st.inflight.remove(i).expect("index found");
         let c = f.d.msg.cost();
-        st.bytes -= c;
+        self.shrink(&mut st, c);
         self.sync_pending(&st);
         drop(st);
         self.delivered.fetch_add(1, Ordering::Relaxed);
@@ -334,7 +464,7 @@ impl Session {
                 st.queue.push_back(d);
             }
         }
-        st.bytes += added;
+        self.grow(&mut st, added);
         if let Some(max) = st.inflight.iter().map(|f| f.pkid).max() {
             st.next_pkid = max;
         }
@@ -366,7 +496,7 @@ impl Session {
                 st.queue.push_back(d);
             }
         }
-        st.bytes -= freed;
+        self.shrink(&mut st, freed);
         self.sync_pending(&st);
         (out, freed)
     }
@@ -378,7 +508,7 @@ impl Session {
         st.queue.clear();
         st.inflight.clear();
         st.incoming_qos2.clear();
-        st.bytes = 0;
+        self.shrink(&mut st, b);
         self.sync_pending(&st);
         b
     }
