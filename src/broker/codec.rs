@@ -468,6 +468,11 @@ pub fn decode(proto: Proto, frame: &Frame) -> Result<In, FrameError> {
                     reason: 0,
                     session_expiry: None,
                 }),
+                // A reason code alone, without a property length [MQTT-3.14.2.2.1].
+                Proto::V5 if frame.body().len() == 1 => Ok(In::Disconnect {
+                    reason: frame.body()[0],
+                    session_expiry: None,
+                }),
                 Proto::V5 => {
                     let d = v5::Disconnect::read(frame.v5_header(), frame.bytes.clone()).map_err(malformed)?;
                     Ok(In::Disconnect {
@@ -1009,6 +1014,22 @@ mod tests {
             ("a/b", 1, 7, &b"hi"[..])
         );
         assert_eq!(fs[1].kind, kind::PINGREQ);
+    }
+
+    #[test]
+    fn a_v5_disconnect_of_every_legal_length_decodes() {
+        // Empty (normal), a reason code alone, a reason code and properties.
+        for (wire, want) in [
+            (&[0xe0, 0x00][..], 0x00),
+            (&[0xe0, 0x01, 0x80], 0x80),
+            (&[0xe0, 0x02, 0x04, 0x00], 0x04),
+        ] {
+            let f = frames(BytesMut::from(wire), 1024).unwrap().remove(0);
+            match decode(Proto::V5, &f) {
+                Ok(In::Disconnect { reason, .. }) => assert_eq!(reason, want, "{wire:02x?}"),
+                _ => panic!("{wire:02x?} not read as a DISCONNECT"),
+            }
+        }
     }
 
     #[test]

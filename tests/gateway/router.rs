@@ -1276,3 +1276,190 @@ fn a_message_too_big_for_a_client_is_dropped_for_it_and_counted() {
         st["router"]
     );
 }
+
+#[test]
+fn clients_that_never_return_do_not_pause_the_live_ones() {
+    // Four persistent sessions on `away/#` whose clients are gone, a live subscriber, and more
+    // traffic than the whole memory budget: the away sessions keep their half of the budget
+    // and drop (counted) past it; the publisher and the live subscriber never stop.
+    let port = free_port();
+    let gw = Gateway::start(&broker_with(
+        port,
+        "  sessions: { max_queued_bytes: 1MiB, memory_budget: 1MiB }\n",
+    ));
+    for i in 0..4 {
+        let (mut s, _) = Raw::v4(port, &format!("gone-{i}"), false);
+        s.subscribe4(&[("away/#", qos(1))]);
+        s.disconnect4();
+    }
+    let (mut live, _) = Raw::v4(port, "live", true);
+    live.subscribe4(&[("away/#", qos(1))]);
+    const N: usize = 2000;
+    let reader = std::thread::spawn(move || live.collect4(N, Duration::from_secs(60)).len());
+    let (mut p, _) = Raw::v4(port, "away-pub", true);
+    let body = vec![b'x'; 1024];
+    p.publish4_many(N, false, |i| (format!("away/{}", i % 10), body.clone()));
+    assert_eq!(reader.join().unwrap(), N, "the live subscriber lost messages");
+    let st = wait_status(&gw, Duration::from_secs(6), |st| {
+        st["router"]["dropped"]["away_budget"].as_u64().unwrap_or(0) > 0
+    });
+    let r = &st["router"];
+    assert!(r["dropped"]["away_budget"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert!(
+        r["away_bytes"].as_u64().unwrap() <= r["away_budget"].as_u64().unwrap(),
+        "away queues past their share: {r}"
+    );
+    // A returning client gets what its share held, and the counted drops are named.
+    let (mut back, present) = Raw::v4(port, "gone-0", false);
+    assert!(present);
+    assert!(!back.drain4(T, QUIET).is_empty(), "a returning client got nothing");
+}
+
+#[test]
+fn a_v5_client_closed_for_a_fault_is_told_the_reason() {
+    let port = free_port();
+    let _gw = Gateway::start(&broker_with(port, "  limits: { max_packet_size: 1KiB }\n"));
+    let reason = |p: P5| {
+        let (mut c, _) = Raw::v5(port, "faulty", true, m5::ConnectProperties::new());
+        c.send5(p);
+        let end = Instant::now() + T;
+        while Instant::now() < end {
+            match c.recv5(T) {
+                Some(P5::Disconnect(d)) => return d.reason_code,
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        panic!("no DISCONNECT before the close");
+    };
+    let big = m5::Publish::new("t", q5(0), vec![0u8; 4096], None);
+    assert_eq!(reason(P5::Publish(big)), m5::DisconnectReasonCode::PacketTooLarge);
+    let props = m5::PublishProperties {
+        topic_alias: Some(1000),
+        ..Default::default()
+    };
+    let aliased = m5::Publish::new("t", q5(0), &b"x"[..], Some(props));
+    assert_eq!(
+        reason(P5::Publish(aliased)),
+        m5::DisconnectReasonCode::TopicAliasInvalid
+    );
+}
+
+#[test]
+fn a_disconnect_with_an_error_reason_publishes_the_will() {
+    // MQTT 5 3.1.2.5: only a DISCONNECT with reason 0x00 discards the will.
+    let port = free_port();
+    let gw = Gateway::start(&open_broker(port));
+    let (mut watch, _) = Raw::v4(port, "will-watch", true);
+    watch.subscribe4(&[("wills/#", qos(1))]);
+    for (id, code, fires) in [
+        ("err", m5::DisconnectReasonCode::UnspecifiedError, true),
+        ("normal", m5::DisconnectReasonCode::NormalDisconnection, false),
+    ] {
+        let c = m5::Connect {
+            keep_alive: 60,
+            client_id: id.into(),
+            clean_start: true,
+            properties: None,
+        };
+        let will = m5::LastWill::new(format!("wills/{id}"), "gone", q5(1), false, None);
+        let mut r = Raw::open(port);
+        r.send5(P5::Connect(c, Some(will), None));
+        assert!(matches!(r.recv5(T), Some(P5::ConnAck(_))));
+        r.send5(P5::Disconnect(m5::Disconnect::new(code)));
+        let _ = r.s.shutdown(std::net::Shutdown::Write);
+        closes_within(&mut r.s, T);
+        let got: Vec<String> = watch.drain4(T, QUIET).into_iter().map(|p| p.topic).collect();
+        assert_eq!(
+            got.contains(&format!("wills/{id}")),
+            fires,
+            "will after DISCONNECT {code:?}: {got:?}"
+        );
+    }
+    // Both DISCONNECTs (a reason code alone is a whole one) were read, not refused as malformed.
+    let st = wait_status(&gw, Duration::from_secs(3), |_| false);
+    assert_eq!(st["broker"]["malformed_packets"].as_u64(), Some(0), "{}", st["broker"]);
+}
+
+#[test]
+fn a_message_queued_before_an_acl_change_is_not_delivered_after_it() {
+    let port = free_port();
+    let open = "  acl:\n    - { who: \"*\", allow: { publish: [\"#\"], subscribe: [\"#\"] } }\n";
+    let gw = Gateway::start(&broker_with(port, open));
+    let (mut s, _) = Raw::v4(port, "queued-reader", false);
+    s.subscribe4(&[("acl/#", qos(1))]);
+    s.disconnect4();
+    let (mut w, _) = Raw::v4(port, "writer", true);
+    w.publish4_acked("acl/b/1", qos(1), false, 1, b"not yours any more");
+    w.publish4_acked("acl/a/1", qos(1), false, 2, b"yours");
+    gw.write_config(&broker_with(
+        port,
+        "  acl:\n    - { who: \"client:queued-reader\", allow: { publish: [], subscribe: [\"acl/a/#\"] } }\n    - { who: \"client:writer\", allow: { publish: [\"#\"], subscribe: [] } }\n",
+    ));
+    gw.signal("HUP");
+    let end = Instant::now() + T;
+    loop {
+        let (mut w, _) = Raw::v4(port, "writer", true);
+        if w.subscribe4(&[("probe", qos(0))]) == vec![rumqttc::SubscribeReasonCode::Failure] {
+            break;
+        }
+        assert!(Instant::now() < end, "the new ACL never came into force");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (mut s, present) = Raw::v4(port, "queued-reader", false);
+    assert!(present);
+    let got: Vec<String> = s.drain4(T, QUIET).into_iter().map(|m| m.topic).collect();
+    assert_eq!(
+        got,
+        vec!["acl/a/1"],
+        "a queued message outlived the reader's right to it"
+    );
+    let st = wait_status(&gw, Duration::from_secs(6), |st| {
+        st["router"]["dropped"]["denied"].as_u64() == Some(1)
+    });
+    assert_eq!(st["router"]["dropped"]["denied"].as_u64(), Some(1), "{}", st["router"]);
+}
+
+#[test]
+fn a_resumed_session_resends_no_more_than_the_new_receive_maximum() {
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let mut props = expiry(600);
+    props.receive_maximum = Some(10);
+    let (mut c, _) = Raw::v5(port, "rm-resume", true, props);
+    subscribe5(&mut c, "rmr/#", q5(1));
+    let (mut p, _) = Raw::v4(port, "rmr-pub", true);
+    p.publish4_many(10, false, |i| ("rmr/x".into(), i.to_string().into_bytes()));
+    let mut held = 0;
+    while let Some(x) = c.recv5(QUIET) {
+        held += matches!(x, P5::Publish(_)) as usize;
+    }
+    assert_eq!(held, 10);
+    // Gone without acking any; back with room for 3.
+    drop(c);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut props = expiry(600);
+    props.receive_maximum = Some(3);
+    let (mut c, ack) = Raw::v5(port, "rm-resume", false, props);
+    assert!(ack.session_present);
+    let mut got = vec![];
+    while let Some(x) = c.recv5(QUIET) {
+        if let P5::Publish(m) = x {
+            got.push(m);
+        }
+    }
+    assert_eq!(got.len(), 3, "deliveries in flight past the client's Receive Maximum");
+    // Each ack lets exactly one more out, until all 10 arrived.
+    let mut all = got.len();
+    while let Some(m) = got.pop() {
+        c.send5(P5::PubAck(m5::PubAck::new(m.pkid, None)));
+        while let Some(x) = c.recv5(QUIET) {
+            if let P5::Publish(m) = x {
+                got.push(m);
+                all += 1;
+            }
+        }
+        assert!(got.len() <= 3, "more than 3 unacked");
+    }
+    assert_eq!(all, 10, "every message arrived in the end");
+}
