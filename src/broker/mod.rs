@@ -463,6 +463,8 @@ impl Shared {
                 topic: msg.topic.to_string(),
                 payload: msg.payload.clone(),
                 qos: msg.qos,
+                props: msg.props.clone(),
+                expires_ms: msg.expires_ms,
             });
             self.router.retain(msg);
         }
@@ -627,8 +629,8 @@ impl Broker {
                 payload: r.payload.clone(),
                 qos: r.qos,
                 retain: true,
-                props: None,
-                expires_ms: None,
+                props: r.props.clone(),
+                expires_ms: r.expires_ms,
                 origin: None,
                 from: 0,
             }));

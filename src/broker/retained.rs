@@ -2,6 +2,7 @@
 //! The broker records every retained PUBLISH it lets through; on start the store is
 //! loaded into the router before any client connects. Writes go to one thread in batches.
 
+use super::router::message::Props;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rusqlite::{params, Connection};
@@ -13,6 +14,11 @@ pub struct Retained {
     pub topic: String,
     pub payload: Bytes,
     pub qos: u8,
+    /// MQTT 5 properties the publisher set; they go out with the message after a restart too.
+    pub props: Option<Box<Props>>,
+    /// Wall-clock expiry (ms since the epoch) from the message expiry interval: an expired
+    /// retained message is not loaded.
+    pub expires_ms: Option<i64>,
 }
 
 /// Handle to the writer thread. Cloned into every connection.
@@ -33,6 +39,16 @@ fn open(path: &Path) -> Result<Connection> {
     db.execute_batch(
         "CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL)",
     )?;
+    // Columns added later; an older outpost (after a snap revert) reads the table as before.
+    let cols: Vec<String> = db
+        .prepare("SELECT name FROM pragma_table_info('retained')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (col, ty) in [("props", "TEXT"), ("expires_ms", "INTEGER")] {
+        if !cols.iter().any(|c| c == col) {
+            db.execute_batch(&format!("ALTER TABLE retained ADD COLUMN {col} {ty}"))?;
+        }
+    }
     Ok(db)
 }
 
@@ -41,15 +57,20 @@ impl RetainedStore {
     pub fn open(path: &Path) -> Result<(RetainedStore, Vec<Retained>)> {
         let db = open(path)?;
         let existing = {
-            let mut q = db.prepare("SELECT topic, payload, qos FROM retained ORDER BY topic")?;
+            let mut q = db.prepare("SELECT topic, payload, qos, props, expires_ms FROM retained ORDER BY topic")?;
             let rows = q.query_map([], |r| {
                 Ok(Retained {
                     topic: r.get(0)?,
                     payload: Bytes::from(r.get::<_, Vec<u8>>(1)?),
                     qos: r.get(2)?,
+                    props: r.get::<_, Option<String>>(3)?.as_deref().and_then(Props::from_json),
+                    expires_ms: r.get(4)?,
                 })
             })?;
-            rows.collect::<Result<Vec<_>, _>>()?
+            let now = super::router::message::now_ms();
+            let mut all = rows.collect::<Result<Vec<_>, _>>()?;
+            all.retain(|r| r.expires_ms.is_none_or(|e| e > now));
+            all
         };
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
@@ -86,9 +107,16 @@ fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
                     }
                     Op::Put(r) => {
                         tx.execute(
-                            "INSERT INTO retained (topic, payload, qos) VALUES (?1, ?2, ?3)
-                             ON CONFLICT(topic) DO UPDATE SET payload = excluded.payload, qos = excluded.qos",
-                            params![r.topic, &r.payload[..], r.qos],
+                            "INSERT INTO retained (topic, payload, qos, props, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                             ON CONFLICT(topic) DO UPDATE SET payload = excluded.payload, qos = excluded.qos,
+                                 props = excluded.props, expires_ms = excluded.expires_ms",
+                            params![
+                                r.topic,
+                                &r.payload[..],
+                                r.qos,
+                                r.props.as_deref().map(Props::to_json),
+                                r.expires_ms
+                            ],
                         )?;
                     }
                     Op::Flush(w) => waiters.push(w),
@@ -119,21 +147,29 @@ mod tests {
             topic: "a".into(),
             payload: Bytes::from_static(b"1"),
             qos: 1,
+            props: None,
+            expires_ms: None,
         });
         s.put(Retained {
             topic: "a".into(),
             payload: Bytes::from_static(b"2"),
             qos: 0,
+            props: None,
+            expires_ms: None,
         });
         s.put(Retained {
             topic: "b".into(),
             payload: Bytes::from_static(b"x"),
             qos: 0,
+            props: None,
+            expires_ms: None,
         });
         s.put(Retained {
             topic: "b".into(),
             payload: Bytes::new(),
             qos: 0,
+            props: None,
+            expires_ms: None,
         });
         s.flush();
         drop(s);
@@ -143,8 +179,66 @@ mod tests {
             vec![Retained {
                 topic: "a".into(),
                 payload: Bytes::from_static(b"2"),
-                qos: 0
+                qos: 0,
+                props: None,
+                expires_ms: None,
             }]
         );
+    }
+
+    #[test]
+    fn properties_and_expiry_survive_a_reopen_and_expired_ones_are_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let (s, _) = RetainedStore::open(&path).unwrap();
+        let now = super::super::router::message::now_ms();
+        let props = Props::from_parts(
+            Some(1),
+            Some("text/plain".into()),
+            None,
+            None,
+            vec![("k".into(), "v".into())],
+        );
+        let keep = Retained {
+            topic: "keep".into(),
+            payload: Bytes::from_static(b"1"),
+            qos: 1,
+            props,
+            expires_ms: Some(now + 60_000),
+        };
+        s.put(keep.clone());
+        s.put(Retained {
+            topic: "gone".into(),
+            payload: Bytes::from_static(b"2"),
+            qos: 1,
+            props: None,
+            expires_ms: Some(now - 1),
+        });
+        s.flush();
+        drop(s);
+        let (_s, existing) = RetainedStore::open(&path).unwrap();
+        assert_eq!(existing, vec![keep]);
+    }
+
+    #[test]
+    fn a_table_from_before_the_new_columns_is_read_and_extended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch(
+            "CREATE TABLE retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL);
+             INSERT INTO retained VALUES ('old', x'41', 1);",
+        )
+        .unwrap();
+        drop(db);
+        let (_s, existing) = RetainedStore::open(&path).unwrap();
+        assert_eq!(existing.len(), 1);
+        assert_eq!((existing[0].topic.as_str(), existing[0].props.is_none()), ("old", true));
+        // What an older outpost reads still works on the extended table.
+        let db = Connection::open(&path).unwrap();
+        let n: i64 = db
+            .query_row("SELECT count(*) FROM retained WHERE qos = 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 1);
     }
 }

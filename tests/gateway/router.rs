@@ -1463,3 +1463,54 @@ fn a_resumed_session_resends_no_more_than_the_new_receive_maximum() {
     }
     assert_eq!(all, 10, "every message arrived in the end");
 }
+
+#[test]
+fn a_retained_message_keeps_its_properties_and_expiry_across_a_restart() {
+    let port = free_port();
+    let mut gw = Gateway::start(&open_broker(port));
+    let (mut p, _) = Raw::v5(port, "ret-props-pub", true, m5::ConnectProperties::new());
+    let props = m5::PublishProperties {
+        message_expiry_interval: Some(600),
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("site".into(), "north".into())],
+        ..Default::default()
+    };
+    let mut m = m5::Publish::new("retprops/a", q5(1), &b"21.5"[..], Some(props));
+    m.retain = true;
+    m.pkid = 1;
+    p.send5(P5::Publish(m));
+    assert!(matches!(p.recv5(T), Some(P5::PubAck(_))));
+    let mut short = m5::Publish::new(
+        "retprops/short",
+        q5(1),
+        &b"soon gone"[..],
+        Some(m5::PublishProperties {
+            message_expiry_interval: Some(1),
+            ..Default::default()
+        }),
+    );
+    short.retain = true;
+    short.pkid = 2;
+    p.send5(P5::Publish(short));
+    assert!(matches!(p.recv5(T), Some(P5::PubAck(_))));
+    drop(p);
+    gw.restart();
+    std::thread::sleep(Duration::from_millis(1200));
+    let (mut s, _) = Raw::v5(port, "ret-props-sub", true, m5::ConnectProperties::new());
+    s.send5(P5::Subscribe(m5::Subscribe::new(
+        m5::Filter::new("retprops/#", q5(1)),
+        None,
+    )));
+    let mut got = vec![];
+    while let Some(x) = s.recv5(QUIET) {
+        if let P5::Publish(m) = x {
+            got.push(m);
+        }
+    }
+    assert_eq!(got.len(), 1, "the expired retained message came back: {got:?}");
+    let props = got[0].properties.clone().expect("properties after the restart");
+    assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+    assert_eq!(props.user_properties, vec![("site".to_string(), "north".to_string())]);
+    let left = props.message_expiry_interval.expect("the expiry after the restart");
+    assert!((590..=600).contains(&left), "expiry left {left}");
+}

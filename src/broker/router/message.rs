@@ -33,6 +33,43 @@ impl Props {
         (p != Props::default()).then(|| Box::new(p))
     }
 
+    /// As stored on disk (sessions, retained messages).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "pf": self.payload_format,
+            "ct": self.content_type,
+            "rt": self.response_topic,
+            "cd": self.correlation_data.as_ref().map(|b| b.to_vec()),
+            "up": self.user_properties,
+        })
+        .to_string()
+    }
+
+    pub fn from_json(s: &str) -> Option<Box<Props>> {
+        let v: serde_json::Value = serde_json::from_str(s).ok()?;
+        let up = v["up"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|kv| Some((kv[0].as_str()?.to_string(), kv[1].as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Props::from_parts(
+            v["pf"].as_u64().map(|x| x as u8),
+            v["ct"].as_str().map(str::to_string),
+            v["rt"].as_str().map(str::to_string),
+            v["cd"].as_array().map(|a| {
+                Bytes::from(
+                    a.iter()
+                        .filter_map(|x| x.as_u64().map(|b| b as u8))
+                        .collect::<Vec<u8>>(),
+                )
+            }),
+            up,
+        )
+    }
+
     /// Bytes these take in a PUBLISH's property section (an upper bound).
     pub fn wire_len(&self) -> usize {
         let s = |o: &Option<String>| o.as_ref().map_or(0, |v| 3 + v.len());

@@ -76,42 +76,6 @@ fn open_db(path: &Path) -> Result<Connection> {
     Ok(db)
 }
 
-fn props_json(p: &Props) -> String {
-    serde_json::json!({
-        "pf": p.payload_format,
-        "ct": p.content_type,
-        "rt": p.response_topic,
-        "cd": p.correlation_data.as_ref().map(|b| b.to_vec()),
-        "up": p.user_properties,
-    })
-    .to_string()
-}
-
-fn props_from(s: &str) -> Option<Box<Props>> {
-    let v: serde_json::Value = serde_json::from_str(s).ok()?;
-    let up = v["up"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|kv| Some((kv[0].as_str()?.to_string(), kv[1].as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
-    Props::from_parts(
-        v["pf"].as_u64().map(|x| x as u8),
-        v["ct"].as_str().map(str::to_string),
-        v["rt"].as_str().map(str::to_string),
-        v["cd"].as_array().map(|a| {
-            Bytes::from(
-                a.iter()
-                    .filter_map(|x| x.as_u64().map(|b| b as u8))
-                    .collect::<Vec<u8>>(),
-            )
-        }),
-        up,
-    )
-}
-
 impl SessionStore {
     /// Opens (or creates) the store and returns what it holds.
     pub fn open(path: &Path) -> Result<(SessionStore, Vec<Restored>)> {
@@ -264,7 +228,7 @@ fn load(db: &Connection) -> Result<Vec<Restored>> {
                     payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
                     qos: r.get(3)?,
                     retain: r.get(5)?,
-                    props: props.as_deref().and_then(props_from),
+                    props: props.as_deref().and_then(Props::from_json),
                     expires_ms: r.get(8)?,
                     origin: None,
                     from: 0,
@@ -375,7 +339,7 @@ fn apply(
                     d.qos,
                     d.retain,
                     sub_ids,
-                    d.msg.props.as_deref().map(props_json),
+                    d.msg.props.as_deref().map(Props::to_json),
                     d.msg.expires_ms
                 ],
             )?;
