@@ -560,7 +560,7 @@ async fn reader<R: AsyncRead + Unpin>(ctx: &Ctx, mut crd: R, mut cbuf: BytesMut,
             }
         }
         if !flush_acks(&tx, &mut b.acks, &mut b.waits).await {
-            return End::ClientGone("a bridge spool or the session store could not store a message".into());
+            return End::ClientGone(STORE_FAILED.into());
         }
         if held_bytes > HOLD_MAX {
             // Enough held: stop reading this client (TCP pushes back) until the budget frees.
@@ -597,6 +597,10 @@ async fn reader<R: AsyncRead + Unpin>(ctx: &Ctx, mut crd: R, mut cbuf: BytesMut,
     }
 }
 
+/// Why a connection ends when a durable copy of its publish failed (it is not acknowledged:
+/// the client publishes it again on its next connection).
+const STORE_FAILED: &str = "a bridge spool or the session store could not store a message";
+
 /// Bytes of packets a reader holds back at most while the budget is full before it stops
 /// reading the socket.
 const HOLD_MAX: usize = 64 * 1024;
@@ -610,26 +614,32 @@ struct Batch {
 
 /// Handles one packet; `Some` ends the connection.
 async fn handle(ctx: &Ctx, st: &mut ReadState, frame: Frame, b: &mut Batch, tx: &mpsc::Sender<Out>) -> Option<End> {
-    match on_packet(ctx, st, &frame, &mut b.waits) {
-        Step::Reply(r) => b.acks.push(r),
-        Step::Nothing => {}
+    let step = on_packet(ctx, st, &frame, &mut b.waits);
+    if let Step::Reply(r) = step {
+        b.acks.push(r);
+        return None;
+    }
+    if matches!(step, Step::Nothing) {
+        return None;
+    }
+    // Whatever comes next goes out after the acks of what came before it.
+    if !flush_acks(tx, &mut b.acks, &mut b.waits).await {
+        return Some(End::ClientGone(STORE_FAILED.into()));
+    }
+    match step {
         Step::SubAck(r, retained) => {
-            flush_acks(tx, &mut b.acks, &mut b.waits).await;
             if tx.send(Out::SubAck(r, retained)).await.is_err() {
                 return Some(End::ClientGone("writer ended".into()));
             }
+            None
         }
         Step::Close(why, what) => {
-            flush_acks(tx, &mut b.acks, &mut b.waits).await;
             let _ = tx.send(Out::Close(why, End::Protocol(what))).await;
-            return Some(End::Protocol(what));
+            Some(End::Protocol(what))
         }
-        Step::End(end) => {
-            flush_acks(tx, &mut b.acks, &mut b.waits).await;
-            return Some(end);
-        }
+        Step::End(end) => Some(end),
+        Step::Reply(_) | Step::Nothing => None,
     }
-    None
 }
 
 /// Waits for the durable copies, then hands the acks to the writer. False when a copy failed

@@ -488,17 +488,21 @@ impl Router {
         st.subs.insert(Arc::from(filter), opts);
         drop(st);
         let send = group.is_none() && (retain_handling == 0 || (retain_handling == 1 && !existed));
-        let retained = if send {
-            let now = message::now_ms();
-            inner
-                .retained
-                .values()
-                .filter(|m| !m.expired(now) && crate::broker::topics::matches(&m.topic, inner_filter))
-                .cloned()
-                .collect()
-        } else {
-            vec![]
-        };
+        if !send {
+            return (existed, vec![]);
+        }
+        let now = message::now_ms();
+        if !inner_filter.contains(['+', '#']) {
+            let one = inner.retained.get(inner_filter).filter(|m| !m.expired(now)).cloned();
+            return (existed, one.into_iter().collect());
+        }
+        // Matched outside the lock: a `#` subscriber over many retained topics holds up no one.
+        let all: Vec<Arc<Message>> = inner.retained.values().cloned().collect();
+        drop(inner);
+        let retained = all
+            .into_iter()
+            .filter(|m| !m.expired(now) && crate::broker::topics::matches(&m.topic, inner_filter))
+            .collect();
         (existed, retained)
     }
 

@@ -73,6 +73,13 @@ fn open_db(path: &Path) -> Result<Connection> {
          CREATE INDEX IF NOT EXISTS messages_by_key ON messages (key, id);
          CREATE TABLE IF NOT EXISTS qos2_in (key TEXT NOT NULL, pkid INTEGER NOT NULL, PRIMARY KEY (key, pkid));",
     )?;
+    // Added later, in place: an older outpost (after a snap revert) reads the table as before.
+    let has_share: bool = db
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'share'")?
+        .exists([])?;
+    if !has_share {
+        db.execute_batch("ALTER TABLE messages ADD COLUMN share TEXT")?;
+    }
     Ok(db)
 }
 
@@ -216,7 +223,7 @@ fn load(db: &Connection) -> Result<Vec<Restored>> {
             })?
             .collect::<Result<_, _>>()?;
         let mut q = db.prepare(
-            "SELECT id, topic, payload, pub_qos, qos, retain, sub_ids, props, expires_ms, pkid, released
+            "SELECT id, topic, payload, pub_qos, qos, retain, sub_ids, props, expires_ms, pkid, released, share
              FROM messages WHERE key = ?1 ORDER BY id",
         )?;
         s.messages = q
@@ -241,7 +248,7 @@ fn load(db: &Connection) -> Result<Vec<Restored>> {
                         retain: r.get(5)?,
                         sub_ids: sub_ids.split(',').filter_map(|x| x.parse().ok()).collect(),
                         store_id: r.get::<_, i64>(0)? as u64,
-                        share: None,
+                        share: r.get::<_, Option<String>>(11)?.map(|s| Arc::from(s.as_str())),
                     },
                     r.get::<_, u16>(9)?,
                     r.get::<_, bool>(10)?,
@@ -259,37 +266,54 @@ fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
         let mut batch = vec![first];
         // Group commit: whatever else is waiting goes into the same transaction.
         batch.extend(rx.try_iter().take(10_000));
-        let mut waiters = vec![];
-        let mut durable = vec![];
         let res: rusqlite::Result<()> = (|| {
             let tx = db.transaction()?;
-            for op in batch {
-                apply(&tx, op, &mut waiters, &mut durable)?;
+            for op in &batch {
+                apply(&tx, op)?;
             }
             tx.commit()
         })();
-        match res {
-            // Only a committed message releases its publisher's ack; on failure the senders
-            // are dropped, the publisher is not acknowledged and publishes again.
-            Ok(()) => {
-                for d in durable {
-                    let _ = d.send(());
+        if let Err(e) = res {
+            // One bad write must not take the batch's others with it (a subscription, an ack):
+            // each goes again on its own, and only what fails is lost, logged.
+            log::error!(
+                "session store: batch write failed ({e}); writing its {} changes one by one",
+                batch.len()
+            );
+            let mut failed = 0;
+            let mut kept = Vec::with_capacity(batch.len());
+            for op in batch {
+                let one = db.transaction().and_then(|tx| {
+                    apply(&tx, &op)?;
+                    tx.commit()
+                });
+                match one {
+                    Ok(()) => kept.push(op),
+                    // Dropped: a publisher waiting on it is not acknowledged and publishes again.
+                    Err(_) => failed += 1,
                 }
             }
-            Err(e) => log::error!("session store: write failed: {e}"),
+            if failed > 0 {
+                log::error!("session store: {failed} changes could not be written");
+            }
+            batch = kept;
         }
-        for w in waiters {
-            let _ = w.send(());
+        // Only a committed message releases its publisher's ack.
+        for op in batch {
+            match op {
+                Op::Enqueue(_, _, _, Some(w)) => {
+                    let _ = w.send(());
+                }
+                Op::Flush(w) => {
+                    let _ = w.send(());
+                }
+                _ => {}
+            }
         }
     }
 }
 
-fn apply(
-    tx: &rusqlite::Transaction,
-    op: Op,
-    waiters: &mut Vec<mpsc::Sender<()>>,
-    durable: &mut Vec<tokio::sync::oneshot::Sender<()>>,
-) -> rusqlite::Result<()> {
+fn apply(tx: &rusqlite::Transaction, op: &Op) -> rusqlite::Result<()> {
     match op {
         Op::Session { key, id, expiry } => {
             tx.execute(
@@ -297,18 +321,18 @@ fn apply(
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)
                  ON CONFLICT(key) DO UPDATE SET username = excluded.username, listener = excluded.listener,
                    device = excluded.device, expiry = excluded.expiry, detached_ms = NULL",
-                params![&*key, id.username, id.client_id, id.listener, id.device, expiry],
+                params![&**key, id.username, id.client_id, id.listener, id.device, expiry],
             )?;
         }
         Op::Detached { key, at_ms, expiry } => {
             tx.execute(
                 "UPDATE sessions SET detached_ms = ?2, expiry = ?3 WHERE key = ?1",
-                params![&*key, at_ms, expiry],
+                params![&**key, at_ms, expiry],
             )?;
         }
         Op::End(key) => {
             for t in ["sessions", "subs", "messages", "qos2_in"] {
-                tx.execute(&format!("DELETE FROM {t} WHERE key = ?1"), params![&*key])?;
+                tx.execute(&format!("DELETE FROM {t} WHERE key = ?1"), params![&**key])?;
             }
         }
         Op::Sub(key, filter, o) => {
@@ -316,23 +340,23 @@ fn apply(
                 "INSERT INTO subs (key, filter, qos, no_local, rap, sub_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(key, filter) DO UPDATE SET qos = excluded.qos, no_local = excluded.no_local,
                    rap = excluded.rap, sub_id = excluded.sub_id",
-                params![&*key, &*filter, o.qos, o.no_local, o.retain_as_published, o.id],
+                params![&**key, &**filter, o.qos, o.no_local, o.retain_as_published, o.id],
             )?;
         }
         Op::Unsub(key, filter) => {
             tx.execute(
                 "DELETE FROM subs WHERE key = ?1 AND filter = ?2",
-                params![&*key, &*filter],
+                params![&**key, &**filter],
             )?;
         }
-        Op::Enqueue(key, id, d, w) => {
+        Op::Enqueue(key, id, d, _) => {
             let sub_ids = d.sub_ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
             tx.execute(
-                "INSERT OR REPLACE INTO messages (id, key, topic, payload, pub_qos, qos, retain, sub_ids, props, expires_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT OR REPLACE INTO messages (id, key, topic, payload, pub_qos, qos, retain, sub_ids, props, expires_ms, share)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
-                    id as i64,
-                    &*key,
+                    *id as i64,
+                    &**key,
                     &*d.msg.topic,
                     &d.msg.payload[..],
                     d.msg.qos,
@@ -340,30 +364,108 @@ fn apply(
                     d.retain,
                     sub_ids,
                     d.msg.props.as_deref().map(Props::to_json),
-                    d.msg.expires_ms
+                    d.msg.expires_ms,
+                    d.share.as_deref()
                 ],
             )?;
-            durable.extend(w);
         }
         Op::Sent(id, pkid) => {
-            tx.execute("UPDATE messages SET pkid = ?2 WHERE id = ?1", params![id as i64, pkid])?;
+            tx.execute("UPDATE messages SET pkid = ?2 WHERE id = ?1", params![*id as i64, pkid])?;
         }
         Op::Released(id) => {
-            tx.execute("UPDATE messages SET released = 1 WHERE id = ?1", params![id as i64])?;
+            tx.execute("UPDATE messages SET released = 1 WHERE id = ?1", params![*id as i64])?;
         }
         Op::Done(id) => {
-            tx.execute("DELETE FROM messages WHERE id = ?1", params![id as i64])?;
+            tx.execute("DELETE FROM messages WHERE id = ?1", params![*id as i64])?;
         }
         Op::Qos2In(key, pkid, true) => {
             tx.execute(
                 "INSERT OR IGNORE INTO qos2_in (key, pkid) VALUES (?1, ?2)",
-                params![&*key, pkid],
+                params![&**key, pkid],
             )?;
         }
         Op::Qos2In(key, pkid, false) => {
-            tx.execute("DELETE FROM qos2_in WHERE key = ?1 AND pkid = ?2", params![&*key, pkid])?;
+            tx.execute("DELETE FROM qos2_in WHERE key = ?1 AND pkid = ?2", params![&**key, pkid])?;
         }
-        Op::Flush(w) => waiters.push(w),
+        Op::Flush(_) => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(topic: &str, share: Option<&str>) -> Delivery {
+        Delivery {
+            msg: Arc::new(Message {
+                topic: Arc::from(topic),
+                payload: Bytes::from_static(b"p"),
+                qos: 1,
+                retain: false,
+                props: None,
+                expires_ms: None,
+                origin: None,
+                from: 0,
+            }),
+            qos: 1,
+            retain: false,
+            sub_ids: vec![],
+            store_id: 0,
+            share: share.map(Arc::from),
+        }
+    }
+
+    #[test]
+    fn one_failing_write_loses_only_itself_and_a_share_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        drop(SessionStore::open(&path).unwrap());
+        // A write the disk refuses (as a full disk would), for one topic only.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER poison BEFORE INSERT ON messages WHEN NEW.topic = 'poison'
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        let (s, _) = SessionStore::open(&path).unwrap();
+        let key: Arc<str> = Arc::from("u:c");
+        let id = Identity {
+            username: None,
+            client_id: "c".into(),
+            listener: String::new(),
+            device: false,
+        };
+        s.session(&key, &id, NEVER_EXPIRES);
+        let bad = s.enqueue(&key, s.next_id(), &delivery("poison", None), true).unwrap();
+        let good = s
+            .enqueue(&key, s.next_id(), &delivery("fine", Some("$share/g/fine")), true)
+            .unwrap();
+        let opts = SubOpts {
+            qos: 1,
+            no_local: false,
+            retain_as_published: false,
+            id: None,
+        };
+        s.sub(&key, "fine", &opts);
+        s.flush();
+        assert!(good.blocking_recv().is_ok(), "the good write was not confirmed");
+        assert!(
+            bad.blocking_recv().is_err(),
+            "a refused write was confirmed to its publisher"
+        );
+        drop(s);
+        let (_s, kept) = SessionStore::open(&path).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].subs.len(), 1, "the subscription went down with the batch");
+        let topics: Vec<_> = kept[0]
+            .messages
+            .iter()
+            .map(|m| (&*m.1.msg.topic, m.1.share.as_deref()))
+            .collect();
+        assert_eq!(topics, vec![("fine", Some("$share/g/fine"))]);
+    }
+
+    const NEVER_EXPIRES: u32 = u32::MAX;
 }
