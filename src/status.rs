@@ -67,7 +67,8 @@ pub fn render(doc: &Value, now: SystemTime) -> String {
         let _ = writeln!(
             out,
             "sessions: {} ({} connected), {} subscriptions, {} retained; queued {} of {} bytes; \
-             dropped: {} queue full, {} too large, {} expired; publishers paused {} times",
+             dropped: {} queue full, {} too large, {} expired, {} past the away share, {} denied; \
+             publishers paused {} times",
             u(&r["sessions"]),
             u(&r["sessions_connected"]),
             u(&r["subscriptions"]),
@@ -77,6 +78,8 @@ pub fn render(doc: &Value, now: SystemTime) -> String {
             u(&d["queue_full"]),
             u(&d["too_large"]),
             u(&d["expired"]),
+            u(&d["away_budget"]),
+            u(&d["denied"]),
             u(&r["publisher_pauses"]),
         );
         for s in r["sessions_dropping"].as_array().into_iter().flatten() {

@@ -187,9 +187,9 @@ pub fn render(doc: &Value) -> String {
             &mut fams,
             "outpost_messages_dropped_total",
             "counter",
-            "Messages not delivered to a session, by reason (queue_full, too_large, expired, denied).",
+            "Messages not delivered to a session, by reason (queue_full, too_large, expired, away_budget, denied).",
         );
-        for reason in ["queue_full", "too_large", "expired"] {
+        for reason in ["queue_full", "too_large", "expired", "away_budget"] {
             fams[i].samples.push((
                 vec![("reason", reason.into())],
                 num(&r["dropped"][reason]).unwrap_or(0.0),
@@ -207,7 +207,7 @@ pub fn render(doc: &Value) -> String {
         );
         for s in r["sessions_dropping"].as_array().into_iter().flatten() {
             let key = s["session"].as_str().unwrap_or("?").to_string();
-            for reason in ["queue_full", "too_large", "expired"] {
+            for reason in ["queue_full", "too_large", "expired", "away_budget", "denied"] {
                 fams[i].samples.push((
                     vec![("session", key.clone()), ("reason", reason.into())],
                     num(&s[reason]).unwrap_or(0.0),
