@@ -191,10 +191,12 @@ pub async fn serve<S>(
     // A password check on the blocking pool, a few at once (argon2 is slow on purpose). An
     // unknown user and a device's wrong password cost the same as a wrong password (no timing
     // tells which names exist).
+    // Waiting for a slot counts as logging in: an evicted socket (see `admission`) stops waiting
+    // and gives its pre-login slot back at once.
     let slow_check = |user: String, pass: String| {
-        let (policy, shared) = (policy.clone(), shared.clone());
+        let (policy, shared, evict) = (policy.clone(), shared.clone(), prelogin.evict.clone());
         async move {
-            match timeout_at(deadline, shared.auth_slots.acquire()).await {
+            match before_login(deadline, &evict, shared.auth_slots.acquire()).await {
                 Ok(Ok(_slot)) => tokio::task::spawn_blocking(move || {
                     let ok = policy.verify_password(&user, &pass);
                     crate::system::memory::trim();

@@ -731,3 +731,72 @@ fn real_clients_get_in_while_slowloris_sockets_hold_every_prelogin_slot() {
         "the attack never filled the pre-login slots (nothing evicted)"
     );
 }
+
+#[test]
+fn real_clients_get_in_while_password_guesses_queue_for_every_prelogin_slot() {
+    // 300 sockets each send a whole CONNECT with a password for a name nobody has (each costs a
+    // password check, two at a time) and wait; closed, they come back at once. A socket
+    // evicted for a newcomer while it waits for a check gives its slot back at once.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let port = free_port();
+    let gw = Gateway::start(&open_broker(port));
+    let stop = Arc::new(AtomicBool::new(false));
+    let attackers: Vec<_> = (0..6)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut socks: Vec<Option<TcpStream>> = (0..50).map(|_| None).collect();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for s in socks.iter_mut() {
+                        let alive = s.as_mut().is_some_and(|c| {
+                            let mut b = [0u8; 64];
+                            matches!(c.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                        });
+                        if !alive {
+                            n += 1;
+                            let mut c = v4::Connect::new(format!("guess-{t}-{n}"));
+                            c.set_login(format!("nobody-{t}-{n}"), "guess");
+                            let mut b = BytesMut::new();
+                            v4::Packet::Connect(c).write(&mut b, 1 << 20).unwrap();
+                            *s = TcpStream::connect(("127.0.0.1", port)).ok().map(|mut c| {
+                                let _ = c.write_all(&b);
+                                let _ = c.set_nonblocking(true);
+                                c
+                            });
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut got_in = 0;
+    for i in 0..20 {
+        let ok = rt.block_on(async {
+            let mut o = opts(port, &format!("real-{i}"));
+            o.set_keep_alive(Duration::from_secs(5));
+            // A socket held after its eviction would make each newcomer wait for a slot
+            // (up to a second); one that lets go makes room at once.
+            tokio::time::timeout(Duration::from_millis(800), connect(o))
+                .await
+                .is_ok_and(|r| r.is_ok())
+        });
+        got_in += ok as usize;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for a in attackers {
+        a.join().unwrap();
+    }
+    let evicted = gw.status()["broker"]["prelogin_evicted"].as_u64().unwrap_or(0);
+    assert!(
+        evicted > 0,
+        "the guesses never filled the pre-login slots (nothing evicted)"
+    );
+    assert!(
+        got_in >= 15,
+        "only {got_in} of 20 real clients got in within 0.8 s during the guessing"
+    );
+}

@@ -385,7 +385,10 @@ fn apply(tx: &rusqlite::Transaction, op: &Op) -> rusqlite::Result<()> {
             )?;
         }
         Op::Qos2In(key, pkid, false) => {
-            tx.execute("DELETE FROM qos2_in WHERE key = ?1 AND pkid = ?2", params![&**key, pkid])?;
+            tx.execute(
+                "DELETE FROM qos2_in WHERE key = ?1 AND pkid = ?2",
+                params![&**key, pkid],
+            )?;
         }
         Op::Flush(_) => {}
     }
