@@ -197,13 +197,16 @@ pub async fn serve<S>(
         let (policy, shared, evict) = (policy.clone(), shared.clone(), prelogin.evict.clone());
         async move {
             match before_login(deadline, &evict, shared.auth_slots.acquire()).await {
-                Ok(Ok(_slot)) => tokio::task::spawn_blocking(move || {
-                    let ok = policy.verify_password(&user, &pass);
-                    crate::system::memory::trim();
-                    ok
-                })
-                .await
-                .unwrap_or(false),
+                Ok(Ok(_slot)) => {
+                    Metrics::inc(&shared.metrics.password_checks);
+                    tokio::task::spawn_blocking(move || {
+                        let ok = policy.verify_password(&user, &pass);
+                        crate::system::memory::trim();
+                        ok
+                    })
+                    .await
+                    .unwrap_or(false)
+                }
                 _ => false,
             }
         }

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub prelogin_evicted: AtomicU64,
     /// Logins refused without a password check while their source or user was in back-off.
     pub logins_throttled: AtomicU64,
+    /// Password hashes checked (argon2): a wrong password, an unknown user and a device's wrong
+    /// password each cost one, so the time of a refusal tells no one which names exist.
+    pub password_checks: AtomicU64,
     /// Connections ended by a bug (a panic caught in their task); the rest carry on.
     pub session_panics: AtomicU64,
 }
@@ -69,6 +72,7 @@ impl Metrics {
             "session_panics": g(&self.session_panics),
             "logins_throttled": g(&self.logins_throttled),
             "prelogin_evicted": g(&self.prelogin_evicted),
+            "password_checks": g(&self.password_checks),
         })
     }
 }

@@ -268,3 +268,39 @@ fn the_keystore_is_private_and_never_half_written() {
         before + 1
     );
 }
+
+#[tokio::test]
+async fn a_wrong_device_password_costs_what_an_unknown_name_costs() {
+    // Refusals that differ in cost or code would tell an attacker which device ids exist.
+    let port = free_port();
+    let gw = Gateway::start(&broker(port));
+    add_device(&gw, "meter");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let checks = || gw.status()["broker"]["password_checks"].as_u64().unwrap_or(0);
+    let mut seen = vec![];
+    for (user, pass) in [("meter", "not-its-password"), ("no-such-device", "whatever")] {
+        let before = checks();
+        let mut o = opts(port, &format!("{user}-probe"));
+        o.set_credentials(user, pass);
+        let code = match connect(o).await {
+            Err(ConnectionError::ConnectionRefused(code)) => code,
+            Err(e) => panic!("{user}: expected a CONNACK refusal, got {e}"),
+            Ok(_) => panic!("{user}: logged in with a wrong password"),
+        };
+        // status.json is rewritten every 2 s.
+        let mut after = checks();
+        for _ in 0..30 {
+            if after > before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            after = checks();
+        }
+        seen.push((code, after - before));
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "(refusal code, password checks) for a device vs an unknown name"
+    );
+    assert_eq!(seen[0].1, 1, "each refusal costs exactly one password check");
+}
