@@ -233,6 +233,14 @@ impl StatusFile {
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
         };
+        let mut broker_counters = broker.shared.metrics.snapshot();
+        // Withheld by access checks, at routing and when a queued message goes out.
+        broker_counters["delivery_denied"] = broker
+            .shared
+            .router
+            .dropped_denied
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .into();
         let doc = serde_json::json!({
             "gateway": self.id,
             "version": env!("CARGO_PKG_VERSION"),
@@ -240,7 +248,7 @@ impl StatusFile {
             "started": secs(self.started),
             "written": secs(now),
             "listeners": broker.local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "broker": broker.shared.metrics.snapshot(),
+            "broker": broker_counters,
             "router": broker.shared.router.snapshot(),
             "bridges": bridges.states(),
             "devices": &*self.devices.lock().expect("counters lock"),

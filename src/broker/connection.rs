@@ -490,13 +490,14 @@ impl Ctx {
         (!self.shared.may_read(&self.id, &d.msg.topic)).then_some(DropReason::Denied)
     }
 
-    /// The session store, when this session is kept in it.
+    /// The session store, when this session is kept in it and this connection still holds it
+    /// (after a clean start replaced the session, its rows belong to the new one).
     fn store(&self) -> Option<&super::router::store::SessionStore> {
         self.shared
             .router
             .store
             .as_ref()
-            .filter(|_| self.session.persisted.load(Ordering::Relaxed))
+            .filter(|_| self.session.persisted.load(Ordering::Relaxed) && self.session.lock().gen == self.gen)
     }
 }
 
@@ -629,7 +630,11 @@ async fn handle(ctx: &Ctx, st: &mut ReadState, frame: Frame, b: &mut Batch, tx: 
     }
     // Whatever comes next goes out after the acks of what came before it.
     if !flush_acks(tx, &mut b.acks, &mut b.waits).await {
-        return Some(End::ClientGone(STORE_FAILED.into()));
+        // A normal DISCONNECT stays one (its will is discarded); anything else ends here.
+        return Some(match step {
+            Step::End(End::Disconnected) => End::Disconnected,
+            _ => End::ClientGone(STORE_FAILED.into()),
+        });
     }
     match step {
         Step::SubAck(r, retained) => {
@@ -781,7 +786,10 @@ fn on_packet(
             }
         }
         In::PubAck(pkid) | In::PubComp(pkid) => {
-            if let Some((freed, id)) = ctx.session.acked(pkid, matches!(packet_kind, PacketKind::Comp)) {
+            if let Some((freed, id)) = ctx
+                .session
+                .acked(ctx.gen, pkid, matches!(packet_kind, PacketKind::Comp))
+            {
                 shared.router.release(freed);
                 shared.router.done(id);
             }
@@ -789,7 +797,7 @@ fn on_packet(
         }
         In::PubRec(pkid) => {
             // PUBREL either way: for an unknown id it tells the client to let it go too.
-            if let (Some(id), Some(store)) = (ctx.session.received(pkid), ctx.store()) {
+            if let (Some(id), Some(store)) = (ctx.session.received(ctx.gen, pkid), ctx.store()) {
                 if id != 0 {
                     store.released(id);
                 }
@@ -836,6 +844,7 @@ fn on_packet(
                 let (_, msgs) = shared.subscribe(&ctx.session, &f.filter, opts, f.retain_handling);
                 for msg in msgs {
                     if !shared.may_read(&ctx.id, &msg.topic) {
+                        shared.router.dropped_denied.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     retained.push((
@@ -918,6 +927,8 @@ async fn writer<W: AsyncWrite + Unpin>(
         let mut closing = None;
         if out.is_empty() && !std::mem::take(&mut first) {
             tokio::select! {
+                // The reader's replies first: once it is gone, nothing more is taken to write.
+                biased;
                 o = rx.recv() => match o {
                     Some(o) => closing = take_out(ctx, o, &mut out),
                     None => closing = Some((None, End::ClientGone("reader ended".into()))),
@@ -934,7 +945,11 @@ async fn writer<W: AsyncWrite + Unpin>(
         while closing.is_none() {
             match rx.try_recv() {
                 Ok(o) => closing = take_out(ctx, o, &mut out),
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                // The reader is gone: write what it left, nothing more.
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closing = Some((None, End::ClientGone("reader ended".into())))
+                }
             }
         }
         if let Some((why, end)) = closing {
@@ -977,9 +992,11 @@ async fn writer<W: AsyncWrite + Unpin>(
                 }
                 if t.denied > 0 {
                     shared.router.dropped_denied.fetch_add(t.denied, Ordering::Relaxed);
-                    Metrics::add(&m.delivery_denied, t.denied);
                 }
-                let more = t.out.len() == TAKE_BATCH;
+                let more = t.out.len() + t.again.len() == TAKE_BATCH;
+                for (pkid, d) in &t.again {
+                    encode(ctx, d, *pkid, true, &mut aliases, now, &mut out);
+                }
                 for id in &t.dropped_ids {
                     shared.router.done(*id);
                 }
@@ -994,7 +1011,7 @@ async fn writer<W: AsyncWrite + Unpin>(
                         ctx.session.delivered.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Metrics::add(&m.publishes_out, t.out.len() as u64);
+                Metrics::add(&m.publishes_out, (t.out.len() + t.again.len()) as u64);
                 if more {
                     // Come back for the rest without waiting for a wake-up.
                     ctx.session.notify.notify_one();

@@ -25,9 +25,6 @@ pub struct Metrics {
     pub oversized_packets: AtomicU64,
     /// Connections closed for exceeding `max_inflight`.
     pub inflight_exceeded: AtomicU64,
-    /// Deliveries not made because the subscriber may not read the topic (a deny rule, an
-    /// ended grant, a wider subscription than the ACL allows reading).
-    pub delivery_denied: AtomicU64,
     /// Sockets still logging in that were closed to make room for a newer one (all pre-login
     /// slots taken: a slowloris attack, or a burst).
     pub prelogin_evicted: AtomicU64,
@@ -68,7 +65,6 @@ impl Metrics {
             "malformed_packets": g(&self.malformed_packets),
             "oversized_packets": g(&self.oversized_packets),
             "inflight_exceeded": g(&self.inflight_exceeded),
-            "delivery_denied": g(&self.delivery_denied),
             "session_panics": g(&self.session_panics),
             "logins_throttled": g(&self.logins_throttled),
             "prelogin_evicted": g(&self.prelogin_evicted),

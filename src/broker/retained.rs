@@ -67,11 +67,18 @@ impl RetainedStore {
                     expires_ms: r.get(4)?,
                 })
             })?;
-            let now = super::router::message::now_ms();
-            let mut all = rows.collect::<Result<Vec<_>, _>>()?;
-            all.retain(|r| r.expires_ms.is_none_or(|e| e > now));
-            all
+            rows.collect::<Result<Vec<_>, _>>()?
         };
+        // Expired while the gateway was down: gone from the table too.
+        let now = super::router::message::now_ms();
+        db.execute(
+            "DELETE FROM retained WHERE expires_ms IS NOT NULL AND expires_ms <= ?1",
+            params![now],
+        )?;
+        let existing: Vec<Retained> = existing
+            .into_iter()
+            .filter(|r| r.expires_ms.is_none_or(|e| e > now))
+            .collect();
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("retained-store".into())

@@ -1430,11 +1430,13 @@ fn a_resumed_session_resends_no_more_than_the_new_receive_maximum() {
     subscribe5(&mut c, "rmr/#", q5(1));
     let (mut p, _) = Raw::v4(port, "rmr-pub", true);
     p.publish4_many(10, false, |i| ("rmr/x".into(), i.to_string().into_bytes()));
-    let mut held = 0;
+    let mut first = BTreeSet::new();
     while let Some(x) = c.recv5(QUIET) {
-        held += matches!(x, P5::Publish(_)) as usize;
+        if let P5::Publish(m) = x {
+            first.insert(m.pkid);
+        }
     }
-    assert_eq!(held, 10);
+    assert_eq!(first.len(), 10);
     // Gone without acking any; back with room for 3.
     drop(c);
     std::thread::sleep(Duration::from_millis(300));
@@ -1449,9 +1451,13 @@ fn a_resumed_session_resends_no_more_than_the_new_receive_maximum() {
         }
     }
     assert_eq!(got.len(), 3, "deliveries in flight past the client's Receive Maximum");
-    // Each ack lets exactly one more out, until all 10 arrived.
+    // Each ack lets one more out, until all 10 came again: each under the packet id it first
+    // had, marked DUP (MQTT-4.4.0-1), so the client can tell them from new messages.
+    let mut again = BTreeSet::new();
     let mut all = got.len();
     while let Some(m) = got.pop() {
+        assert!(m.dup, "a resent delivery without DUP");
+        again.insert(m.pkid);
         c.send5(P5::PubAck(m5::PubAck::new(m.pkid, None)));
         while let Some(x) = c.recv5(QUIET) {
             if let P5::Publish(m) = x {
@@ -1462,6 +1468,7 @@ fn a_resumed_session_resends_no_more_than_the_new_receive_maximum() {
         assert!(got.len() <= 3, "more than 3 unacked");
     }
     assert_eq!(all, 10, "every message arrived in the end");
+    assert_eq!(again, first, "resent under other packet ids");
 }
 
 #[test]

@@ -242,7 +242,7 @@ impl Router {
         let (session, present, ended) = match existing {
             Some(s) if !clean => (s, true, None),
             Some(s) => {
-                Self::close_locked(&mut inner, &s);
+                self.close_locked(&mut inner, &s);
                 let new = self.new_session_locked(&mut inner, key, identity.clone(), internal, expiry);
                 (new, false, Some(s))
             }
@@ -276,10 +276,8 @@ impl Router {
             session.online.store(true, Ordering::Relaxed);
             (st.gen, session.persisted.load(Ordering::Relaxed))
         };
-        drop(inner);
-        if let Some(old) = ended {
-            self.finish_end(&old);
-        }
+        // Still under the router lock, so the store hears of sessions of one key in the order
+        // they come and go (an end sent later would wipe a newer session's rows).
         if let Some(store) = self.store.as_ref().filter(|_| !internal && expiry > 0) {
             session.persisted.store(true, Ordering::Relaxed);
             store.session(&session.key, &session.identity.load(), expiry);
@@ -287,6 +285,10 @@ impl Router {
                 // It outlives its connection from now on: what it holds goes to the store too.
                 self.persist_whole(&session, store);
             }
+        }
+        drop(inner);
+        if let Some(old) = ended {
+            self.finish_end(&old);
         }
         // Wake a writer of an older generation so it notices and stops.
         session.notify.notify_waiters();
@@ -360,8 +362,11 @@ impl Router {
             st.expiry
         };
         if expiry == 0 {
-            self.end_session(session, gen);
-            return Detached::Ended;
+            return if self.end_session(session, gen) {
+                Detached::Ended
+            } else {
+                Detached::TakenOver
+            };
         }
         if let Some(store) = self.stored(session) {
             store.detached(&session.key, message::now_ms(), expiry);
@@ -385,7 +390,7 @@ impl Router {
         {
             return false;
         }
-        Self::close_locked(&mut inner, session);
+        self.close_locked(&mut inner, session);
         drop(inner);
         self.finish_end(session);
         true
@@ -393,7 +398,10 @@ impl Router {
 
     /// Takes a session out of the router (index, maps) and closes it: a connection holding it
     /// is told it was taken over, and nothing more is queued or subscribed to it.
-    fn close_locked(inner: &mut Inner, session: &Arc<Session>) {
+    fn close_locked(&self, inner: &mut Inner, session: &Arc<Session>) {
+        if let Some(store) = self.stored(session) {
+            store.end(&session.key);
+        }
         let mut st = session.lock();
         for (f, _) in st.subs.drain() {
             let (group, filter) = split_share(&f);
@@ -416,13 +424,10 @@ impl Router {
         session.notify.notify_waiters();
     }
 
-    /// After `close_locked`, outside the router lock: the store forgets the session, its bytes
-    /// go back to the budget, and what a shared group gave it and it never acknowledged goes to
-    /// another member of the group (MQTT 5 4.8.2); the rest ends with the session.
+    /// After `close_locked`, outside the router lock: the session's bytes go back to the budget,
+    /// and what a shared group gave it and it never acknowledged goes to another member of the
+    /// group (MQTT 5 4.8.2); the rest ends with the session.
     fn finish_end(&self, session: &Arc<Session>) {
-        if let Some(st) = self.stored(session) {
-            st.end(&session.key);
-        }
         let (shared, freed) = session.drain_shared();
         self.release(freed);
         let freed = session.clear();
@@ -430,14 +435,19 @@ impl Router {
         self.reroute_shared(shared);
     }
 
-    /// Arms the expiry of a session that is away; a new connection (or another arming)
-    /// cancels it. Returns the token the timer waits on.
-    pub fn expiry_timer(&self, session: &Session) -> CancellationToken {
+    /// Arms the expiry of a session left away by generation `gen`; a new connection (or another
+    /// arming) cancels it. Returns the token the timer waits on, or `None` when a connection
+    /// took the session since (then its own end arms the timer).
+    pub fn expiry_timer(&self, session: &Session, gen: u64) -> Option<CancellationToken> {
+        let mut st = session.lock();
+        if st.gen != gen || st.conn.is_some() || st.closed {
+            return None;
+        }
         let t = CancellationToken::new();
-        if let Some(old) = session.lock().expiry_timer.replace(t.clone()) {
+        if let Some(old) = st.expiry_timer.replace(t.clone()) {
             old.cancel();
         }
-        t
+        Some(t)
     }
 
     fn reroute_shared(&self, deliveries: Vec<Delivery>) {
@@ -527,6 +537,7 @@ impl Router {
     pub fn route(&self, msg: &Message) -> Vec<Target> {
         let inner = self.lock();
         let mut plain: HashMap<u64, Target> = HashMap::new();
+        let mut denied: Vec<u64> = vec![];
         let mut shared: Vec<Target> = vec![];
         let cursor = self.share_cursor.fetch_add(1, Ordering::Relaxed);
         inner.index.for_each_match(
@@ -536,7 +547,10 @@ impl Router {
                     return;
                 }
                 let Some(s) = inner.by_id.get(id) else { return };
-                if !plain.contains_key(id) && !self.readable(s, &msg.topic) {
+                if !plain.contains_key(id) && (denied.contains(id) || !self.readable(s, &msg.topic)) {
+                    if !denied.contains(id) {
+                        denied.push(*id);
+                    }
                     return;
                 }
                 let qos = o.qos.min(msg.qos);
@@ -559,6 +573,7 @@ impl Router {
                 }
             },
         );
+        self.dropped_denied.fetch_add(denied.len() as u64, Ordering::Relaxed);
         let mut out: Vec<Target> = plain.into_values().collect();
         out.extend(shared);
         out
@@ -603,6 +618,8 @@ impl Router {
         };
         let mut wait = None;
         let queued = |d: &Delivery| {
+            // Counted under the session's lock, before a writer can take and release it.
+            self.queued.fetch_add(d.msg.cost(), Ordering::Relaxed);
             if let Some(s) = store {
                 wait = s.enqueue(&t.session.key, d.store_id, d, waits.is_some());
             }
@@ -612,10 +629,7 @@ impl Router {
             ws.push(w);
         }
         match res {
-            Ok(cost) => {
-                self.queued.fetch_add(cost, Ordering::Relaxed);
-                true
-            }
+            Ok(_) => true,
             Err(None) => false,
             Err(Some(session::DropReason::AwayBudget)) => {
                 self.dropped_away_budget.fetch_add(1, Ordering::Relaxed);
@@ -877,7 +891,7 @@ mod tests {
             // Only the fast member reads.
             let t = fast.session.take(fast.gen, usize::MAX, usize::MAX, |_| None).unwrap();
             for (pkid, _) in t.out {
-                fast.session.acked(pkid, false);
+                fast.session.acked(fast.gen, pkid, false);
             }
         }
         let stuck = slow.session.pending.load(Ordering::Relaxed);
@@ -898,7 +912,7 @@ mod tests {
             publish(&r, &msg("t", 1));
             let t = other.session.take(other.gen, usize::MAX, usize::MAX, |_| None).unwrap();
             for (pkid, _) in t.out {
-                other.session.acked(pkid, false);
+                other.session.acked(other.gen, pkid, false);
             }
         }
         assert_eq!(full.session.pending.load(Ordering::Relaxed), 10);
@@ -923,7 +937,7 @@ mod tests {
         assert_eq!(t.out.len(), 20, "the window bounds what is in flight");
         r.release(t.freed);
         for (pkid, _) in t.out {
-            let (freed, _) = a.session.acked(pkid, false).unwrap();
+            let (freed, _) = a.session.acked(a.gen, pkid, false).unwrap();
             r.release(freed);
         }
         assert_eq!(a.session.pending.load(Ordering::Relaxed), 30);
@@ -996,7 +1010,7 @@ mod tests {
                 r.push(&t, &m, false, None);
             }
             for (pkid, _) in take_all(&live) {
-                let (freed, _) = live.session.acked(pkid, false).unwrap();
+                let (freed, _) = live.session.acked(live.gen, pkid, false).unwrap();
                 r.release(freed);
             }
         }
@@ -1061,8 +1075,11 @@ mod tests {
         let a = attach(&r, ":e", false, 10);
         r.subscribe(&a.session, "t", opts(1, None), 0);
         assert_eq!(r.detach(&a.session, a.gen), Detached::Kept);
-        let timer = r.expiry_timer(&a.session);
+        let timer = r.expiry_timer(&a.session, a.gen).expect("armed for an away session");
         let b = attach(&r, ":e", false, 10);
+        // An arming that comes late, for a generation no longer current, does not replace
+        // (and cancel) the newer connection's timer.
+        assert!(r.expiry_timer(&a.session, a.gen).is_none());
         assert!(timer.is_cancelled(), "the resume did not cancel the expiry timer");
         // A timer that fired anyway finds the session held by generation b.
         assert!(!r.end_session(&a.session, a.gen));
@@ -1094,7 +1111,7 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(publish(&r, &msg("t", 1)), 1);
             for (pkid, _) in take_all(&free) {
-                free.session.acked(pkid, false);
+                free.session.acked(free.gen, pkid, false);
             }
         }
         assert_eq!(
@@ -1108,24 +1125,48 @@ mod tests {
     }
 
     #[test]
-    fn a_resume_resends_only_what_the_new_receive_maximum_allows() {
+    fn a_resume_resends_only_what_the_new_receive_maximum_allows_under_the_same_ids() {
         let r = router(100);
         let a = attach_with_window(&r, ":w", false, NEVER, 10);
         r.subscribe(&a.session, "t", opts(1, None), 0);
         for _ in 0..10 {
             publish(&r, &msg("t", 1));
         }
-        assert_eq!(a.session.take(a.gen, 10, 100, |_| None).unwrap().out.len(), 10);
+        let first: Vec<u16> = a
+            .session
+            .take(a.gen, 10, 100, |_| None)
+            .unwrap()
+            .out
+            .iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(first.len(), 10);
         r.detach(&a.session, a.gen);
         let b = attach_with_window(&r, ":w", false, NEVER, 3);
+        // A late ack from the old connection does not touch the resumed session.
+        assert!(a.session.acked(a.gen, first[0], false).is_none());
         let res = b.session.resume(b.gen, 3, |_| None).unwrap();
-        assert_eq!(res.resend.len(), 3);
-        // The rest wait in the queue and go out as the window opens.
-        assert!(b.session.take(b.gen, 3, 100, |_| None).unwrap().out.is_empty());
+        let mut ids: Vec<u16> = res.resend.iter().map(|f| f.pkid).collect();
+        assert_eq!(ids, first[..3]);
+        // The rest wait in flight and go again, same ids, as the window opens.
+        let t = b.session.take(b.gen, 3, 100, |_| None).unwrap();
+        assert!(t.out.is_empty() && t.again.is_empty());
         for f in &res.resend {
-            b.session.acked(f.pkid, false).unwrap();
+            b.session.acked(b.gen, f.pkid, false).unwrap();
         }
-        assert_eq!(b.session.take(b.gen, 3, 100, |_| None).unwrap().out.len(), 3);
-        assert_eq!(b.session.pending.load(Ordering::Relaxed), 7);
+        while ids.len() < 10 {
+            let t = b.session.take(b.gen, 3, 100, |_| None).unwrap();
+            assert!(t.out.is_empty(), "a sent message was given a new packet id");
+            assert!(!t.again.is_empty() && t.again.len() <= 3);
+            for (pkid, _) in &t.again {
+                ids.push(*pkid);
+                b.session.acked(b.gen, *pkid, false).unwrap();
+            }
+        }
+        assert_eq!(
+            ids, first,
+            "every delivery went again under its first packet id, in order"
+        );
+        assert_eq!(b.session.pending.load(Ordering::Relaxed), 0);
     }
 }

@@ -46,6 +46,9 @@ pub struct Inflight {
     pub d: Delivery,
     /// PUBREC came and PUBREL went: only PUBCOMP is awaited (and PUBREL is what a resend sends).
     pub released: bool,
+    /// Sent on an earlier connection and not yet again on this one (its window was full at the
+    /// resume): it goes out again, same packet id, DUP set, as the window opens.
+    pub resend: bool,
 }
 
 /// Why a message did not reach a session, counted per session and in total.
@@ -97,6 +100,8 @@ pub struct QueueLimits {
 pub struct Taken {
     /// Deliveries with their packet ids (0 for QoS 0).
     pub out: Vec<(u16, Delivery)>,
+    /// Deliveries sent before, going out again under their packet ids (DUP).
+    pub again: Vec<(u16, Delivery)>,
     /// Bytes no longer held (QoS 0 written, dropped ones).
     pub freed: usize,
     pub too_large: u64,
@@ -335,9 +340,20 @@ impl Session {
         }
         let now = now_ms();
         let mut t = Taken::default();
-        while t.out.len() < max {
+        // Deliveries in flight count against the window once sent on this connection; those
+        // held back at a resume go first, as it opens.
+        let mut in_window = st.inflight.iter().filter(|f| !f.resend).count();
+        for f in st.inflight.iter_mut().filter(|f| f.resend) {
+            if in_window >= window || t.again.len() >= max {
+                break;
+            }
+            f.resend = false;
+            in_window += 1;
+            t.again.push((f.pkid, f.d.clone()));
+        }
+        while t.out.len() + t.again.len() < max {
             let Some(front) = st.queue.front() else { break };
-            if front.qos > 0 && st.inflight.len() >= window {
+            if front.qos > 0 && in_window >= window {
                 break;
             }
             let d = st.queue.pop_front().expect("front exists");
@@ -372,36 +388,43 @@ impl Session {
                     pkid,
                     d: d.clone(),
                     released: false,
+                    resend: false,
                 });
+                in_window += 1;
                 t.out.push((pkid, d));
             }
         }
         self.sync_pending(&st);
-        if !t.out.is_empty() {
+        if !t.out.is_empty() || !t.again.is_empty() {
             self.progress_ms.store(now as u64, Ordering::Relaxed);
         }
         Some(t)
     }
 
     /// What a new connection (generation `gen`) resends first, in order: the deliveries in
-    /// flight, as many as its `window` (Receive Maximum) allows. The rest go back to the front
-    /// of the queue, to be sent with new packet ids as the window opens; those `check` refuses
-    /// now (too large for the new connection) are dropped. `None` when a newer connection holds
-    /// the session.
+    /// flight, as many as its `window` (Receive Maximum) allows. The rest stay in flight with
+    /// their packet ids, marked to go again as the window opens ([`Session::take`]); those
+    /// `check` refuses now (too large for the new connection, no longer readable) are dropped
+    /// as if sent [MQTT-3.1.2-25], except a QoS 2 one, sent again whatever (the client may
+    /// hold its packet id awaiting PUBREL: dropping it would make a later reuse look a duplicate).
+    /// `None` when a newer connection holds the session.
     pub fn resume(&self, gen: u64, window: usize, check: impl Fn(&Delivery) -> Option<DropReason>) -> Option<Resume> {
         let mut st = self.lock();
         if st.gen != gen {
             return None;
         }
         let mut r = Resume::default();
-        let mut back = vec![];
-        for f in std::mem::take(&mut st.inflight) {
+        let mut sent = 0;
+        for mut f in std::mem::take(&mut st.inflight) {
             if f.released {
                 // Past PUBREC: only PUBREL is sent, under the same packet id.
+                sent += 1;
+                f.resend = false;
+                r.resend.push(f.clone());
                 st.inflight.push_back(f);
                 continue;
             }
-            if let Some(why) = check(&f.d) {
+            if let Some(why) = check(&f.d).filter(|_| f.d.qos == 1) {
                 *st.drops.entry(why).or_default() += 1;
                 let c = f.d.msg.cost();
                 self.shrink(&mut st, c);
@@ -411,24 +434,26 @@ impl Session {
                 }
                 continue;
             }
-            if st.inflight.len() < window {
-                st.inflight.push_back(f);
-            } else {
-                back.push(f.d);
+            f.resend = sent >= window;
+            if !f.resend {
+                sent += 1;
+                r.resend.push(f.clone());
             }
+            st.inflight.push_back(f);
         }
-        for d in back.into_iter().rev() {
-            st.queue.push_front(d);
-        }
-        r.resend = st.inflight.iter().cloned().collect();
         self.sync_pending(&st);
         Some(r)
     }
 
     /// PUBACK (qos 1) or PUBCOMP (qos 2 released) for `pkid`: the delivery is done. Returns the
     /// bytes freed and its store row, or `None` for an id that is not in flight.
-    pub fn acked(&self, pkid: u16, comp: bool) -> Option<(usize, u64)> {
+    pub fn acked(&self, gen: u64, pkid: u16, comp: bool) -> Option<(usize, u64)> {
         let mut st = self.lock();
+        if st.gen != gen {
+            // A late ack from a connection that no longer holds the session: the id may be
+            // in use again by the newer one.
+            return None;
+        }
         let i = st
             .inflight
             .iter()
@@ -445,8 +470,11 @@ impl Session {
     }
 
     /// PUBREC for `pkid`: the store row of the QoS 2 delivery that awaited it, if any.
-    pub fn received(&self, pkid: u16) -> Option<u64> {
+    pub fn received(&self, gen: u64, pkid: u16) -> Option<u64> {
         let mut st = self.lock();
+        if st.gen != gen {
+            return None;
+        }
         let f = st.inflight.iter_mut().find(|f| f.pkid == pkid && f.d.qos == 2)?;
         f.released = true;
         Some(f.d.store_id)
@@ -459,7 +487,12 @@ impl Session {
         for (d, pkid, released) in items {
             added += d.msg.cost();
             if pkid != 0 {
-                st.inflight.push_back(Inflight { pkid, d, released });
+                st.inflight.push_back(Inflight {
+                    pkid,
+                    d,
+                    released,
+                    resend: false,
+                });
             } else {
                 st.queue.push_back(d);
             }

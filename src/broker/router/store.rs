@@ -275,28 +275,39 @@ fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
         })();
         if let Err(e) = res {
             // One bad write must not take the batch's others with it (a subscription, an ack):
-            // each goes again on its own, and only what fails is lost, logged.
+            // the batch goes again with a savepoint per change (still one commit), and only
+            // what fails is lost, logged.
             log::error!(
                 "session store: batch write failed ({e}); writing its {} changes one by one",
                 batch.len()
             );
-            let mut failed = 0;
-            let mut kept = Vec::with_capacity(batch.len());
-            for op in batch {
-                let one = db.transaction().and_then(|tx| {
-                    apply(&tx, &op)?;
-                    tx.commit()
-                });
-                match one {
-                    Ok(()) => kept.push(op),
-                    // Dropped: a publisher waiting on it is not acknowledged and publishes again.
-                    Err(_) => failed += 1,
+            let mut ok = vec![false; batch.len()];
+            let res: rusqlite::Result<()> = (|| {
+                let mut tx = db.transaction()?;
+                for (i, op) in batch.iter().enumerate() {
+                    let sp = tx.savepoint()?;
+                    if apply(&sp, op).is_ok() {
+                        sp.commit()?;
+                        ok[i] = true;
+                    }
                 }
+                tx.commit()
+            })();
+            if let Err(e) = res {
+                log::error!("session store: the retry failed too ({e})");
+                ok.iter_mut().for_each(|o| *o = false);
             }
+            let failed = ok.iter().filter(|o| !**o).count();
             if failed > 0 {
                 log::error!("session store: {failed} changes could not be written");
             }
-            batch = kept;
+            // Dropped: a publisher waiting on one is not acknowledged and publishes again.
+            batch = batch
+                .into_iter()
+                .zip(ok)
+                .filter(|(_, ok)| *ok)
+                .map(|(op, _)| op)
+                .collect();
         }
         // Only a committed message releases its publisher's ack.
         for op in batch {
@@ -313,7 +324,7 @@ fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
     }
 }
 
-fn apply(tx: &rusqlite::Transaction, op: &Op) -> rusqlite::Result<()> {
+fn apply(tx: &Connection, op: &Op) -> rusqlite::Result<()> {
     match op {
         Op::Session { key, id, expiry } => {
             tx.execute(
