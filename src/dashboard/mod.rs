@@ -322,10 +322,11 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
                     .and_then(|b| String::from_utf8(b).ok())
                     .and_then(|t| t.split_once(':').map(|(u, _)| u.to_string()))
                     .unwrap_or_default();
-                ctx.problems.note(
-                    "dashboard_login_refused",
-                    1,
-                    format!("dashboard login refused for user `{user}` from {}", peer.ip()),
+                ctx.door.shared.events.login_refused(
+                    peer,
+                    "",
+                    Some(&user),
+                    "dashboard page login (HTTP): wrong user or password",
                 );
                 return unauthorized("wrong user or password", challenge);
             }
@@ -378,7 +379,8 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
                     &status,
                 ))
             } else {
-                json_reply(&ctx.problems.doc(&status))
+                let admin = user.is_some_and(|u| ctx.settings.admins.iter().any(|a| a == u));
+                json_reply(&ctx.problems.doc(&status, &ctx.door.shared.events.recent(), user, admin))
             }
         }
         "/mqtt" => upgrade(req, ctx, peer),
@@ -440,6 +442,12 @@ fn upgrade(mut req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
                     .metrics
                     .connects_refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                door.shared.events.login_refused(
+                    peer,
+                    "",
+                    None,
+                    "anonymous CONNECT on the dashboard's /mqtt (dashboard.anonymous is off)",
+                );
                 gate::refuse_anonymous(&mut io, level).await;
             }
             Ok(Ok((gate::First::PassOn, head))) => door.adopt_websocket(

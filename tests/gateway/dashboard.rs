@@ -1027,3 +1027,120 @@ async fn an_admin_pauses_and_restarts_a_bridge_and_others_are_refused() {
     assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
     up.stop();
 }
+
+/// `/api/problems` as `user`, as JSON.
+fn problems(dport: u16, user: &str, pw: &str) -> serde_json::Value {
+    let (code, body) = get_auth(
+        &format!("http://127.0.0.1:{dport}/api/problems"),
+        Some(&basic(user, pw)),
+    );
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Issue 17, point 7: refused logins and ACL denials are shown with who, from where, on what
+/// and when; a user name that is HTML stays text on the page; one noisy user cannot push the
+/// others' events out of the broker's ring; a non-admin sees only events under its own name.
+#[test]
+fn problems_name_who_was_refused_escaped_and_a_noisy_user_cannot_flush_them() {
+    const XSS: &str = "<img src=x onerror=\"window.__pwned=1\">";
+    let (port, dport) = (free_port(), free_port());
+    let mut gw = Gateway::start(&format!(
+        "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n  users:\n    - {{ name: alice, password_hash: \"{a}\" }}\n    - {{ name: mallory, password_hash: \"{m}\" }}\n    - {{ name: noisy, password_hash: \"{m}\" }}\n  acl:\n    - {{ who: \"user:alice\", allow: {{ publish: [\"#\"], subscribe: [\"#\"] }} }}\n    - {{ who: \"user:*\", allow: {{ publish: [\"{{username}}/#\"], subscribe: [\"{{username}}/#\"] }} }}\n\
+         dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  admins: [alice]\n",
+        a = passwd("alice-pw"),
+        m = passwd("m-pw")
+    ));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut o = opts(port, "xss-client");
+        o.set_credentials(XSS, "wrong");
+        assert!(connect(o).await.is_err(), "a wrong password got in");
+        let mut o = opts(port, "mallory-1");
+        o.set_credentials("mallory", "m-pw");
+        let (c, mut ev) = connect(o).await.unwrap();
+        let codes = subscribe(&c, &mut ev, "plant/#", QoS::AtMostOnce).await;
+        assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
+        c.publish("plant/secret", QoS::AtLeastOnce, false, "x").await.unwrap();
+        wait_for(&mut ev, Duration::from_secs(5), |p| {
+            matches!(p, rumqttc::Packet::PubAck(_)).then_some(())
+        })
+        .await
+        .expect("no PUBACK for the denied publish");
+        // A noisy user: 500 denied publishes, each on a topic of its own.
+        let mut o = opts(port, "noisy-1");
+        o.set_credentials("noisy", "m-pw");
+        let (n, mut nev) = connect(o).await.unwrap();
+        for i in 0..500 {
+            n.publish(format!("other/{i}"), QoS::AtLeastOnce, false, "x")
+                .await
+                .unwrap();
+            wait_for(&mut nev, Duration::from_secs(5), |p| {
+                matches!(p, rumqttc::Packet::PubAck(_)).then_some(())
+            })
+            .await
+            .expect("no PUBACK");
+        }
+    });
+    let doc = problems(dport, "alice", "alice-pw");
+    let sec = doc["security"].as_array().unwrap();
+    assert_eq!(doc["security_scope"], "all");
+    let find =
+        |kind: &str, f: &dyn Fn(&serde_json::Value) -> bool| sec.iter().find(|e| e["kind"] == kind && f(e)).cloned();
+    let login = find("login_refused", &|e| e["username"] == XSS).unwrap_or_else(|| panic!("{doc:#}"));
+    assert_eq!(login["client_id"], "xss-client");
+    assert!(login["source"].as_str().unwrap().starts_with("127.0.0.1:"), "{login}");
+    assert!(login["reason"].as_str().unwrap().contains("wrong password"), "{login}");
+    let p = find("publish_denied", &|e| e["username"] == "mallory").unwrap_or_else(|| panic!("{doc:#}"));
+    assert_eq!(
+        (p["topic"].as_str(), p["client_id"].as_str()),
+        (Some("plant/secret"), Some("mallory-1"))
+    );
+    find("subscribe_denied", &|e| e["topic"] == "plant/#").unwrap_or_else(|| panic!("{doc:#}"));
+    let noisy = sec.iter().filter(|e| e["username"] == "noisy").count();
+    assert_eq!(noisy, 8, "the noisy user holds {noisy} events of the ring");
+    // The counts come from the status document, written every 2 s.
+    let end = Instant::now() + Duration::from_secs(6);
+    while problems(dport, "alice", "alice-pw")["counts"]["publish_denied"]["count"] != 501 {
+        assert!(Instant::now() < end, "{:#}", problems(dport, "alice", "alice-pw"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Mallory is no admin: only events under her own name.
+    let mine = problems(dport, "mallory", "m-pw");
+    let ms = mine["security"].as_array().unwrap();
+    assert_eq!(mine["security_scope"], "own");
+    assert!(
+        !ms.is_empty() && ms.iter().all(|e| e["username"] == "mallory"),
+        "{mine:#}"
+    );
+
+    let b = Browser::start();
+    b.login(dport, "alice", "alice-pw");
+    let want = [
+        "Recent refusals",
+        "publish denied",
+        "plant/secret",
+        "subscribe denied",
+        "plant/#",
+        "user mallory · client mallory-1 · from 127.0.0.1:",
+        "login refused",
+        "user <img src=x onerror=\"window.__pwned=1\"> · client xss-client",
+        "6 more of user noisy",
+    ];
+    let t = b.wait_text(&want, Duration::from_secs(15));
+    let shot = b.screenshot("dashboard-refusals.png");
+    for w in want {
+        assert!(
+            t.contains(w),
+            "`{w}` not on the page (screenshot {}):\n{t}",
+            shot.display()
+        );
+    }
+    assert_eq!(
+        b.script("return [window.__pwned === undefined, document.querySelectorAll('#problems img').length]"),
+        serde_json::json!([true, 0]),
+        "a user name was run as HTML"
+    );
+    drop(b);
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}

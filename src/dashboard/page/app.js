@@ -438,6 +438,7 @@ function plugRow(p) {
   }
 }
 
+const SEC_KIND = { login_refused: "login refused", publish_denied: "publish denied", subscribe_denied: "subscribe denied" };
 async function loadProblems() {
   let p;
   try { p = await getJson("api/problems"); } catch (_) { return; }
@@ -450,6 +451,24 @@ async function loadProblems() {
   }
   if (counts.length) html += "<table>" + counts.map((c) => `<tr><td>${esc(c.what)}</td><td>${c.count}</td></tr>`).join("") +
     `</table><div class="age">since the gateway started ${esc(new Date(p.since * 1000).toLocaleString())}</div>`;
+  // Who was refused, from where, on what: every string here is a client's own, so escaped.
+  // The most recent few, at most two per user (or address): one noisy client does not hide the rest.
+  const sec = [], more = new Map();
+  for (const e of p.security || []) {
+    const k = e.username != null ? "user " + e.username : "address " + String(e.source || "").replace(/:\d+$/, "");
+    const n = (more.get(k) || 0) + 1;
+    more.set(k, n);
+    if (n <= 2 && sec.length < 10) sec.push(e);
+  }
+  const hidden = [...more].filter(([, n]) => n > 2).map(([k, n]) => `${n - 2} more of ${k}`);
+  if (sec.length) html += `<h2>Recent refusals${p.security_scope === "own" ? " under your name" : ""}</h2><table id="security">` +
+    sec.map((e) => {
+      const who = [e.username != null ? "user " + e.username : "no user name", e.client_id ? "client " + e.client_id : "",
+        e.source ? "from " + e.source : ""].filter(Boolean).join(" · ");
+      return `<tr data-kind="${esc(e.kind)}"><td>${esc(new Date(e.at_ms).toLocaleTimeString())}</td>` +
+        `<td>${esc(SEC_KIND[e.kind] || e.kind)}${e.count > 1 ? " ×" + esc(e.count) : ""}</td><td>${esc(who)}<div class="err">${esc(e.topic || e.reason || "")}</div></td></tr>`;
+    }).join("") + "</table>" + (hidden.length ? `<div class="age">${esc(hidden.join(", "))}</div>` : "");
+  if (p.security_scope === "own" && counts.length) html += `<div class="age">refusals under other names are shown to dashboard admins</div>`;
   if (p.recent.length) html += "<h2>Most recent</h2><table>" + p.recent.slice(0, 5).map((e) =>
     `<tr><td>${esc(new Date(e.at_ms).toLocaleTimeString())}</td><td>${esc(e.detail)}</td></tr>`).join("") + "</table>";
   const el = $("problems");
