@@ -123,14 +123,16 @@ impl View {
 /// A bound dashboard port, ready to serve.
 pub struct Dashboard {
     pub local: SocketAddr,
-    /// `None` when the default address was taken by another program: no dashboard then.
-    tcp: Option<TcpListener>,
+    tcp: TcpListener,
     /// Set for HTTPS; the handshake runs in the connection's task under a deadline.
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Dashboard {
-    pub async fn bind(addr: SocketAddr, tls: Option<&crate::config::Tls>) -> Result<Dashboard> {
+    /// Binds `addr`. An address that does not bind is an error naming it and why, so the
+    /// gateway refuses to start; only the default address, when another program holds it,
+    /// gives way: `Ok(None)`, no dashboard, and a warning saying so.
+    pub async fn bind(addr: SocketAddr, tls: Option<&crate::config::Tls>) -> Result<Option<Dashboard>> {
         let tls = match tls {
             Some(t) => Some(crate::broker::listener::tls_acceptor(t).context("dashboard.tls")?),
             None => None,
@@ -147,25 +149,21 @@ impl Dashboard {
                     "dashboard: the default address {addr} is in use ({e}); the dashboard is off. \
                      Set dashboard.bind to another address, or `dashboard.bind: null` to say so"
                 );
-                return Ok(Dashboard {
-                    local: addr,
-                    tcp: None,
-                    tls,
-                });
+                return Ok(None);
             }
             Err(e) => return Err(e).with_context(|| format!("dashboard.bind: cannot bind {addr}")),
         };
-        Ok(Dashboard {
+        Ok(Some(Dashboard {
             local: tcp.local_addr()?,
-            tcp: Some(tcp),
+            tcp,
             tls,
-        })
+        }))
     }
 
     /// Accepts until `stop`; each connection is served in its own task.
     pub async fn run(self, door: FrontDoor, view: Arc<View>, stop: CancellationToken) {
         let local = self.local;
-        let Some(tcp) = self.tcp else { return };
+        let tcp = self.tcp;
         let mut info = view.info.clone();
         let settings: api::Settings = info
             .as_object_mut()

@@ -1144,3 +1144,92 @@ fn problems_name_who_was_refused_escaped_and_a_noisy_user_cannot_flush_them() {
     drop(b);
     assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
 }
+
+/// Issue 17 (leftover): a dashboard address that does not bind is a clear error naming the
+/// address and why, and the gateway does not start (as README says: an address you write must
+/// bind); no `listening` line, no READY, no `online` status.
+#[test]
+fn a_dashboard_address_that_does_not_bind_refuses_the_start_naming_it() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("outpost.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateway:\n  id: test-gw\n  data_dir: {}\n{}dashboard:\n  bind: \"{addr}\"\n",
+            dir.path().join("data").display(),
+            open_broker(port)
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", dir.path().join("no-such.sock"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("the gateway started although its dashboard address {addr} is taken");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "exit {status}:\n{err}");
+    assert!(
+        err.contains(&format!("dashboard.bind: cannot bind {addr}")) && err.contains("in use"),
+        "the error does not name the address and why:\n{err}"
+    );
+    assert!(!err.contains("listening"), "something said it listens:\n{err}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the broker serves although the start was refused"
+    );
+    // Refused before the broker started: nothing was stored (no retained `online` status).
+    assert!(
+        !dir.path().join("data/retained.db").exists(),
+        "the broker started (and announced itself online) before the refusal"
+    );
+    drop(held);
+}
+
+/// The default address (127.0.0.1:8080) gives way when another program holds it: the gateway
+/// starts without a dashboard, warns naming the address and why, and says nowhere that the
+/// dashboard listens.
+#[test]
+fn the_default_dashboard_address_gives_way_and_says_so() {
+    // Held by this test, or already by another program: taken either way.
+    let _held = std::net::TcpListener::bind("127.0.0.1:8080");
+    assert!(
+        std::net::TcpListener::bind("127.0.0.1:8080").is_err(),
+        "8080 is not taken"
+    );
+    let port = free_port();
+    // A dashboard section without `bind`: the default address.
+    let mut gw = Gateway::start(&format!("{}dashboard:\n  admins: []\n", open_broker(port)));
+    let log = gw.log();
+    assert!(
+        log.contains("the default address 127.0.0.1:8080 is in use") && log.contains("the dashboard is off"),
+        "no warning that the dashboard is off:\n{log}"
+    );
+    assert!(
+        !log.contains("dashboard: listening") && !log.contains("dashboard http://"),
+        "the log says the dashboard listens:\n{log}"
+    );
+    assert!(
+        !gw.notes.iter().any(|n| n.contains("dashboard")),
+        "READY says the dashboard serves: {:?}",
+        gw.notes
+    );
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}
