@@ -1233,3 +1233,95 @@ fn the_default_dashboard_address_gives_way_and_says_so() {
     );
     assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
 }
+
+/// Issue 17, point 8 (admin), on the page: an admin clicks pause, resume and restart on the
+/// bridge's row and sees each take effect (the row's state and the bridge's answer), and the
+/// bridge itself pauses, resumes and reconnects; a user who is no admin gets no buttons.
+#[test]
+fn an_admin_clicks_the_bridge_buttons_and_sees_them_work() {
+    let mut up = Mosquitto::start("allow_anonymous true");
+    let (port, dport) = (free_port(), free_port());
+    let mut gw = Gateway::start(&format!(
+        "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n  users:\n    - {{ name: alice, password_hash: \"{a}\" }}\n    - {{ name: bob, password_hash: \"{a}\" }}\n  acl:\n    - {{ who: \"*\", allow: {{ publish: [\"#\"], subscribe: [\"#\"] }} }}\n\
+         dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  admins: [alice]\n\
+         bridges:\n  - name: cloud\n    url: \"{url}\"\n    backoff: {{ min: 200ms, max: 1s }}\n    rules:\n      - {{ direction: out, local: \"sensor/#\", remote: \"site/{{#}}\", qos: 1 }}\n",
+        a = passwd("pw"),
+        url = up.url()
+    ));
+    let wait_bridge = |gw: &Gateway, want: &dyn Fn(&serde_json::Value) -> bool, what: &str| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let b = gw.bridge_state("cloud");
+            if want(&b) {
+                return b;
+            }
+            assert!(Instant::now() < end, "bridge never {what}: {b}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_bridge(&gw, &|b| b["connected"] == true, "connected");
+    let b = Browser::start();
+    b.login(dport, "alice", "pw");
+    let row = "#bridges tr[data-key='cloud']";
+    let row_text = |b: &Browser| {
+        b.script(&format!(
+            "const r = document.querySelector(\"{row}\"); return r ? r.innerText : ''"
+        ))
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+    };
+    let wait_row = |b: &Browser, want: &[&str], what: &str| {
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            let t = row_text(b);
+            if want.iter().all(|w| t.contains(w)) {
+                return t;
+            }
+            assert!(Instant::now() < end, "{what}: the row reads {t:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_row(&b, &["cloud", "up"], "the bridge is not shown up");
+
+    b.click(&format!("{row} button[data-action='pause']"));
+    wait_row(&b, &["paused", "pause: done"], "pause did not show");
+    let st = wait_bridge(&gw, &|b| b["paused"] == true && b["connected"] == false, "paused");
+    b.screenshot("dashboard-bridge-paused.png");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        gw.bridge_state("cloud")["connected"],
+        false,
+        "a paused bridge reconnected: {st}"
+    );
+    assert!(row_text(&b).contains("paused"), "{}", row_text(&b));
+
+    b.click(&format!("{row} button[data-action='resume']"));
+    wait_row(&b, &["up", "resume: done"], "resume did not show");
+    wait_bridge(&gw, &|b| b["paused"] == false && b["connected"] == true, "resumed");
+
+    let before = gw.bridge_state("cloud")["reconnects"].as_u64().unwrap();
+    b.click(&format!("{row} button[data-action='restart']"));
+    wait_row(&b, &["restart: done"], "restart did not show");
+    wait_bridge(
+        &gw,
+        &|b| b["connected"] == true && b["reconnects"].as_u64() > Some(before),
+        "restarted",
+    );
+    wait_row(&b, &["up"], "the restarted bridge is not shown up");
+    b.screenshot("dashboard-bridge-restarted.png");
+    drop(b);
+
+    // Bob is no admin: his page shows the bridge, and no buttons.
+    let b = Browser::start();
+    b.login(dport, "bob", "pw");
+    wait_row(&b, &["cloud", "up"], "bob does not see the bridge");
+    assert_eq!(
+        b.script(&format!("return document.querySelectorAll(\"{row} button\").length")),
+        0,
+        "a user who is no admin has bridge buttons"
+    );
+    drop(b);
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+    up.stop();
+}

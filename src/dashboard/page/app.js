@@ -350,7 +350,15 @@ function panels(topic, payload) {
   if (!id) return;
   const gw = "outpost/" + id + "/";
   let m;
-  if (topic.startsWith(gw) && (m = topic.slice(gw.length).match(/^bridges\/([^/]+)\/state$/))) {
+  if (me && me.admin && topic === me.bridge_reply + clientId) {
+    // The bridge's own answer to this page's request: done, or why not.
+    try {
+      const r = JSON.parse(payload);
+      const tr = $("bridges").querySelector(`tr[data-key="${CSS.escape(String(r.bridge || ""))}"]`);
+      const out = tr && tr.cells[5] && tr.cells[5].querySelector(".act");
+      if (out) { out.className = "act " + (r.ok ? "ok" : "no"); setText(out, r.ok ? r.action + ": done" : String(r.error)); }
+    } catch (_) { /* not JSON */ }
+  } else if (topic.startsWith(gw) && (m = topic.slice(gw.length).match(/^bridges\/([^/]+)\/state$/))) {
     try { bridges.set(m[1], JSON.parse(payload)); bridgeRow(m[1]); } catch (_) { /* not JSON */ }
   } else if (topic.startsWith(gw) && (m = topic.slice(gw.length).match(/^devices\/([^/]+)\/state$/))) {
     try { deviceRow(m[1], JSON.parse(payload)); } catch (_) { /* not JSON */ }
@@ -397,6 +405,8 @@ function bridgeAction(name, action, out) {
   setText(out, action + "…");
   const req = JSON.stringify({ bridge: name, action, reply_to: me.bridge_reply + clientId });
   publish(me.bridge_request, req, 1, false, (t, ok) => {
+    // The bridge's answer may come before the broker's PUBACK: never overwrite it.
+    if (out.textContent !== action + "…") return;
     out.className = "act " + (ok ? "ok" : "no");
     setText(out, ok ? action + ": asked" : action + ": " + t);
   });
