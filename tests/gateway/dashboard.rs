@@ -656,6 +656,34 @@ fn a_limited_user_on_a_phone_sees_its_own_topics_and_why() {
                   error: window.__outpost.error || null }",
     );
     let shot = b.screenshot("dashboard-phone.png");
+    // Panels with nothing to report do not fill the phone's first screen: each is one short
+    // line, and the topic list starts within the first screen.
+    let panels = b.script(
+        "return { heights: ['problems', 'bridges', 'plugs', 'devices'].map(id =>                     document.getElementById(id).closest('section').getBoundingClientRect().height),                  topics: document.getElementById('topics').getBoundingClientRect().top + window.scrollY,\
+                  list: document.getElementById('topics').clientHeight }",
+    );
+    let heights: Vec<f64> = panels["heights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_f64().unwrap())
+        .collect();
+    assert!(
+        heights.iter().all(|h| *h < 60.0),
+        "an empty panel takes room on the phone: {panels} (screenshot {})",
+        shot.display()
+    );
+    assert!(
+        panels["topics"].as_f64().unwrap() < 480.0,
+        "the topic list starts below the phone's first screen: {panels} (screenshot {})",
+        shot.display()
+    );
+    // Three rows (plant/, bob/, soil): the list is as tall as them, not a blank half screen.
+    assert!(
+        panels["list"].as_f64().unwrap() <= 3.0 * 26.0 + 2.0,
+        "the topic list is a blank box on the phone: {panels} (screenshot {})",
+        shot.display()
+    );
     assert_eq!(widths["screen"], 390, "not a phone-size screen: {widths}");
     assert!(
         widths["page"].as_u64() <= widths["screen"].as_u64(),
@@ -1283,6 +1311,12 @@ fn an_admin_clicks_the_bridge_buttons_and_sees_them_work() {
         }
     };
     wait_row(&b, &["cloud", "up"], "the bridge is not shown up");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        b.script("return document.getElementById('bridges').closest('section').classList.contains('empty')"),
+        false,
+        "a panel with a bridge is marked empty"
+    );
 
     b.click(&format!("{row} button[data-action='pause']"));
     wait_row(&b, &["paused", "pause: done"], "pause did not show");

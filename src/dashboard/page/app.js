@@ -522,8 +522,18 @@ function rebuild(now) {
   rows = out;
   structureDirty = false;
   spacer.style.height = rows.length * ROW_H + "px";
+  fitList();
   setText($("topiccount"), "(" + topics.size + ")");
 }
+
+// On a phone the list is only as tall as its rows (up to 45% of the screen), so a few topics
+// do not leave a blank box between them and the chart.
+const narrow = window.matchMedia("(max-width: 600px)");
+function fitList() {
+  const h = narrow.matches ? Math.round(Math.max(3 * ROW_H, Math.min(rows.length * ROW_H + 2, window.innerHeight * 0.45))) + "px" : "";
+  if (list.style.height !== h) list.style.height = h;
+}
+window.addEventListener("resize", fitList);
 
 function makeRow(r) {
   const el = document.createElement("div");
@@ -693,9 +703,19 @@ $("pclear").addEventListener("click", () => {
   publish(topic, "", 1, true, (t, ok) => { out.className = ok ? "ok" : "no"; setText(out, ok ? "retained message cleared" : t); });
 });
 
+// Panels with nothing to report are marked, so a phone shows them as one short line.
+function markEmpty() {
+  for (const id of ["problems", "bridges", "plugs", "devices"]) {
+    const el = $(id);
+    const empty = id === "problems" ? el.textContent === "none reported" : el.rows.length === 1 && !!el.querySelector("tr.none");
+    el.closest("section").classList.toggle("empty", empty);
+  }
+}
+
 // ---- the tick ---------------------------------------------------------------------------
 function tick() {
   const now = Date.now();
+  markEmpty();
   if (info && everConnected) setText($("uptime"), connected ? "up " + ago(now - info.started * 1000) : "uptime unknown (offline)");
   if (!connected) banner();
   if (structureDirty && !overList && !selectionIn(list)) rebuild(now);
