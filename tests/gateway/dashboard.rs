@@ -1170,6 +1170,34 @@ fn problems_name_who_was_refused_escaped_and_a_noisy_user_cannot_flush_them() {
         "a user name was run as HTML"
     );
     drop(b);
+    // On a phone the refusals fit the panel: nothing to scroll sideways.
+    let b = Browser::start_sized(390, 844, 3.0);
+    b.login(dport, "alice", "alice-pw");
+    b.wait_text(&["Recent refusals", "plant/secret"], Duration::from_secs(15));
+    let shot = b.screenshot("dashboard-phone-refusals.png");
+    let fit = b.script(
+        "const s = document.getElementById('problems').closest('section');         const row = document.querySelector('#security tr').getBoundingClientRect();\
+         return { scroll: s.scrollWidth, width: s.clientWidth, page: document.documentElement.scrollWidth, screen: window.innerWidth,\
+                  full: !s.classList.contains('empty'), row: row.height }",
+    );
+    assert_eq!(
+        fit["full"],
+        true,
+        "the Problems panel is shown as empty: {fit} (screenshot {})",
+        shot.display()
+    );
+    // A refusal reads in a few lines, not a column of broken words (time, kind, who, topic).
+    assert!(
+        fit["row"].as_f64().unwrap() < 110.0,
+        "a refusal is {fit} tall (screenshot {})",
+        shot.display()
+    );
+    assert!(
+        fit["scroll"].as_u64() <= fit["width"].as_u64() && fit["page"].as_u64() <= fit["screen"].as_u64(),
+        "the refusals do not fit the phone: {fit} (screenshot {})",
+        shot.display()
+    );
+    drop(b);
     assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
 }
 

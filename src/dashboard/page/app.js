@@ -340,6 +340,7 @@ function keyedRow(tbody, key, cells) {
     const rowsNow = [...tbody.children];
     const after = rowsNow.find((r) => r.dataset.key > key);
     tbody.insertBefore(tr, after || null);
+    markEmpty();
   }
   tr.classList.remove("old");
   return tr;
@@ -483,6 +484,7 @@ async function loadProblems() {
     `<tr><td>${esc(new Date(e.at_ms).toLocaleTimeString())}</td><td>${esc(e.detail)}</td></tr>`).join("") + "</table>";
   const el = $("problems");
   if (!selectionIn(el) && el.innerHTML !== (html || "none reported")) el.innerHTML = html || "none reported";
+  markEmpty();
 }
 setInterval(() => { if (connected) loadProblems(); }, 5000);
 setInterval(async () => {
