@@ -3,8 +3,9 @@
 //! once [`gate`] has checked its `Origin` and that it names a user. The page (`page/`, compiled
 //! in) is itself an MQTT 5 client of `/mqtt`: it sees only what its user's ACL lets it read, and
 //! every action it takes is a PUBLISH checked by the broker. `/api/me` tells it what its user
-//! may read; `/api/problems` what went wrong lately. The endpoints read the gateway's state only
-//! through the status document the gateway hands over.
+//! may read; `/api/problems` what went wrong lately (counts from the status document, names from
+//! the broker's ring of security events, `broker::events`). Otherwise the endpoints read the
+//! gateway's state only through the status document the gateway hands over.
 //!
 //! Bound off loopback, `/metrics` and `/info.json` need a broker user's login or the
 //! `dashboard.token`, and `/healthz` says only whether the gateway is healthy.

@@ -386,8 +386,9 @@ function bridgeRow(name) {
   setText(c[4], "dropped " + dropped);
   // The last error and how long it has been down: what an operator needs first.
   let extra = "";
-  if (!b.connected && b.since_ms) extra = "down for " + ago(Date.now() - b.since_ms);
-  if (b.last_error && !b.connected) extra += (extra ? " · " : "") + b.last_error;
+  // A paused bridge is down on purpose: say so, not as an error.
+  if (!b.connected && b.since_ms) extra = (b.paused ? "paused for " : "down for ") + ago(Date.now() - b.since_ms);
+  if (b.last_error && !b.connected && !b.paused) extra += (extra ? " · " : "") + b.last_error;
   if (!c[5].querySelector(".msg")) {
     c[5].innerHTML = '<div class="msg err"></div><div class="acts"></div><div class="act"></div>';
   }
