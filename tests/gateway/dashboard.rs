@@ -656,6 +656,17 @@ fn a_limited_user_on_a_phone_sees_its_own_topics_and_why() {
                   error: window.__outpost.error || null }",
     );
     let shot = b.screenshot("dashboard-phone.png");
+    // The chart's time labels do not run into each other on the narrow chart.
+    let axis = b.script("return window.__outpost.timeAxis || null");
+    let (labels, width) = (
+        axis["labels"].as_f64().unwrap_or(0.0),
+        axis["width"].as_f64().unwrap_or(0.0),
+    );
+    assert!(
+        labels >= 1.0 && width / labels >= 85.0,
+        "time labels crowd the phone's chart: {axis} (screenshot {})",
+        shot.display()
+    );
     // Panels with nothing to report do not fill the phone's first screen: each is one short
     // line, and the topic list starts within the first screen.
     let panels = b.script(

@@ -672,13 +672,17 @@ function chart(now) {
     g.beginPath(); g.moveTo(L, yy); g.lineTo(L + pw, yy); g.stroke();
     g.fillText(v.toFixed(digits), L - 4, yy);
   }
-  const span = t1 - t0, tstep = [10e3, 15e3, 30e3, 60e3, 120e3, 300e3].find((s) => span / s <= 5) || 600e3;
+  // As many time labels as fit ("06:52:30 AM" is ~75 px): on a phone they would run together.
+  const fit = Math.max(2, Math.min(5, Math.floor(pw / 90)));
+  const span = t1 - t0, tstep = [10e3, 15e3, 30e3, 60e3, 120e3, 300e3].find((s) => span / s <= fit) || 600e3;
   g.textAlign = "center"; g.textBaseline = "top";
-  for (let tm = Math.ceil(t0 / tstep) * tstep; tm <= t1; tm += tstep) {
+  let labels = 0;
+  for (let tm = Math.ceil(t0 / tstep) * tstep; tm <= t1; tm += tstep, labels++) {
     const xx = Math.round(x(tm)) + 0.5;
     g.beginPath(); g.moveTo(xx, T); g.lineTo(xx, T + ph); g.stroke();
     g.fillText(new Date(tm).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }), xx, T + ph + 4);
   }
+  window.__outpost.timeAxis = { labels, width: pw };
   g.strokeStyle = "#9ca3af"; g.beginPath(); g.moveTo(L + 0.5, T); g.lineTo(L + 0.5, T + ph); g.lineTo(L + pw, T + ph + 0.5); g.stroke();
   g.strokeStyle = "#2563eb"; g.lineWidth = 2; g.lineJoin = "round"; g.beginPath();
   pts.forEach(([tm, v], i) => (i ? g.lineTo(x(tm), y(v)) : g.moveTo(x(tm), y(v))));
