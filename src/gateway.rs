@@ -20,13 +20,15 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
     crate::system::fds::check(cfg.broker.limits.max_connections)?;
     std::fs::create_dir_all(&cfg.gateway.data_dir)
         .with_context(|| format!("gateway.data_dir: cannot create {}", cfg.gateway.data_dir.display()))?;
+    // The dashboard's port first: an address that does not bind stops the start here, as a bad
+    // config does, before anything is announced (no `online` status, no READY).
+    let dashboard = match &cfg.dashboard.bind {
+        Some(b) => crate::dashboard::Dashboard::bind(b.0, cfg.dashboard.tls.as_ref()).await?,
+        None => None,
+    };
     let broker = Broker::start(&cfg).await?;
     let bus = Bus::start(broker.shared.clone());
     let status = StatusTopic::start(&broker, bus.clone(), &cfg.gateway.id).await;
-    let dashboard = match &cfg.dashboard.bind {
-        Some(b) => Some(crate::dashboard::Dashboard::bind(b.0, cfg.dashboard.tls.as_ref()).await?),
-        None => None,
-    };
     let mut bridges = Bridges::new(broker.shared.clone(), bus.clone(), &cfg.gateway);
     bridges.apply(&cfg.bridges).await?;
     let stop_grants = tokio_util::sync::CancellationToken::new();

@@ -138,6 +138,7 @@ pub async fn serve<S>(
         Ok(c) => c,
         Err((proto, refusal, why)) => {
             Metrics::inc(&shared.metrics.connects_refused);
+            shared.events.login_refused(peer, "", None, &why);
             log::info!("{peer} on {}: refused: {why}", listener.name);
             if let Some(proto) = proto {
                 let _ = cwr.write_all(&codec::connack_refusal(proto, refusal)).await;
@@ -149,6 +150,7 @@ pub async fn serve<S>(
     let shown_id = format!("{:?}", connect.client_id);
     let refuse = |refusal: Refusal, why: String| {
         Metrics::inc(&shared.metrics.connects_refused);
+        shared.events.connect_refused(peer, &connect, &why);
         log::info!("{peer} on {}: client {shown_id} refused: {why}", listener.name);
         codec::connack_refusal(proto, refusal)
     };
@@ -335,6 +337,7 @@ pub async fn serve<S>(
     );
 
     let ctx = Ctx {
+        peer,
         proto,
         id,
         keep_alive,
@@ -454,6 +457,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
 
 /// What both halves of one connection share.
 struct Ctx {
+    peer: SocketAddr,
     proto: Proto,
     id: Identity,
     /// The keep-alive in force, seconds (0: none).
@@ -754,6 +758,7 @@ fn on_packet(
             }
             if !shared.may_publish(&ctx.id, &topic) {
                 Metrics::inc(&m.publish_denied);
+                shared.events.publish_denied(ctx.peer, &ctx.id, &topic);
                 log::debug!("client {:?}: publish to {topic:?} denied", ctx.id.client_id);
                 return match p.qos {
                     0 => Step::Nothing,
@@ -829,6 +834,7 @@ fn on_packet(
                 }
                 if !shared.may_subscribe(&ctx.id, &f.filter) {
                     Metrics::inc(&m.subscribe_denied);
+                    shared.events.subscribe_denied(ctx.peer, &ctx.id, &f.filter);
                     log::debug!("client {:?}: subscribe to {:?} denied", ctx.id.client_id, f.filter);
                     codes.push(SubCode::NotAuthorized);
                     continue;

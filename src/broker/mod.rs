@@ -7,6 +7,7 @@ pub mod admission;
 pub mod auth;
 pub mod codec;
 mod connection;
+pub mod events;
 pub mod listener;
 pub mod metrics;
 pub mod retained;
@@ -79,6 +80,8 @@ pub struct Shared {
     pub reserved_prefix: String,
     /// Recent failed logins by source address and by user name, for back-off.
     failures: Mutex<HashMap<String, Failures>>,
+    /// Recent refused logins and ACL denials, with names (a bounded ring).
+    pub events: events::Events,
 }
 
 /// Failed logins of one source or user: how many in a row, and until when the next attempt is
@@ -669,6 +672,7 @@ impl Broker {
             delayed_wills: Mutex::new(HashMap::new()),
             reserved_prefix: format!("outpost/{}/", cfg.gateway.id),
             failures: Mutex::new(HashMap::new()),
+            events: events::Events::default(),
         });
         // Routing asks the broker who may read what (a shared group picks among those only).
         let weak = Arc::downgrade(&shared);

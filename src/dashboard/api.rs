@@ -4,6 +4,7 @@
 //! subscribes to that and says what is hidden; `/api/problems` keeps the most recent refusals.
 
 use crate::broker::auth::Identity;
+use crate::broker::events::Event as SecurityEvent;
 use crate::broker::{topics, Shared};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -254,8 +255,8 @@ pub struct Event {
 }
 
 /// The most recent problems: counter rises seen in the status document (the broker's refused
-/// logins and ACL denials, with no names: the broker keeps none), the dashboard's own refusals
-/// with names, and bridges going down. In memory: a restart starts it empty.
+/// logins and ACL denials; the names are in the broker's own ring, `broker::events`), the
+/// dashboard's own refusals, and bridges going down. In memory: a restart starts it empty.
 #[derive(Default)]
 pub struct Problems {
     recent: Mutex<VecDeque<Event>>,
@@ -312,7 +313,10 @@ impl Problems {
         }
     }
 
-    pub fn doc(&self, status: &Value) -> Value {
+    /// `/api/problems` for `user`. The broker's security events (`events`, newest first) name
+    /// other users and addresses: an admin sees them all, anyone else only those under their
+    /// own user name.
+    pub fn doc(&self, status: &Value, events: &[SecurityEvent], user: Option<&str>, admin: bool) -> Value {
         let counts: serde_json::Map<String, Value> = COUNTERS
             .iter()
             .map(|(k, what)| {
@@ -345,11 +349,17 @@ impl Problems {
             .collect();
         let mut recent: Vec<Event> = self.recent.lock().expect("problems lock").iter().cloned().collect();
         recent.reverse();
+        let security: Vec<&SecurityEvent> = events
+            .iter()
+            .filter(|e| admin || (user.is_some() && e.username.as_deref() == user))
+            .collect();
         json!({
             "since": status["started"],
             "counts": counts,
             "bridges": bridges,
             "recent": recent,
+            "security": security,
+            "security_scope": if admin { "all" } else { "own" },
         })
     }
 }

@@ -3,8 +3,9 @@
 //! once [`gate`] has checked its `Origin` and that it names a user. The page (`page/`, compiled
 //! in) is itself an MQTT 5 client of `/mqtt`: it sees only what its user's ACL lets it read, and
 //! every action it takes is a PUBLISH checked by the broker. `/api/me` tells it what its user
-//! may read; `/api/problems` what went wrong lately. The endpoints read the gateway's state only
-//! through the status document the gateway hands over.
+//! may read; `/api/problems` what went wrong lately (counts from the status document, names from
+//! the broker's ring of security events, `broker::events`). Otherwise the endpoints read the
+//! gateway's state only through the status document the gateway hands over.
 //!
 //! Bound off loopback, `/metrics` and `/info.json` need a broker user's login or the
 //! `dashboard.token`, and `/healthz` says only whether the gateway is healthy.
@@ -123,14 +124,16 @@ impl View {
 /// A bound dashboard port, ready to serve.
 pub struct Dashboard {
     pub local: SocketAddr,
-    /// `None` when the default address was taken by another program: no dashboard then.
-    tcp: Option<TcpListener>,
+    tcp: TcpListener,
     /// Set for HTTPS; the handshake runs in the connection's task under a deadline.
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Dashboard {
-    pub async fn bind(addr: SocketAddr, tls: Option<&crate::config::Tls>) -> Result<Dashboard> {
+    /// Binds `addr`. An address that does not bind is an error naming it and why, so the
+    /// gateway refuses to start; only the default address, when another program holds it,
+    /// gives way: `Ok(None)`, no dashboard, and a warning saying so.
+    pub async fn bind(addr: SocketAddr, tls: Option<&crate::config::Tls>) -> Result<Option<Dashboard>> {
         let tls = match tls {
             Some(t) => Some(crate::broker::listener::tls_acceptor(t).context("dashboard.tls")?),
             None => None,
@@ -147,25 +150,21 @@ impl Dashboard {
                     "dashboard: the default address {addr} is in use ({e}); the dashboard is off. \
                      Set dashboard.bind to another address, or `dashboard.bind: null` to say so"
                 );
-                return Ok(Dashboard {
-                    local: addr,
-                    tcp: None,
-                    tls,
-                });
+                return Ok(None);
             }
             Err(e) => return Err(e).with_context(|| format!("dashboard.bind: cannot bind {addr}")),
         };
-        Ok(Dashboard {
+        Ok(Some(Dashboard {
             local: tcp.local_addr()?,
-            tcp: Some(tcp),
+            tcp,
             tls,
-        })
+        }))
     }
 
     /// Accepts until `stop`; each connection is served in its own task.
     pub async fn run(self, door: FrontDoor, view: Arc<View>, stop: CancellationToken) {
         let local = self.local;
-        let Some(tcp) = self.tcp else { return };
+        let tcp = self.tcp;
         let mut info = view.info.clone();
         let settings: api::Settings = info
             .as_object_mut()
@@ -322,10 +321,11 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
                     .and_then(|b| String::from_utf8(b).ok())
                     .and_then(|t| t.split_once(':').map(|(u, _)| u.to_string()))
                     .unwrap_or_default();
-                ctx.problems.note(
-                    "dashboard_login_refused",
-                    1,
-                    format!("dashboard login refused for user `{user}` from {}", peer.ip()),
+                ctx.door.shared.events.login_refused(
+                    peer,
+                    "",
+                    Some(&user),
+                    "dashboard page login (HTTP): wrong user or password",
                 );
                 return unauthorized("wrong user or password", challenge);
             }
@@ -378,7 +378,8 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
                     &status,
                 ))
             } else {
-                json_reply(&ctx.problems.doc(&status))
+                let admin = user.is_some_and(|u| ctx.settings.admins.iter().any(|a| a == u));
+                json_reply(&ctx.problems.doc(&status, &ctx.door.shared.events.recent(), user, admin))
             }
         }
         "/mqtt" => upgrade(req, ctx, peer),
@@ -440,6 +441,12 @@ fn upgrade(mut req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
                     .metrics
                     .connects_refused
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                door.shared.events.login_refused(
+                    peer,
+                    "",
+                    None,
+                    "anonymous CONNECT on the dashboard's /mqtt (dashboard.anonymous is off)",
+                );
                 gate::refuse_anonymous(&mut io, level).await;
             }
             Ok(Ok((gate::First::PassOn, head))) => door.adopt_websocket(

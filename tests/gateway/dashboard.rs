@@ -656,6 +656,45 @@ fn a_limited_user_on_a_phone_sees_its_own_topics_and_why() {
                   error: window.__outpost.error || null }",
     );
     let shot = b.screenshot("dashboard-phone.png");
+    // The chart's time labels do not run into each other on the narrow chart.
+    let axis = b.script("return window.__outpost.timeAxis || null");
+    let (labels, width) = (
+        axis["labels"].as_f64().unwrap_or(0.0),
+        axis["width"].as_f64().unwrap_or(0.0),
+    );
+    assert!(
+        labels >= 1.0 && width / labels >= 85.0,
+        "time labels crowd the phone's chart: {axis} (screenshot {})",
+        shot.display()
+    );
+    // Panels with nothing to report do not fill the phone's first screen: each is one short
+    // line, and the topic list starts within the first screen.
+    let panels = b.script(
+        "return { heights: ['problems', 'bridges', 'plugs', 'devices'].map(id =>                     document.getElementById(id).closest('section').getBoundingClientRect().height),                  topics: document.getElementById('topics').getBoundingClientRect().top + window.scrollY,\
+                  list: document.getElementById('topics').clientHeight }",
+    );
+    let heights: Vec<f64> = panels["heights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_f64().unwrap())
+        .collect();
+    assert!(
+        heights.iter().all(|h| *h < 60.0),
+        "an empty panel takes room on the phone: {panels} (screenshot {})",
+        shot.display()
+    );
+    assert!(
+        panels["topics"].as_f64().unwrap() < 480.0,
+        "the topic list starts below the phone's first screen: {panels} (screenshot {})",
+        shot.display()
+    );
+    // Three rows (plant/, bob/, soil): the list is as tall as them, not a blank half screen.
+    assert!(
+        panels["list"].as_f64().unwrap() <= 3.0 * 26.0 + 2.0,
+        "the topic list is a blank box on the phone: {panels} (screenshot {})",
+        shot.display()
+    );
     assert_eq!(widths["screen"], 390, "not a phone-size screen: {widths}");
     assert!(
         widths["page"].as_u64() <= widths["screen"].as_u64(),
@@ -1024,6 +1063,340 @@ async fn an_admin_pauses_and_restarts_a_bridge_and_others_are_refused() {
     assert_eq!(code, rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized);
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(gw.bridge_state("cloud")["paused"], false, "bob paused the bridge");
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+    up.stop();
+}
+
+/// `/api/problems` as `user`, as JSON.
+fn problems(dport: u16, user: &str, pw: &str) -> serde_json::Value {
+    let (code, body) = get_auth(
+        &format!("http://127.0.0.1:{dport}/api/problems"),
+        Some(&basic(user, pw)),
+    );
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Issue 17, point 7: refused logins and ACL denials are shown with who, from where, on what
+/// and when; a user name that is HTML stays text on the page; one noisy user cannot push the
+/// others' events out of the broker's ring; a non-admin sees only events under its own name.
+#[test]
+fn problems_name_who_was_refused_escaped_and_a_noisy_user_cannot_flush_them() {
+    const XSS: &str = "<img src=x onerror=\"window.__pwned=1\">";
+    let (port, dport) = (free_port(), free_port());
+    let mut gw = Gateway::start(&format!(
+        "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n  users:\n    - {{ name: alice, password_hash: \"{a}\" }}\n    - {{ name: mallory, password_hash: \"{m}\" }}\n    - {{ name: noisy, password_hash: \"{m}\" }}\n  acl:\n    - {{ who: \"user:alice\", allow: {{ publish: [\"#\"], subscribe: [\"#\"] }} }}\n    - {{ who: \"user:*\", allow: {{ publish: [\"{{username}}/#\"], subscribe: [\"{{username}}/#\"] }} }}\n\
+         dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  admins: [alice]\n",
+        a = passwd("alice-pw"),
+        m = passwd("m-pw")
+    ));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut o = opts(port, "xss-client");
+        o.set_credentials(XSS, "wrong");
+        assert!(connect(o).await.is_err(), "a wrong password got in");
+        let mut o = opts(port, "mallory-1");
+        o.set_credentials("mallory", "m-pw");
+        let (c, mut ev) = connect(o).await.unwrap();
+        let codes = subscribe(&c, &mut ev, "plant/#", QoS::AtMostOnce).await;
+        assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Failure]);
+        c.publish("plant/secret", QoS::AtLeastOnce, false, "x").await.unwrap();
+        wait_for(&mut ev, Duration::from_secs(5), |p| {
+            matches!(p, rumqttc::Packet::PubAck(_)).then_some(())
+        })
+        .await
+        .expect("no PUBACK for the denied publish");
+        // A noisy user: 500 denied publishes, each on a topic of its own.
+        let mut o = opts(port, "noisy-1");
+        o.set_credentials("noisy", "m-pw");
+        let (n, mut nev) = connect(o).await.unwrap();
+        for i in 0..500 {
+            n.publish(format!("other/{i}"), QoS::AtLeastOnce, false, "x")
+                .await
+                .unwrap();
+            wait_for(&mut nev, Duration::from_secs(5), |p| {
+                matches!(p, rumqttc::Packet::PubAck(_)).then_some(())
+            })
+            .await
+            .expect("no PUBACK");
+        }
+    });
+    let doc = problems(dport, "alice", "alice-pw");
+    let sec = doc["security"].as_array().unwrap();
+    assert_eq!(doc["security_scope"], "all");
+    let find =
+        |kind: &str, f: &dyn Fn(&serde_json::Value) -> bool| sec.iter().find(|e| e["kind"] == kind && f(e)).cloned();
+    let login = find("login_refused", &|e| e["username"] == XSS).unwrap_or_else(|| panic!("{doc:#}"));
+    assert_eq!(login["client_id"], "xss-client");
+    assert!(login["source"].as_str().unwrap().starts_with("127.0.0.1:"), "{login}");
+    assert!(login["reason"].as_str().unwrap().contains("wrong password"), "{login}");
+    let p = find("publish_denied", &|e| e["username"] == "mallory").unwrap_or_else(|| panic!("{doc:#}"));
+    assert_eq!(
+        (p["topic"].as_str(), p["client_id"].as_str()),
+        (Some("plant/secret"), Some("mallory-1"))
+    );
+    find("subscribe_denied", &|e| e["topic"] == "plant/#").unwrap_or_else(|| panic!("{doc:#}"));
+    let noisy = sec.iter().filter(|e| e["username"] == "noisy").count();
+    assert_eq!(noisy, 8, "the noisy user holds {noisy} events of the ring");
+    // The counts come from the status document, written every 2 s.
+    let end = Instant::now() + Duration::from_secs(6);
+    while problems(dport, "alice", "alice-pw")["counts"]["publish_denied"]["count"] != 501 {
+        assert!(Instant::now() < end, "{:#}", problems(dport, "alice", "alice-pw"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Mallory is no admin: only events under her own name.
+    let mine = problems(dport, "mallory", "m-pw");
+    let ms = mine["security"].as_array().unwrap();
+    assert_eq!(mine["security_scope"], "own");
+    assert!(
+        !ms.is_empty() && ms.iter().all(|e| e["username"] == "mallory"),
+        "{mine:#}"
+    );
+
+    let b = Browser::start();
+    b.login(dport, "alice", "alice-pw");
+    let want = [
+        "Recent refusals",
+        "publish denied",
+        "plant/secret",
+        "subscribe denied",
+        "plant/#",
+        "user mallory · client mallory-1 · from 127.0.0.1:",
+        "login refused",
+        "user <img src=x onerror=\"window.__pwned=1\"> · client xss-client",
+        "6 more of user noisy",
+    ];
+    let t = b.wait_text(&want, Duration::from_secs(15));
+    let shot = b.screenshot("dashboard-refusals.png");
+    for w in want {
+        assert!(
+            t.contains(w),
+            "`{w}` not on the page (screenshot {}):\n{t}",
+            shot.display()
+        );
+    }
+    assert_eq!(
+        b.script("return [window.__pwned === undefined, document.querySelectorAll('#problems img').length]"),
+        serde_json::json!([true, 0]),
+        "a user name was run as HTML"
+    );
+    drop(b);
+    // On a phone the refusals fit the panel: nothing to scroll sideways.
+    let b = Browser::start_sized(390, 844, 3.0);
+    b.login(dport, "alice", "alice-pw");
+    b.wait_text(&["Recent refusals", "plant/secret"], Duration::from_secs(15));
+    let shot = b.screenshot("dashboard-phone-refusals.png");
+    let fit = b.script(
+        "const s = document.getElementById('problems').closest('section');         const row = document.querySelector('#security tr').getBoundingClientRect();\
+         return { scroll: s.scrollWidth, width: s.clientWidth, page: document.documentElement.scrollWidth, screen: window.innerWidth,\
+                  full: !s.classList.contains('empty'), row: row.height }",
+    );
+    assert_eq!(
+        fit["full"],
+        true,
+        "the Problems panel is shown as empty: {fit} (screenshot {})",
+        shot.display()
+    );
+    // A refusal reads in a few lines, not a column of broken words (time, kind, who, topic).
+    assert!(
+        fit["row"].as_f64().unwrap() < 110.0,
+        "a refusal is {fit} tall (screenshot {})",
+        shot.display()
+    );
+    assert!(
+        fit["scroll"].as_u64() <= fit["width"].as_u64() && fit["page"].as_u64() <= fit["screen"].as_u64(),
+        "the refusals do not fit the phone: {fit} (screenshot {})",
+        shot.display()
+    );
+    drop(b);
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}
+
+/// Issue 17 (leftover): a dashboard address that does not bind is a clear error naming the
+/// address and why, and the gateway does not start (as README says: an address you write must
+/// bind); no `listening` line, no READY, no `online` status.
+#[test]
+fn a_dashboard_address_that_does_not_bind_refuses_the_start_naming_it() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("outpost.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "gateway:\n  id: test-gw\n  data_dir: {}\n{}dashboard:\n  bind: \"{addr}\"\n",
+            dir.path().join("data").display(),
+            open_broker(port)
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", dir.path().join("no-such.sock"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("the gateway started although its dashboard address {addr} is taken");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "exit {status}:\n{err}");
+    assert!(
+        err.contains(&format!("dashboard.bind: cannot bind {addr}")) && err.contains("in use"),
+        "the error does not name the address and why:\n{err}"
+    );
+    assert!(!err.contains("listening"), "something said it listens:\n{err}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the broker serves although the start was refused"
+    );
+    // Refused before the broker started: nothing was stored (no retained `online` status).
+    assert!(
+        !dir.path().join("data/retained.db").exists(),
+        "the broker started (and announced itself online) before the refusal"
+    );
+    drop(held);
+}
+
+/// The default address (127.0.0.1:8080) gives way when another program holds it: the gateway
+/// starts without a dashboard, warns naming the address and why, and says nowhere that the
+/// dashboard listens.
+#[test]
+fn the_default_dashboard_address_gives_way_and_says_so() {
+    // Held by this test, or already by another program: taken either way.
+    let _held = std::net::TcpListener::bind("127.0.0.1:8080");
+    assert!(
+        std::net::TcpListener::bind("127.0.0.1:8080").is_err(),
+        "8080 is not taken"
+    );
+    let port = free_port();
+    // A dashboard section without `bind`: the default address.
+    let mut gw = Gateway::start(&format!("{}dashboard:\n  admins: []\n", open_broker(port)));
+    let log = gw.log();
+    assert!(
+        log.contains("the default address 127.0.0.1:8080 is in use") && log.contains("the dashboard is off"),
+        "no warning that the dashboard is off:\n{log}"
+    );
+    assert!(
+        !log.contains("dashboard: listening") && !log.contains("dashboard http://"),
+        "the log says the dashboard listens:\n{log}"
+    );
+    assert!(
+        !gw.notes.iter().any(|n| n.contains("dashboard")),
+        "READY says the dashboard serves: {:?}",
+        gw.notes
+    );
+    assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
+}
+
+/// Issue 17, point 8 (admin), on the page: an admin clicks pause, resume and restart on the
+/// bridge's row and sees each take effect (the row's state and the bridge's answer), and the
+/// bridge itself pauses, resumes and reconnects; a user who is no admin gets no buttons.
+#[test]
+fn an_admin_clicks_the_bridge_buttons_and_sees_them_work() {
+    let mut up = Mosquitto::start("allow_anonymous true");
+    let (port, dport) = (free_port(), free_port());
+    let mut gw = Gateway::start(&format!(
+        "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n  users:\n    - {{ name: alice, password_hash: \"{a}\" }}\n    - {{ name: bob, password_hash: \"{a}\" }}\n  acl:\n    - {{ who: \"*\", allow: {{ publish: [\"#\"], subscribe: [\"#\"] }} }}\n\
+         dashboard:\n  bind: \"127.0.0.1:{dport}\"\n  admins: [alice]\n\
+         bridges:\n  - name: cloud\n    url: \"{url}\"\n    backoff: {{ min: 200ms, max: 1s }}\n    rules:\n      - {{ direction: out, local: \"sensor/#\", remote: \"site/{{#}}\", qos: 1 }}\n",
+        a = passwd("pw"),
+        url = up.url()
+    ));
+    let wait_bridge = |gw: &Gateway, want: &dyn Fn(&serde_json::Value) -> bool, what: &str| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let b = gw.bridge_state("cloud");
+            if want(&b) {
+                return b;
+            }
+            assert!(Instant::now() < end, "bridge never {what}: {b}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_bridge(&gw, &|b| b["connected"] == true, "connected");
+    let b = Browser::start();
+    b.login(dport, "alice", "pw");
+    let row = "#bridges tr[data-key='cloud']";
+    let row_text = |b: &Browser| {
+        b.script(&format!(
+            "const r = document.querySelector(\"{row}\"); return r ? r.innerText : ''"
+        ))
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+    };
+    let wait_row = |b: &Browser, want: &[&str], what: &str| {
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            let t = row_text(b);
+            if want.iter().all(|w| t.contains(w)) {
+                return t;
+            }
+            assert!(Instant::now() < end, "{what}: the row reads {t:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_row(&b, &["cloud", "up"], "the bridge is not shown up");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        b.script("return document.getElementById('bridges').closest('section').classList.contains('empty')"),
+        false,
+        "a panel with a bridge is marked empty"
+    );
+
+    b.click(&format!("{row} button[data-action='pause']"));
+    wait_row(&b, &["paused", "pause: done"], "pause did not show");
+    let st = wait_bridge(&gw, &|b| b["paused"] == true && b["connected"] == false, "paused");
+    b.screenshot("dashboard-bridge-paused.png");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        gw.bridge_state("cloud")["connected"],
+        false,
+        "a paused bridge reconnected: {st}"
+    );
+    // Paused on purpose reads as such, not as a link error.
+    let t = wait_row(&b, &["paused for"], "the paused bridge does not say since when");
+    assert!(!t.contains("down for"), "a paused bridge reads as down: {t:?}");
+
+    b.click(&format!("{row} button[data-action='resume']"));
+    wait_row(&b, &["up", "resume: done"], "resume did not show");
+    wait_bridge(&gw, &|b| b["paused"] == false && b["connected"] == true, "resumed");
+
+    let before = gw.bridge_state("cloud")["reconnects"].as_u64().unwrap();
+    b.click(&format!("{row} button[data-action='restart']"));
+    wait_row(&b, &["restart: done"], "restart did not show");
+    wait_bridge(
+        &gw,
+        &|b| b["connected"] == true && b["reconnects"].as_u64() > Some(before),
+        "restarted",
+    );
+    wait_row(&b, &["up"], "the restarted bridge is not shown up");
+    b.screenshot("dashboard-bridge-restarted.png");
+    drop(b);
+
+    // Bob is no admin: his page shows the bridge, and no buttons.
+    let b = Browser::start();
+    b.login(dport, "bob", "pw");
+    wait_row(&b, &["cloud", "up"], "bob does not see the bridge");
+    assert_eq!(
+        b.script(&format!("return document.querySelectorAll(\"{row} button\").length")),
+        0,
+        "a user who is no admin has bridge buttons"
+    );
+    drop(b);
     assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
     up.stop();
 }

@@ -340,6 +340,7 @@ function keyedRow(tbody, key, cells) {
     const rowsNow = [...tbody.children];
     const after = rowsNow.find((r) => r.dataset.key > key);
     tbody.insertBefore(tr, after || null);
+    markEmpty();
   }
   tr.classList.remove("old");
   return tr;
@@ -350,7 +351,15 @@ function panels(topic, payload) {
   if (!id) return;
   const gw = "outpost/" + id + "/";
   let m;
-  if (topic.startsWith(gw) && (m = topic.slice(gw.length).match(/^bridges\/([^/]+)\/state$/))) {
+  if (me && me.admin && topic === me.bridge_reply + clientId) {
+    // The bridge's own answer to this page's request: done, or why not.
+    try {
+      const r = JSON.parse(payload);
+      const tr = $("bridges").querySelector(`tr[data-key="${CSS.escape(String(r.bridge || ""))}"]`);
+      const out = tr && tr.cells[5] && tr.cells[5].querySelector(".act");
+      if (out) { out.className = "act " + (r.ok ? "ok" : "no"); setText(out, r.ok ? r.action + ": done" : String(r.error)); }
+    } catch (_) { /* not JSON */ }
+  } else if (topic.startsWith(gw) && (m = topic.slice(gw.length).match(/^bridges\/([^/]+)\/state$/))) {
     try { bridges.set(m[1], JSON.parse(payload)); bridgeRow(m[1]); } catch (_) { /* not JSON */ }
   } else if (topic.startsWith(gw) && (m = topic.slice(gw.length).match(/^devices\/([^/]+)\/state$/))) {
     try { deviceRow(m[1], JSON.parse(payload)); } catch (_) { /* not JSON */ }
@@ -377,8 +386,9 @@ function bridgeRow(name) {
   setText(c[4], "dropped " + dropped);
   // The last error and how long it has been down: what an operator needs first.
   let extra = "";
-  if (!b.connected && b.since_ms) extra = "down for " + ago(Date.now() - b.since_ms);
-  if (b.last_error && !b.connected) extra += (extra ? " · " : "") + b.last_error;
+  // A paused bridge is down on purpose: say so, not as an error.
+  if (!b.connected && b.since_ms) extra = (b.paused ? "paused for " : "down for ") + ago(Date.now() - b.since_ms);
+  if (b.last_error && !b.connected && !b.paused) extra += (extra ? " · " : "") + b.last_error;
   if (!c[5].querySelector(".msg")) {
     c[5].innerHTML = '<div class="msg err"></div><div class="acts"></div><div class="act"></div>';
   }
@@ -397,6 +407,8 @@ function bridgeAction(name, action, out) {
   setText(out, action + "…");
   const req = JSON.stringify({ bridge: name, action, reply_to: me.bridge_reply + clientId });
   publish(me.bridge_request, req, 1, false, (t, ok) => {
+    // The bridge's answer may come before the broker's PUBACK: never overwrite it.
+    if (out.textContent !== action + "…") return;
     out.className = "act " + (ok ? "ok" : "no");
     setText(out, ok ? action + ": asked" : action + ": " + t);
   });
@@ -438,6 +450,7 @@ function plugRow(p) {
   }
 }
 
+const SEC_KIND = { login_refused: "login refused", publish_denied: "publish denied", subscribe_denied: "subscribe denied" };
 async function loadProblems() {
   let p;
   try { p = await getJson("api/problems"); } catch (_) { return; }
@@ -450,10 +463,29 @@ async function loadProblems() {
   }
   if (counts.length) html += "<table>" + counts.map((c) => `<tr><td>${esc(c.what)}</td><td>${c.count}</td></tr>`).join("") +
     `</table><div class="age">since the gateway started ${esc(new Date(p.since * 1000).toLocaleString())}</div>`;
+  // Who was refused, from where, on what: every string here is a client's own, so escaped.
+  // The most recent few, at most two per user (or address): one noisy client does not hide the rest.
+  const sec = [], more = new Map();
+  for (const e of p.security || []) {
+    const k = e.username != null ? "user " + e.username : "address " + String(e.source || "").replace(/:\d+$/, "");
+    const n = (more.get(k) || 0) + 1;
+    more.set(k, n);
+    if (n <= 2 && sec.length < 10) sec.push(e);
+  }
+  const hidden = [...more].filter(([, n]) => n > 2).map(([k, n]) => `${n - 2} more of ${k}`);
+  if (sec.length) html += `<h2>Recent refusals${p.security_scope === "own" ? " under your name" : ""}</h2><table id="security">` +
+    sec.map((e) => {
+      const who = [e.username != null ? "user " + e.username : "no user name", e.client_id ? "client " + e.client_id : "",
+        e.source ? "from " + e.source : ""].filter(Boolean).join(" · ");
+      return `<tr data-kind="${esc(e.kind)}"><td>${esc(new Date(e.at_ms).toLocaleTimeString())}</td>` +
+        `<td>${esc(SEC_KIND[e.kind] || e.kind)}${e.count > 1 ? " ×" + esc(e.count) : ""}</td><td>${esc(who)}<div class="err">${esc(e.topic || e.reason || "")}</div></td></tr>`;
+    }).join("") + "</table>" + (hidden.length ? `<div class="age">${esc(hidden.join(", "))}</div>` : "");
+  if (p.security_scope === "own" && counts.length) html += `<div class="age">refusals under other names are shown to dashboard admins</div>`;
   if (p.recent.length) html += "<h2>Most recent</h2><table>" + p.recent.slice(0, 5).map((e) =>
     `<tr><td>${esc(new Date(e.at_ms).toLocaleTimeString())}</td><td>${esc(e.detail)}</td></tr>`).join("") + "</table>";
   const el = $("problems");
   if (!selectionIn(el) && el.innerHTML !== (html || "none reported")) el.innerHTML = html || "none reported";
+  markEmpty();
 }
 setInterval(() => { if (connected) loadProblems(); }, 5000);
 setInterval(async () => {
@@ -493,8 +525,18 @@ function rebuild(now) {
   rows = out;
   structureDirty = false;
   spacer.style.height = rows.length * ROW_H + "px";
+  fitList();
   setText($("topiccount"), "(" + topics.size + ")");
 }
+
+// On a phone the list is only as tall as its rows (up to 45% of the screen), so a few topics
+// do not leave a blank box between them and the chart.
+const narrow = window.matchMedia("(max-width: 600px)");
+function fitList() {
+  const h = narrow.matches ? Math.round(Math.max(3 * ROW_H, Math.min(rows.length * ROW_H + 2, window.innerHeight * 0.45))) + "px" : "";
+  if (list.style.height !== h) list.style.height = h;
+}
+window.addEventListener("resize", fitList);
 
 function makeRow(r) {
   const el = document.createElement("div");
@@ -630,13 +672,17 @@ function chart(now) {
     g.beginPath(); g.moveTo(L, yy); g.lineTo(L + pw, yy); g.stroke();
     g.fillText(v.toFixed(digits), L - 4, yy);
   }
-  const span = t1 - t0, tstep = [10e3, 15e3, 30e3, 60e3, 120e3, 300e3].find((s) => span / s <= 5) || 600e3;
+  // As many time labels as fit ("06:52:30 AM" is ~75 px): on a phone they would run together.
+  const fit = Math.max(2, Math.min(5, Math.floor(pw / 90)));
+  const span = t1 - t0, tstep = [10e3, 15e3, 30e3, 60e3, 120e3, 300e3].find((s) => span / s <= fit) || 600e3;
   g.textAlign = "center"; g.textBaseline = "top";
-  for (let tm = Math.ceil(t0 / tstep) * tstep; tm <= t1; tm += tstep) {
+  let labels = 0;
+  for (let tm = Math.ceil(t0 / tstep) * tstep; tm <= t1; tm += tstep, labels++) {
     const xx = Math.round(x(tm)) + 0.5;
     g.beginPath(); g.moveTo(xx, T); g.lineTo(xx, T + ph); g.stroke();
     g.fillText(new Date(tm).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" }), xx, T + ph + 4);
   }
+  window.__outpost.timeAxis = { labels, width: pw };
   g.strokeStyle = "#9ca3af"; g.beginPath(); g.moveTo(L + 0.5, T); g.lineTo(L + 0.5, T + ph); g.lineTo(L + pw, T + ph + 0.5); g.stroke();
   g.strokeStyle = "#2563eb"; g.lineWidth = 2; g.lineJoin = "round"; g.beginPath();
   pts.forEach(([tm, v], i) => (i ? g.lineTo(x(tm), y(v)) : g.moveTo(x(tm), y(v))));
@@ -664,9 +710,19 @@ $("pclear").addEventListener("click", () => {
   publish(topic, "", 1, true, (t, ok) => { out.className = ok ? "ok" : "no"; setText(out, ok ? "retained message cleared" : t); });
 });
 
+// Panels with nothing to report are marked, so a phone shows them as one short line.
+function markEmpty() {
+  for (const id of ["problems", "bridges", "plugs", "devices"]) {
+    const el = $(id);
+    const empty = id === "problems" ? el.textContent === "none reported" : el.rows.length === 1 && !!el.querySelector("tr.none");
+    el.closest("section").classList.toggle("empty", empty);
+  }
+}
+
 // ---- the tick ---------------------------------------------------------------------------
 function tick() {
   const now = Date.now();
+  markEmpty();
   if (info && everConnected) setText($("uptime"), connected ? "up " + ago(now - info.started * 1000) : "uptime unknown (offline)");
   if (!connected) banner();
   if (structureDirty && !overList && !selectionIn(list)) rebuild(now);
