@@ -302,8 +302,11 @@ pub struct Sessions {
 impl Default for Sessions {
     fn default() -> Self {
         Sessions {
-            max_queued_messages: 100_000,
-            max_queued_bytes: Size(64 * 1024 * 1024),
+            // A subscriber that reads keeps everything: by default one session may hold the
+            // whole budget, so a fast publisher is slowed to its pace (back-pressure) rather
+            // than its messages dropped. Lower these to shield others from a slow reader.
+            max_queued_messages: 1_000_000,
+            max_queued_bytes: Size(256 * 1024 * 1024),
             memory_budget: Size(256 * 1024 * 1024),
             persistent_session_expiry: None,
             max_session_expiry: None,

@@ -175,7 +175,8 @@ pub struct Session {
     pub persisted: AtomicBool,
     /// The Receive Maximum of the connection holding it (how much a shared group gives it).
     pub window: AtomicUsize,
-    /// When it last made progress (a delivery written or acknowledged), ms since the epoch:
+    /// When it last made progress (a QoS 0 delivery written, a QoS 1/2 one acknowledged), ms
+    /// since the epoch:
     /// a shared group whose members are all full gives to the one that moved last.
     pub progress_ms: AtomicU64,
     /// Bytes held by all away sessions together (the router's), kept in step under this lock.
@@ -395,7 +396,10 @@ impl Session {
             }
         }
         self.sync_pending(&st);
-        if !t.out.is_empty() || !t.again.is_empty() {
+        // Progress is what completes: a QoS 0 delivery written, or (in `acked`) an ack. Taking
+        // QoS 1/2 into a window the client never acknowledges is not, so a shared group does not
+        // take a member that stopped reading for one that moves.
+        if t.out.iter().any(|(pkid, _)| *pkid == 0) {
             self.progress_ms.store(now as u64, Ordering::Relaxed);
         }
         Some(t)
