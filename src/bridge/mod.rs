@@ -30,6 +30,10 @@ pub struct LinkStats {
     pub sent: AtomicU64,
     pub received: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Connections made to another address than the one before (see `urls`).
+    pub failovers: AtomicU64,
+    /// The upstream address of the current (or last) connection.
+    pub url: Mutex<Option<String>>,
     pub echoes: AtomicU64,
     /// Larger than the upstream's max_packet_size: refused at the rule.
     pub dropped_too_large: AtomicU64,
@@ -66,6 +70,8 @@ pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value
         "sent": s.sent.load(Ordering::Relaxed),
         "received": s.received.load(Ordering::Relaxed),
         "reconnects": s.reconnects.load(Ordering::Relaxed),
+        "url": s.url.lock().expect("stats lock").clone(),
+        "failovers": s.failovers.load(Ordering::Relaxed),
         "echoes_dropped": s.echoes.load(Ordering::Relaxed),
         "dropped": {
             "spool_full_oldest": sp.dropped_full.load(Ordering::Relaxed),
@@ -294,6 +300,7 @@ impl Bridges {
         });
         let link = Link {
             echoes: Default::default(),
+            url: b.endpoints()[0].to_string(),
             client_id: b
                 .client_id
                 .clone()

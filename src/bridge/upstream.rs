@@ -96,8 +96,9 @@ fn password(b: &config::Bridge) -> Result<Option<(String, String)>> {
 }
 
 impl Upstream {
-    pub fn new(b: &config::Bridge, client_id: &str, status_topic: &str) -> Result<Upstream> {
-        let ep = Endpoint::parse(&b.url).map_err(anyhow::Error::msg)?;
+    /// A client of `url`, one of the bridge's addresses.
+    pub fn new(b: &config::Bridge, url: &str, client_id: &str, status_topic: &str) -> Result<Upstream> {
+        let ep = Endpoint::parse(url).map_err(anyhow::Error::msg)?;
         let transport = match ep.scheme.as_str() {
             "mqtt" => Transport::Tcp,
             "mqtts" => Transport::Tls(TlsConfiguration::Rustls(tls_config(b.tls.as_ref())?)),

@@ -11,7 +11,16 @@ pub struct Bridge {
     /// Names the bridge in topics, logs and its spool file; `[a-z0-9_-]+`.
     pub name: String,
     /// `mqtt://host:port`, `mqtts://host:port`, `ws://host:port/path` or `wss://host:port/path`.
+    /// Give this or `urls`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// Several addresses of one upstream (the nodes of a cluster), in the order of preference:
+    /// the first is the primary. See `failover`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// How the bridge moves between `urls`.
+    #[serde(default, skip_serializing_if = "Failover::is_default")]
+    pub failover: Failover,
     /// Defaults to `<gateway.id>-<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
@@ -44,6 +53,47 @@ pub struct Bridge {
     /// Retained `online`/`offline` (the latter as will) upstream; default `outpost/<gateway.id>/status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_topic: Option<String>,
+}
+
+/// Moving between a bridge's `urls`: on a failed connection or a broken session the next address
+/// is tried at once; only when every address failed in a row does the backoff wait.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Failover {
+    /// Each new connection starts at the address after the last one used, and stays there;
+    /// off: the first address is preferred and returned to (`fail_back_after`).
+    pub round_robin: bool,
+    /// Connected to another address, the bridge goes back to the primary once the primary has
+    /// accepted TCP connections (probed every `probe`) for this long.
+    pub fail_back_after: Dur,
+    pub probe: Dur,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            round_robin: false,
+            fail_back_after: Dur(Duration::from_secs(60)),
+            probe: Dur(Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Failover {
+    fn is_default(&self) -> bool {
+        *self == Failover::default()
+    }
+}
+
+impl Bridge {
+    /// The upstream's addresses, primary first (`url` alone is a list of one).
+    pub fn endpoints(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -261,12 +311,40 @@ pub(super) fn validate(_i: usize, b: &Bridge, before: &[Bridge]) -> Result<(), (
     if let Some(j) = before.iter().position(|o| o.name == b.name) {
         return e(".name", format!("`{}` is already the name of bridges[{j}]", b.name));
     }
-    let ep = Endpoint::parse(&b.url).map_err(|r| (".url".to_string(), r))?;
-    if b.tls.is_some() && !ep.tls() {
+    let mut eps = vec![];
+    match (b.url.is_empty(), b.urls.is_empty()) {
+        (true, true) => return e(".url", "a bridge needs `url` (or `urls`, a list)".into()),
+        (false, false) => return e(".urls", "give `url` or `urls`, not both".into()),
+        (false, true) => eps.push(Endpoint::parse(&b.url).map_err(|r| (".url".to_string(), r))?),
+        (true, false) => {
+            for (j, u) in b.urls.iter().enumerate() {
+                let ep = Endpoint::parse(u).map_err(|r| (format!(".urls[{j}]"), r))?;
+                if let Some(k) = b.urls[..j].iter().position(|o| o == u) {
+                    return e(&format!(".urls[{j}]"), format!("`{u}` is already urls[{k}]"));
+                }
+                eps.push(ep);
+            }
+        }
+    }
+    let tls = eps.iter().filter(|ep| ep.tls()).count();
+    if tls > 0 && tls < eps.len() {
+        return e(
+            ".urls",
+            "mixes TLS (mqtts://, wss://) and plain addresses: one upstream, one kind of transport".into(),
+        );
+    }
+    if b.tls.is_some() && tls == 0 {
         return e(
             ".tls",
-            format!("TLS settings with a `{}://` URL: use mqtts:// or wss://", ep.scheme),
+            format!("TLS settings with a `{}://` URL: use mqtts:// or wss://", eps[0].scheme),
         );
+    }
+    let f = &b.failover;
+    if f.probe.0 < Duration::from_millis(100) {
+        return e(".failover.probe", "must be at least 100ms".into());
+    }
+    if f.fail_back_after.0 < f.probe.0 {
+        return e(".failover.fail_back_after", "must be at least `failover.probe`".into());
     }
     if let Some(t) = &b.tls {
         if t.cert.is_some() != t.key.is_some() {

@@ -441,6 +441,14 @@ impl Mosquitto {
         }
     }
 
+    /// SIGKILL: the node dies with no goodbye (its sockets are reset).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
