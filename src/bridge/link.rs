@@ -220,6 +220,7 @@ impl Link {
                 attempt = 0;
             }
             self.stats.connected.store(false, Ordering::Relaxed);
+            self.stats.stalled.store(false, Ordering::Relaxed);
             self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
             match end {
                 Ok(()) => {
@@ -340,7 +341,8 @@ impl Link {
         let mut ahead: VecDeque<super::spool::Message> = VecDeque::new();
         let mut caught_up = false;
         let mut submitted: VecDeque<Submitted> = VecDeque::new();
-        let mut in_flight: HashMap<u16, i64> = HashMap::new();
+        // Packet id → (spool id, when it went out).
+        let mut in_flight: HashMap<u16, (i64, Instant)> = HashMap::new();
         let mut acks: Vec<i64> = vec![];
         let mut pace = Pace {
             rate: self.cfg.drain_rate.map(|r| r.0),
@@ -411,12 +413,12 @@ impl Link {
                         }
                         Some(Submitted::Spooled { id, .. }) => {
                             stats.sent.fetch_add(1, Ordering::Relaxed);
-                            in_flight.insert(pkid, id);
+                            in_flight.insert(pkid, (id, Instant::now()));
                         }
                         Some(Submitted::Other) | None => {}
                     },
                     UpEvent::Acked { pkid, refused } => {
-                        if let Some(id) = in_flight.remove(&pkid) {
+                        if let Some((id, _)) = in_flight.remove(&pkid) {
                             match refused {
                                 Some((why, false)) => {
                                     // Not now (quota, busy): keep it, and try again after a reconnect.
@@ -458,6 +460,21 @@ impl Link {
                 _ = self.spool.appended.notified(), if caught_up => caught_up = false,
                 _ = tick.tick() => {
                     caught_up = false;
+                    let stall = self.cfg.stall_after.0;
+                    let stalled = in_flight.values().any(|(_, t)| t.elapsed() >= stall);
+                    if stats.stalled.swap(stalled, Ordering::Relaxed) != stalled {
+                        if stalled {
+                            log::warn!(
+                                "bridge {}: stalled: connected to {}, but no ack for {} for a message in flight",
+                                self.cfg.name,
+                                self.url,
+                                self.cfg.stall_after
+                            );
+                        } else {
+                            log::info!("bridge {}: acks move again", self.cfg.name);
+                        }
+                        self.publish_state().await;
+                    }
                     if last_state.elapsed() >= Duration::from_secs(5) {
                         last_state = Instant::now();
                         self.echoes.prune();

@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default, Debug)]
 pub struct LinkStats {
     pub connected: AtomicBool,
+    /// Connected, but the oldest message in flight has waited longer than `stall_after` for
+    /// its ack.
+    pub stalled: AtomicBool,
     /// When `connected` last changed (ms since epoch).
     pub since_ms: AtomicI64,
     pub sent: AtomicU64,
@@ -62,6 +65,7 @@ pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value
     serde_json::json!({
         "name": name,
         "connected": s.connected.load(Ordering::Relaxed),
+        "stalled": s.stalled.load(Ordering::Relaxed),
         "paused": s.paused.load(Ordering::Relaxed),
         "since_ms": s.since_ms.load(Ordering::Relaxed),
         "queued": sp.queued.load(Ordering::Relaxed),

@@ -47,6 +47,10 @@ pub struct Bridge {
     /// The upstream's largest packet; larger messages are refused at the rule and counted.
     #[serde(default = "max_packet")]
     pub max_packet_size: Size,
+    /// Connected, but the oldest message in flight has had no ack for this long: the bridge is
+    /// reported `stalled` (state topic, `outpost status`) until acks move again.
+    #[serde(default = "stall_after")]
+    pub stall_after: Dur,
     /// QoS 1/2 messages in flight upstream.
     #[serde(default = "inflight")]
     pub inflight: u16,
@@ -104,6 +108,9 @@ fn keep_alive() -> Dur {
 }
 fn max_packet() -> Size {
     Size(256 * 1024)
+}
+fn stall_after() -> Dur {
+    Dur(Duration::from_secs(30))
 }
 fn inflight() -> u16 {
     100
@@ -391,6 +398,9 @@ pub(super) fn validate(_i: usize, b: &Bridge, before: &[Bridge]) -> Result<(), (
     }
     if b.backoff.min.0.is_zero() || b.backoff.max < b.backoff.min {
         return e(".backoff", "needs 0 < min <= max".into());
+    }
+    if b.stall_after.0 < Duration::from_millis(200) {
+        return e(".stall_after", "must be at least 200ms".into());
     }
     if b.inflight == 0 {
         return e(".inflight", "must be at least 1".into());

@@ -630,3 +630,42 @@ async fn urls_in_round_robin_move_on_and_stay_where_they_are() {
         "{s}"
     );
 }
+
+#[tokio::test]
+async fn a_connected_bridge_without_acks_is_reported_stalled_until_acks_move() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "up/{#}", qos: 1 }"#],
+            "stall_after: 1s",
+        ),
+    ));
+    let up = Collector::start(m.port, "watch", "up/#", None, false);
+    wait_state(&gw, "cloud", T, "connected", |s| s["connected"] == true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The upstream freezes: its socket stays open, nothing is acknowledged.
+    m.signal("STOP");
+    assert_eq!(publish_numbered(port, "data", 5, None).await, 5);
+    wait_state(&gw, "cloud", Duration::from_secs(5), "reported stalled", |s| {
+        s["stalled"] == true && s["connected"] == true
+    })
+    .await;
+    let table = std::process::Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.lines().any(|l| l.starts_with("cloud") && l.contains(" stalled ")),
+        "{table}"
+    );
+    m.signal("CONT");
+    up.wait(T, "the 5 after the upstream thawed", |g| g.len() >= 5).await;
+    wait_state(&gw, "cloud", T, "no longer stalled", |s| s["stalled"] == false).await;
+    assert_eq!(gw.bridge_state("cloud")["reconnects"], 0);
+}
