@@ -225,7 +225,12 @@ impl Link {
             match end {
                 Ok(()) => {
                     // Stopping: say goodbye upstream.
-                    up.publish(&self.status_topic, &Bytes::from_static(b"offline"), 1, true);
+                    up.publish(
+                        &self.status_topic,
+                        &Bytes::from_static(b"offline"),
+                        1,
+                        !self.cfg.strip_retain,
+                    );
                     up.disconnect().await;
                     self.publish_state().await;
                     return;
@@ -234,7 +239,12 @@ impl Link {
                     // Say goodbye upstream as on a stop, then pause or connect again at once
                     // (to the primary when failing back; what was in flight is re-sent there).
                     log::info!("bridge {name}: {e}, leaving {}", self.url);
-                    up.publish(&self.status_topic, &Bytes::from_static(b"offline"), 1, true);
+                    up.publish(
+                        &self.status_topic,
+                        &Bytes::from_static(b"offline"),
+                        1,
+                        !self.cfg.strip_retain,
+                    );
                     up.disconnect().await;
                     attempt = 0;
                     if e == FAIL_BACK {
@@ -356,7 +366,12 @@ impl Link {
         if !up.subscribe(inbound) {
             return Err("cannot queue SUBSCRIBE".into());
         }
-        up.publish(&self.status_topic, &Bytes::from_static(b"online"), 1, true);
+        up.publish(
+            &self.status_topic,
+            &Bytes::from_static(b"online"),
+            1,
+            !self.cfg.strip_retain,
+        );
         submitted.push_back(Submitted::Other);
 
         loop {
@@ -392,7 +407,7 @@ impl Link {
                 }
                 // Sent as QoS 1 at most: exactly-once across reconnects would need the packet
                 // ids kept with the spool, and a new session gives new ids.
-                if !up.publish(&m.topic, &m.payload, m.qos.min(1), m.retain) {
+                if !up.publish(&m.topic, &m.payload, m.qos.min(1), m.retain && !self.cfg.strip_retain) {
                     break;
                 }
                 let m = ahead.pop_front().expect("not empty");
@@ -446,7 +461,7 @@ impl Link {
                 },
                 live = self.live.recv() => {
                     if let Some((topic, payload, retain)) = live {
-                        if up.publish(&topic, &payload, 0, retain) {
+                        if up.publish(&topic, &payload, 0, retain && !self.cfg.strip_retain) {
                             if watch_echoes {
                                 self.echoes.sent(&topic, &payload);
                             }

@@ -126,7 +126,7 @@ impl Upstream {
                     status_topic,
                     "offline",
                     rumqttc::QoS::AtLeastOnce,
-                    true,
+                    !b.strip_retain,
                 ));
                 if let Some((u, p)) = creds {
                     o.set_credentials(u, p);
@@ -153,7 +153,7 @@ impl Upstream {
                     status_topic,
                     "offline",
                     v5::mqttbytes::QoS::AtLeastOnce,
-                    true,
+                    !b.strip_retain,
                     None,
                 ));
                 if let Some((u, p)) = creds {

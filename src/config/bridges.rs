@@ -54,6 +54,10 @@ pub struct Bridge {
     /// QoS 1/2 messages in flight upstream.
     #[serde(default = "inflight")]
     pub inflight: u16,
+    /// Send nothing upstream with the retain flag (AWS IoT Core refuses it): messages, the
+    /// status topic and the will go out unretained.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strip_retain: bool,
     /// Retained `online`/`offline` (the latter as will) upstream; default `outpost/<gateway.id>/status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_topic: Option<String>,

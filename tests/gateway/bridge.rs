@@ -669,3 +669,30 @@ async fn a_connected_bridge_without_acks_is_reported_stalled_until_acks_move() {
     wait_state(&gw, "cloud", T, "no longer stalled", |s| s["stalled"] == false).await;
     assert_eq!(gw.bridge_state("cloud")["reconnects"], 0);
 }
+
+#[tokio::test]
+async fn strip_retain_sends_nothing_retained_upstream() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let _gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "up/{#}", qos: 1 }"#],
+            "strip_retain: true",
+        ),
+    ));
+    let live = Collector::start(m.port, "live", "#", None, false);
+    live.wait(T, "status online", |g| g.iter().any(|(_, p)| p == b"online"))
+        .await;
+    let (c, ev) = connect(opts(port, "p")).await.unwrap();
+    let _d = drive(ev);
+    c.publish("data/state", QoS::AtLeastOnce, true, "on").await.unwrap();
+    live.wait(T, "the message, live", |g| g.iter().any(|(t, _)| t == "up/state"))
+        .await;
+    // A subscriber that comes later finds nothing retained: not the message, not the status.
+    let late = Collector::start(m.port, "late", "#", None, false);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(late.count(), 0, "retained upstream: {:?}", late.got.lock().unwrap());
+}
