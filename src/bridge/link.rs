@@ -407,7 +407,18 @@ impl Link {
                 }
                 // Sent as QoS 1 at most: exactly-once across reconnects would need the packet
                 // ids kept with the spool, and a new session gives new ids.
-                if !up.publish(&m.topic, &m.payload, m.qos.min(1), m.retain && !self.cfg.strip_retain) {
+                // What is left of the spool's max_age goes with it, so the upstream drops it too.
+                let expiry = self.cfg.message_expiry.then(|| {
+                    let left = self.cfg.spool.max_age.0.as_millis() as i64 - (now_ms() - m.ts_ms);
+                    (left / 1000).clamp(1, u32::MAX as i64) as u32
+                });
+                if !up.publish_expiring(
+                    &m.topic,
+                    &m.payload,
+                    m.qos.min(1),
+                    m.retain && !self.cfg.strip_retain,
+                    expiry,
+                ) {
                     break;
                 }
                 let m = ahead.pop_front().expect("not empty");

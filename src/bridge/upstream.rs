@@ -233,6 +233,11 @@ impl Upstream {
 
     /// Queues a publish without waiting; `false` when rumqttc's queue is full.
     pub fn publish(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) -> bool {
+        self.publish_expiring(topic, payload, qos, retain, None)
+    }
+
+    /// As `publish`, with an MQTT 5 message expiry in seconds (ignored on 3.1.1, which has none).
+    pub fn publish_expiring(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool, expiry: Option<u32>) -> bool {
         match self {
             Upstream::V4(c, _) => c
                 .try_publish(
@@ -242,14 +247,25 @@ impl Upstream {
                     payload.to_vec(),
                 )
                 .is_ok(),
-            Upstream::V5(c, _) => c
-                .try_publish(
+            Upstream::V5(c, _) => match expiry {
+                None => c.try_publish(
                     topic,
                     v5::mqttbytes::qos(qos).unwrap_or(v5::mqttbytes::QoS::AtLeastOnce),
                     retain,
                     payload.clone(),
-                )
-                .is_ok(),
+                ),
+                Some(secs) => c.try_publish_with_properties(
+                    topic,
+                    v5::mqttbytes::qos(qos).unwrap_or(v5::mqttbytes::QoS::AtLeastOnce),
+                    retain,
+                    payload.clone(),
+                    m5::PublishProperties {
+                        message_expiry_interval: Some(secs),
+                        ..Default::default()
+                    },
+                ),
+            }
+            .is_ok(),
         }
     }
 

@@ -54,6 +54,10 @@ pub struct Bridge {
     /// QoS 1/2 messages in flight upstream.
     #[serde(default = "inflight")]
     pub inflight: u16,
+    /// MQTT 5: each message carries a message expiry of what is left of `spool.max_age`, so
+    /// the upstream (and its offline subscribers' queues) drop it when it is too old.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub message_expiry: bool,
     /// Send nothing upstream with the retain flag (AWS IoT Core refuses it): messages, the
     /// status topic and the will go out unretained.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -402,6 +406,12 @@ pub(super) fn validate(_i: usize, b: &Bridge, before: &[Bridge]) -> Result<(), (
     }
     if b.backoff.min.0.is_zero() || b.backoff.max < b.backoff.min {
         return e(".backoff", "needs 0 < min <= max".into());
+    }
+    if b.message_expiry && b.protocol != MqttVersion::V5 {
+        return e(
+            ".message_expiry",
+            "MQTT 3.1.1 has no message expiry: set `protocol: 5`".into(),
+        );
     }
     if b.stall_after.0 < Duration::from_millis(200) {
         return e(".stall_after", "must be at least 200ms".into());

@@ -673,6 +673,16 @@ mod tests {
             ),
             ("", "bridges[0].url", "needs `url`"),
             (
+                "    url: \"mqtt://a\"\n    message_expiry: true\n",
+                "bridges[0].message_expiry",
+                "protocol: 5",
+            ),
+            (
+                "    url: \"mqtt://a\"\n    stall_after: 10ms\n",
+                "bridges[0].stall_after",
+                "at least",
+            ),
+            (
                 "    urls: [\"mqtt://a\", \"mqtts://b\"]\n",
                 "bridges[0].urls",
                 "mixes TLS",

@@ -696,3 +696,42 @@ async fn strip_retain_sends_nothing_retained_upstream() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(late.count(), 0, "retained upstream: {:?}", late.got.lock().unwrap());
 }
+
+#[tokio::test]
+async fn message_expiry_from_max_age_lets_the_upstream_drop_what_is_too_old() {
+    let m = Mosquitto::start("allow_anonymous true\nmax_queued_messages 1000");
+    let port = free_port();
+    let rule = |to: &str| format!("{{ direction: out, local: \"data/#\", remote: \"{to}/{{#}}\", qos: 1 }}");
+    let _gw = Gateway::start(&with_bridges(
+        port,
+        &format!(
+            "{}{}",
+            bridge(
+                "exp",
+                &m.url(),
+                &[&rule("exp")],
+                "protocol: 5\nmessage_expiry: true\nspool: { max_age: 2s }"
+            ),
+            bridge("keep", &m.url(), &[&rule("keep")], "protocol: 5"),
+        ),
+    ));
+    // A persistent subscriber upstream that is away while the messages come.
+    let away = Collector::start(m.port, "away", "+/x", None, true);
+    away.wait(T, "subscribed", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(away);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let live = Collector::start(m.port, "live", "+/x", None, false);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (c, ev) = connect(opts(port, "p")).await.unwrap();
+    let _d = drive(ev);
+    c.publish("data/x", QoS::AtLeastOnce, false, "reading").await.unwrap();
+    live.wait(T, "both bridges sent it", |g| g.len() >= 2).await;
+    // Longer away than max_age: the one with an expiry is gone from its queue, the other kept.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let back = Collector::start(m.port, "away", "+/x", None, true);
+    back.wait(T, "the queued one", |g| !g.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let topics: Vec<String> = back.got.lock().unwrap().iter().map(|(t, _)| t.clone()).collect();
+    assert_eq!(topics, ["keep/x"]);
+}
