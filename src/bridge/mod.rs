@@ -284,8 +284,9 @@ impl Bridges {
         Ok(())
     }
 
-    async fn prepare(&mut self, b: &config::Bridge) -> Result<Prepared> {
-        let (spool, stats) = self.spool(b).await?;
+    async fn prepare(&mut self, raw: &config::Bridge) -> Result<Prepared> {
+        let (spool, stats) = self.spool(raw).await?;
+        let b = &raw.expanded(&self.gateway_id);
         let rules: Arc<Vec<Rule>> = Arc::new(
             b.rules
                 .iter()
@@ -322,7 +323,7 @@ impl Bridges {
             bus: self.bus.clone(),
         };
         Ok(Prepared {
-            cfg: b.clone(),
+            cfg: raw.clone(),
             tap,
             link,
         })

@@ -58,6 +58,10 @@ pub struct Bridge {
     /// the upstream (and its offline subscribers' queues) drop it when it is too old.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub message_expiry: bool,
+    /// Put before every rule's remote topic (template or filter), e.g. `sites/{gateway.id}/`:
+    /// one place for a site's namespace upstream.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub remote_prefix: String,
     /// Send nothing upstream with the retain flag (AWS IoT Core refuses it): messages, the
     /// status topic and the will go out unretained.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -97,7 +101,32 @@ impl Failover {
     }
 }
 
+/// The gateway facts a bridge's client id, status topic, remote prefix and rules may name, so
+/// one file serves every site: `{gateway.id}` and `{hostname}`.
+pub fn facts(gateway_id: &str) -> Vec<(&'static str, String)> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    vec![("{gateway.id}", gateway_id.to_string()), ("{hostname}", host)]
+}
+
 impl Bridge {
+    /// The bridge as it runs: gateway facts filled in, `remote_prefix` put before each remote.
+    pub fn expanded(&self, gateway_id: &str) -> Bridge {
+        let facts = facts(gateway_id);
+        let fill = |s: &str| facts.iter().fold(s.to_string(), |s, (k, v)| s.replace(k, v));
+        let mut b = self.clone();
+        b.client_id = b.client_id.as_deref().map(fill);
+        b.status_topic = b.status_topic.as_deref().map(fill);
+        let prefix = fill(&b.remote_prefix);
+        for r in &mut b.rules {
+            r.local = fill(&r.local);
+            r.remote = format!("{prefix}{}", fill(&r.remote));
+        }
+        b.remote_prefix = String::new();
+        b
+    }
+
     /// The upstream's addresses, primary first (`url` alone is a list of one).
     pub fn endpoints(&self) -> Vec<&str> {
         if self.urls.is_empty() {
@@ -310,8 +339,13 @@ impl Endpoint {
 }
 
 /// Checks one bridge; returns the key below `bridges[i]` and the reason.
-pub(super) fn validate(_i: usize, b: &Bridge, before: &[Bridge]) -> Result<(), (String, String)> {
+pub(super) fn validate(gateway_id: &str, b: &Bridge, before: &[Bridge]) -> Result<(), (String, String)> {
     let e = |k: &str, r: String| Err((k.to_string(), r));
+    if let Some(c) = b.client_id.as_ref().filter(|c| c.trim().is_empty()) {
+        return e(".client_id", format!("`{c}` is empty"));
+    }
+    // Rules and topics are checked as they will run, with the gateway's facts filled in.
+    let b = &b.expanded(gateway_id);
     if b.name.is_empty()
         || !b
             .name

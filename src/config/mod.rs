@@ -580,7 +580,8 @@ impl Config {
         plugs::validate(&self.plugs)?;
         grants::validate(&self.grants)?;
         for (i, b) in self.bridges.iter().enumerate() {
-            bridges::validate(i, b, &self.bridges[..i]).map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
+            bridges::validate(&self.gateway.id, b, &self.bridges[..i])
+                .map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
         }
         Ok(())
     }

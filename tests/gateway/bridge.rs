@@ -735,3 +735,32 @@ async fn message_expiry_from_max_age_lets_the_upstream_drop_what_is_too_old() {
     let topics: Vec<String> = back.got.lock().unwrap().iter().map(|(t, _)| t.clone()).collect();
     assert_eq!(topics, ["keep/x"]);
 }
+
+#[tokio::test]
+async fn one_config_for_a_fleet_fills_in_the_gateway_id_and_the_site_prefix() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let _gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "data/{#}", qos: 1 }"#],
+            "client_id: \"{gateway.id}-up\"\nremote_prefix: \"sites/{gateway.id}/\"\nstatus_topic: \"sites/{gateway.id}/status\"",
+        ),
+    ));
+    let up = Collector::start(m.port, "watch", "sites/#", None, false);
+    up.wait(T, "status online under the site", |g| {
+        g.iter().any(|(t, p)| t == "sites/test-gw/status" && p == b"online")
+    })
+    .await;
+    let (c, ev) = connect(opts(port, "p")).await.unwrap();
+    let _d = drive(ev);
+    c.publish("data/x", QoS::AtLeastOnce, false, "1").await.unwrap();
+    up.wait(T, "the message under the site prefix", |g| {
+        g.iter().any(|(t, _)| t == "sites/test-gw/data/x")
+    })
+    .await;
+    let log = std::fs::read_to_string(m.dir.path().join("mosquitto.log")).unwrap();
+    assert!(log.contains(" as test-gw-up"), "client id not filled in:\n{log}");
+}
