@@ -117,7 +117,9 @@ pub fn render(doc: &Value, now: SystemTime) -> String {
         let dropped: u64 = br["dropped"].as_object().map(|o| o.values().map(u).sum()).unwrap_or(0);
         rows.push([
             br["name"].as_str().unwrap_or("?").to_string(),
-            if br["connected"].as_bool() == Some(true) {
+            if br["stalled"].as_bool() == Some(true) {
+                "stalled".into()
+            } else if br["connected"].as_bool() == Some(true) {
                 "up".into()
             } else {
                 "down".into()

@@ -25,6 +25,8 @@ pub struct Link {
     /// Kept across sessions: echoes of what went out just before a disconnect come back after.
     pub echoes: Echoes,
     pub client_id: String,
+    /// The address in use (or being tried), one of `cfg.endpoints()`.
+    pub url: String,
     pub status_topic: String,
     pub state_topic: String,
     pub rules: Arc<Vec<Rule>>,
@@ -59,6 +61,8 @@ const ECHO_WINDOW: Duration = Duration::from_secs(10);
 const STABLE: Duration = Duration::from_secs(10);
 /// How `serve` ends when an admin paused or restarted the bridge.
 const ADMIN_KICK: &str = "paused or restarted by an admin";
+/// How `serve` ends when the primary address has been back long enough.
+const FAIL_BACK: &str = "the primary address is back";
 
 impl Echoes {
     fn sent(&mut self, topic: &str, payload: &[u8]) {
@@ -119,6 +123,11 @@ impl Link {
             .collect();
         let mut attempt = 0u32;
         let mut first = true;
+        let urls: Vec<String> = self.cfg.endpoints().into_iter().map(String::from).collect();
+        // The address to try next, and how many failed in a row since the last connection.
+        let mut at = 0usize;
+        let mut failed_in_row = 0usize;
+        let mut last_connected: Option<usize> = None;
         loop {
             // Paused by an admin: stay away from the upstream until resumed.
             while self.stats.paused.load(Ordering::Relaxed) {
@@ -128,14 +137,23 @@ impl Link {
                     _ = stop.cancelled() => return,
                 }
             }
+            self.url = urls[at].clone();
             // Reads certificates and the password file: off the async threads.
-            let (cfg, id, topic) = (self.cfg.clone(), self.client_id.clone(), self.status_topic.clone());
-            let made = tokio::task::spawn_blocking(move || Upstream::new(&cfg, &id, &topic)).await;
+            let (cfg, id, topic, url) = (
+                self.cfg.clone(),
+                self.client_id.clone(),
+                self.status_topic.clone(),
+                self.url.clone(),
+            );
+            let made = tokio::task::spawn_blocking(move || Upstream::new(&cfg, &url, &id, &topic)).await;
             let mut up = match made.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok(u) => u,
                 Err(e) => {
                     self.failed(&format!("{e:#}"));
-                    if self.backoff(&mut attempt, &stop).await {
+                    if self
+                        .next_address(urls.len(), &mut at, &mut failed_in_row, &mut attempt, &stop)
+                        .await
+                    {
                         return;
                     }
                     continue;
@@ -158,12 +176,21 @@ impl Link {
                 Err(e) if e == ADMIN_KICK => continue,
                 Err(e) => {
                     self.failed(&e);
-                    if self.backoff(&mut attempt, &stop).await {
+                    if self
+                        .next_address(urls.len(), &mut at, &mut failed_in_row, &mut attempt, &stop)
+                        .await
+                    {
                         return;
                     }
                     continue;
                 }
             };
+            failed_in_row = 0;
+            if last_connected.is_some_and(|l| l != at) {
+                self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+            }
+            last_connected = Some(at);
+            *self.stats.url.lock().expect("stats lock") = Some(self.url.clone());
             let session_start = Instant::now();
             if !first {
                 self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -173,37 +200,64 @@ impl Link {
             self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
             log::info!(
                 "bridge {name}: connected to {} (session present: {session_present})",
-                self.cfg.url
+                self.url
             );
             self.publish_state().await;
             // The smaller of ours and the upstream's limit applies to every message sent.
             let ours = self.cfg.max_packet_size.0 as usize;
             let limit = server_max.map_or(ours, |m| (m as usize).min(ours));
-            let end = self.serve(&mut up, &inbound, limit, &stop).await;
+            // On another address than the primary (and not round robin): watch the primary.
+            let (back_tx, back_rx) = tokio::sync::oneshot::channel();
+            let probe = (at != 0 && !self.cfg.failover.round_robin).then(|| {
+                let f = &self.cfg.failover;
+                tokio::spawn(probe_primary(urls[0].clone(), f.probe.0, f.fail_back_after.0, back_tx))
+            });
+            let end = self.serve(&mut up, &inbound, limit, back_rx, &stop).await;
+            if let Some(p) = probe {
+                p.abort();
+            }
             if session_start.elapsed() >= STABLE {
                 attempt = 0;
             }
             self.stats.connected.store(false, Ordering::Relaxed);
+            self.stats.stalled.store(false, Ordering::Relaxed);
             self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
             match end {
                 Ok(()) => {
                     // Stopping: say goodbye upstream.
-                    up.publish(&self.status_topic, &Bytes::from_static(b"offline"), 1, true);
+                    up.publish(
+                        &self.status_topic,
+                        &Bytes::from_static(b"offline"),
+                        1,
+                        !self.cfg.strip_retain,
+                    );
                     up.disconnect().await;
                     self.publish_state().await;
                     return;
                 }
-                Err(e) if e == ADMIN_KICK => {
-                    // Say goodbye upstream as on a stop, then pause or connect again at once.
-                    log::info!("bridge {name}: {ADMIN_KICK}");
-                    up.publish(&self.status_topic, &Bytes::from_static(b"offline"), 1, true);
+                Err(e) if e == ADMIN_KICK || e == FAIL_BACK => {
+                    // Say goodbye upstream as on a stop, then pause or connect again at once
+                    // (to the primary when failing back; what was in flight is re-sent there).
+                    log::info!("bridge {name}: {e}, leaving {}", self.url);
+                    up.publish(
+                        &self.status_topic,
+                        &Bytes::from_static(b"offline"),
+                        1,
+                        !self.cfg.strip_retain,
+                    );
                     up.disconnect().await;
                     attempt = 0;
+                    if e == FAIL_BACK {
+                        at = 0;
+                    }
                     self.publish_state().await;
                 }
                 Err(e) => {
                     self.failed(&e);
-                    if self.backoff(&mut attempt, &stop).await {
+                    if self
+                        .next_address(urls.len(), &mut at, &mut failed_in_row, &mut attempt, &stop)
+                        .await
+                    {
                         return;
                     }
                 }
@@ -211,9 +265,33 @@ impl Link {
         }
     }
 
+    /// After a failure on address `at`: the next address at once while some in this round are
+    /// untried, the backoff once all failed in a row (then the primary first again, unless
+    /// round robin). True when stopped meanwhile.
+    async fn next_address(
+        &mut self,
+        n: usize,
+        at: &mut usize,
+        failed_in_row: &mut usize,
+        attempt: &mut u32,
+        stop: &CancellationToken,
+    ) -> bool {
+        *failed_in_row += 1;
+        *at = (*at + 1) % n;
+        if *failed_in_row < n {
+            self.publish_state().await;
+            return stop.is_cancelled();
+        }
+        *failed_in_row = 0;
+        if !self.cfg.failover.round_robin {
+            *at = 0;
+        }
+        self.backoff(attempt, stop).await
+    }
+
     /// Records a failed connection; TLS failures also name the certificates in use.
     fn failed(&self, e: &str) {
-        let mut msg = format!("{e} ({})", self.cfg.url);
+        let mut msg = format!("{e} ({})", self.url);
         if e.contains("TLS") || e.contains("certificate") {
             let tls = self.cfg.tls.as_ref();
             let ca = tls
@@ -224,7 +302,7 @@ impl Link {
                 .map_or("no client certificate".to_string(), |p| {
                     format!("client certificate {}", p.display())
                 });
-            let host = crate::config::Endpoint::parse(&self.cfg.url)
+            let host = crate::config::Endpoint::parse(&self.url)
                 .map(|e| e.host)
                 .unwrap_or_default();
             msg = format!("{msg}; server name {host}, checked against {ca}, {cert}");
@@ -257,15 +335,24 @@ impl Link {
         up: &mut Upstream,
         inbound: &[(String, u8)],
         max_packet: usize,
+        fail_back: tokio::sync::oneshot::Receiver<()>,
         stop: &CancellationToken,
     ) -> Result<(), String> {
+        // Fires only when the probe says so (a probe that is not running never does).
+        let fail_back = async {
+            if fail_back.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::pin!(fail_back);
         let stats = self.stats.clone();
         let window = self.cfg.inflight as usize;
         let mut cursor = 0i64; // highest spool id handed over in this session
         let mut ahead: VecDeque<super::spool::Message> = VecDeque::new();
         let mut caught_up = false;
         let mut submitted: VecDeque<Submitted> = VecDeque::new();
-        let mut in_flight: HashMap<u16, i64> = HashMap::new();
+        // Packet id → (spool id, when it went out).
+        let mut in_flight: HashMap<u16, (i64, Instant)> = HashMap::new();
         let mut acks: Vec<i64> = vec![];
         let mut pace = Pace {
             rate: self.cfg.drain_rate.map(|r| r.0),
@@ -279,7 +366,12 @@ impl Link {
         if !up.subscribe(inbound) {
             return Err("cannot queue SUBSCRIBE".into());
         }
-        up.publish(&self.status_topic, &Bytes::from_static(b"online"), 1, true);
+        up.publish(
+            &self.status_topic,
+            &Bytes::from_static(b"online"),
+            1,
+            !self.cfg.strip_retain,
+        );
         submitted.push_back(Submitted::Other);
 
         loop {
@@ -315,7 +407,18 @@ impl Link {
                 }
                 // Sent as QoS 1 at most: exactly-once across reconnects would need the packet
                 // ids kept with the spool, and a new session gives new ids.
-                if !up.publish(&m.topic, &m.payload, m.qos.min(1), m.retain) {
+                // What is left of the spool's max_age goes with it, so the upstream drops it too.
+                let expiry = self.cfg.message_expiry.then(|| {
+                    let left = self.cfg.spool.max_age.0.as_millis() as i64 - (now_ms() - m.ts_ms);
+                    (left / 1000).clamp(1, u32::MAX as i64) as u32
+                });
+                if !up.publish_expiring(
+                    &m.topic,
+                    &m.payload,
+                    m.qos.min(1),
+                    m.retain && !self.cfg.strip_retain,
+                    expiry,
+                ) {
                     break;
                 }
                 let m = ahead.pop_front().expect("not empty");
@@ -336,12 +439,12 @@ impl Link {
                         }
                         Some(Submitted::Spooled { id, .. }) => {
                             stats.sent.fetch_add(1, Ordering::Relaxed);
-                            in_flight.insert(pkid, id);
+                            in_flight.insert(pkid, (id, Instant::now()));
                         }
                         Some(Submitted::Other) | None => {}
                     },
                     UpEvent::Acked { pkid, refused } => {
-                        if let Some(id) = in_flight.remove(&pkid) {
+                        if let Some((id, _)) = in_flight.remove(&pkid) {
                             match refused {
                                 Some((why, false)) => {
                                     // Not now (quota, busy): keep it, and try again after a reconnect.
@@ -369,7 +472,7 @@ impl Link {
                 },
                 live = self.live.recv() => {
                     if let Some((topic, payload, retain)) = live {
-                        if up.publish(&topic, &payload, 0, retain) {
+                        if up.publish(&topic, &payload, 0, retain && !self.cfg.strip_retain) {
                             if watch_echoes {
                                 self.echoes.sent(&topic, &payload);
                             }
@@ -383,6 +486,21 @@ impl Link {
                 _ = self.spool.appended.notified(), if caught_up => caught_up = false,
                 _ = tick.tick() => {
                     caught_up = false;
+                    let stall = self.cfg.stall_after.0;
+                    let stalled = in_flight.values().any(|(_, t)| t.elapsed() >= stall);
+                    if stats.stalled.swap(stalled, Ordering::Relaxed) != stalled {
+                        if stalled {
+                            log::warn!(
+                                "bridge {}: stalled: connected to {}, but no ack for {} for a message in flight",
+                                self.cfg.name,
+                                self.url,
+                                self.cfg.stall_after
+                            );
+                        } else {
+                            log::info!("bridge {}: acks move again", self.cfg.name);
+                        }
+                        self.publish_state().await;
+                    }
                     if last_state.elapsed() >= Duration::from_secs(5) {
                         last_state = Instant::now();
                         self.echoes.prune();
@@ -392,6 +510,10 @@ impl Link {
                 _ = stats.kick.notified() => {
                     self.spool.ack(std::mem::take(&mut acks));
                     return Err(ADMIN_KICK.into());
+                }
+                _ = &mut fail_back => {
+                    self.spool.ack(std::mem::take(&mut acks));
+                    return Err(FAIL_BACK.into());
                 }
                 _ = stop.cancelled() => {
                     self.spool.ack(std::mem::take(&mut acks));
@@ -412,5 +534,31 @@ impl Link {
                 Some(&self.cfg.name),
             )
             .await;
+    }
+}
+
+/// Sends on `back` once the primary has accepted TCP connections for `needed`, probed every
+/// `every` (the bridge's session elsewhere goes on meanwhile).
+async fn probe_primary(url: String, every: Duration, needed: Duration, back: tokio::sync::oneshot::Sender<()>) {
+    let Ok(ep) = crate::config::Endpoint::parse(&url) else {
+        return;
+    };
+    let mut up_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let reachable = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)),
+        )
+        .await
+        .is_ok_and(|c| c.is_ok());
+        if !reachable {
+            up_since = None;
+            continue;
+        }
+        if up_since.get_or_insert_with(Instant::now).elapsed() >= needed {
+            let _ = back.send(());
+            return;
+        }
     }
 }

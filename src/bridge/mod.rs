@@ -25,11 +25,18 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default, Debug)]
 pub struct LinkStats {
     pub connected: AtomicBool,
+    /// Connected, but the oldest message in flight has waited longer than `stall_after` for
+    /// its ack.
+    pub stalled: AtomicBool,
     /// When `connected` last changed (ms since epoch).
     pub since_ms: AtomicI64,
     pub sent: AtomicU64,
     pub received: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Connections made to another address than the one before (see `urls`).
+    pub failovers: AtomicU64,
+    /// The upstream address of the current (or last) connection.
+    pub url: Mutex<Option<String>>,
     pub echoes: AtomicU64,
     /// Larger than the upstream's max_packet_size: refused at the rule.
     pub dropped_too_large: AtomicU64,
@@ -58,6 +65,7 @@ pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value
     serde_json::json!({
         "name": name,
         "connected": s.connected.load(Ordering::Relaxed),
+        "stalled": s.stalled.load(Ordering::Relaxed),
         "paused": s.paused.load(Ordering::Relaxed),
         "since_ms": s.since_ms.load(Ordering::Relaxed),
         "queued": sp.queued.load(Ordering::Relaxed),
@@ -66,6 +74,8 @@ pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value
         "sent": s.sent.load(Ordering::Relaxed),
         "received": s.received.load(Ordering::Relaxed),
         "reconnects": s.reconnects.load(Ordering::Relaxed),
+        "url": s.url.lock().expect("stats lock").clone(),
+        "failovers": s.failovers.load(Ordering::Relaxed),
         "echoes_dropped": s.echoes.load(Ordering::Relaxed),
         "dropped": {
             "spool_full_oldest": sp.dropped_full.load(Ordering::Relaxed),
@@ -274,8 +284,9 @@ impl Bridges {
         Ok(())
     }
 
-    async fn prepare(&mut self, b: &config::Bridge) -> Result<Prepared> {
-        let (spool, stats) = self.spool(b).await?;
+    async fn prepare(&mut self, raw: &config::Bridge) -> Result<Prepared> {
+        let (spool, stats) = self.spool(raw).await?;
+        let b = &raw.expanded(&self.gateway_id);
         let rules: Arc<Vec<Rule>> = Arc::new(
             b.rules
                 .iter()
@@ -294,6 +305,7 @@ impl Bridges {
         });
         let link = Link {
             echoes: Default::default(),
+            url: b.endpoints()[0].to_string(),
             client_id: b
                 .client_id
                 .clone()
@@ -311,7 +323,7 @@ impl Bridges {
             bus: self.bus.clone(),
         };
         Ok(Prepared {
-            cfg: b.clone(),
+            cfg: raw.clone(),
             tap,
             link,
         })

@@ -96,8 +96,9 @@ fn password(b: &config::Bridge) -> Result<Option<(String, String)>> {
 }
 
 impl Upstream {
-    pub fn new(b: &config::Bridge, client_id: &str, status_topic: &str) -> Result<Upstream> {
-        let ep = Endpoint::parse(&b.url).map_err(anyhow::Error::msg)?;
+    /// A client of `url`, one of the bridge's addresses.
+    pub fn new(b: &config::Bridge, url: &str, client_id: &str, status_topic: &str) -> Result<Upstream> {
+        let ep = Endpoint::parse(url).map_err(anyhow::Error::msg)?;
         let transport = match ep.scheme.as_str() {
             "mqtt" => Transport::Tcp,
             "mqtts" => Transport::Tls(TlsConfiguration::Rustls(tls_config(b.tls.as_ref())?)),
@@ -125,7 +126,7 @@ impl Upstream {
                     status_topic,
                     "offline",
                     rumqttc::QoS::AtLeastOnce,
-                    true,
+                    !b.strip_retain,
                 ));
                 if let Some((u, p)) = creds {
                     o.set_credentials(u, p);
@@ -152,7 +153,7 @@ impl Upstream {
                     status_topic,
                     "offline",
                     v5::mqttbytes::QoS::AtLeastOnce,
-                    true,
+                    !b.strip_retain,
                     None,
                 ));
                 if let Some((u, p)) = creds {
@@ -232,6 +233,11 @@ impl Upstream {
 
     /// Queues a publish without waiting; `false` when rumqttc's queue is full.
     pub fn publish(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) -> bool {
+        self.publish_expiring(topic, payload, qos, retain, None)
+    }
+
+    /// As `publish`, with an MQTT 5 message expiry in seconds (ignored on 3.1.1, which has none).
+    pub fn publish_expiring(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool, expiry: Option<u32>) -> bool {
         match self {
             Upstream::V4(c, _) => c
                 .try_publish(
@@ -241,14 +247,25 @@ impl Upstream {
                     payload.to_vec(),
                 )
                 .is_ok(),
-            Upstream::V5(c, _) => c
-                .try_publish(
+            Upstream::V5(c, _) => match expiry {
+                None => c.try_publish(
                     topic,
                     v5::mqttbytes::qos(qos).unwrap_or(v5::mqttbytes::QoS::AtLeastOnce),
                     retain,
                     payload.clone(),
-                )
-                .is_ok(),
+                ),
+                Some(secs) => c.try_publish_with_properties(
+                    topic,
+                    v5::mqttbytes::qos(qos).unwrap_or(v5::mqttbytes::QoS::AtLeastOnce),
+                    retain,
+                    payload.clone(),
+                    m5::PublishProperties {
+                        message_expiry_interval: Some(secs),
+                        ..Default::default()
+                    },
+                ),
+            }
+            .is_ok(),
         }
     }
 

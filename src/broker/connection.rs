@@ -532,42 +532,63 @@ async fn reader<R: AsyncRead + Unpin>(ctx: &Ctx, mut crd: R, mut cbuf: BytesMut,
     loop {
         let mut b = Batch::default();
         st.unacked = 0;
-        loop {
-            let frame = match codec::next_frame(&mut cbuf, max) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    count_bad(m, &e);
-                    let why = match e {
-                        FrameError::TooLarge(_) => Goodbye::PacketTooLarge,
-                        FrameError::Malformed(_) => Goodbye::Malformed,
-                    };
-                    let _ = tx.send(Out::Close(why, End::Protocol("bad packet"))).await;
-                    return End::Protocol("bad packet");
+        'gather: loop {
+            loop {
+                let frame = match codec::next_frame(&mut cbuf, max) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        count_bad(m, &e);
+                        let why = match e {
+                            FrameError::TooLarge(_) => Goodbye::PacketTooLarge,
+                            FrameError::Malformed(_) => Goodbye::Malformed,
+                        };
+                        let _ = tx.send(Out::Close(why, End::Protocol("bad packet"))).await;
+                        return End::Protocol("bad packet");
+                    }
+                };
+                let ack_of_ours = matches!(
+                    frame.kind,
+                    codec::kind::PUBACK | codec::kind::PUBREC | codec::kind::PUBCOMP | codec::kind::PINGREQ
+                );
+                if !ack_of_ours && (!held.is_empty() || (frame.kind == codec::kind::PUBLISH && router.over_budget())) {
+                    held_bytes += frame.bytes.len();
+                    held.push_back(frame);
+                    continue;
                 }
-            };
-            let ack_of_ours = matches!(
-                frame.kind,
-                codec::kind::PUBACK | codec::kind::PUBREC | codec::kind::PUBCOMP | codec::kind::PINGREQ
-            );
-            if !ack_of_ours && (!held.is_empty() || (frame.kind == codec::kind::PUBLISH && router.over_budget())) {
-                held_bytes += frame.bytes.len();
-                held.push_back(frame);
-                continue;
+                if let Some(end) = handle(ctx, &mut st, frame, &mut b, &tx).await {
+                    return end;
+                }
             }
-            if let Some(end) = handle(ctx, &mut st, frame, &mut b, &tx).await {
-                return end;
+            while let Some(f) = held.front() {
+                if f.kind == codec::kind::PUBLISH && router.over_budget() {
+                    break;
+                }
+                let f = held.pop_front().expect("front exists");
+                held_bytes -= f.bytes.len();
+                if let Some(end) = handle(ctx, &mut st, f, &mut b, &tx).await {
+                    return end;
+                }
             }
-        }
-        while let Some(f) = held.front() {
-            if f.kind == codec::kind::PUBLISH && router.over_budget() {
-                break;
+            // Durable copies to wait for: first take in what the client has already sent, so one
+            // spool commit covers its whole window (a read holds only a few 1 KiB publishes, and
+            // each wait is a commit).
+            if !b.waits.is_empty() && held.is_empty() && b.waits.len() < GATHER_MAX {
+                if let Some(r) = ready_now(crd.read_buf(&mut cbuf)).await {
+                    match r {
+                        Ok(0) => {
+                            flush_acks(&tx, &mut b.acks, &mut b.waits).await;
+                            return End::ClientClosed;
+                        }
+                        Ok(n) => {
+                            Metrics::add(&m.bytes_in, n as u64);
+                            continue 'gather;
+                        }
+                        Err(e) => return End::ClientGone(format!("read: {e}")),
+                    }
+                }
             }
-            let f = held.pop_front().expect("front exists");
-            held_bytes -= f.bytes.len();
-            if let Some(end) = handle(ctx, &mut st, f, &mut b, &tx).await {
-                return end;
-            }
+            break;
         }
         if !flush_acks(&tx, &mut b.acks, &mut b.waits).await {
             return End::ClientGone(STORE_FAILED.into());
@@ -614,6 +635,19 @@ const STORE_FAILED: &str = "a bridge spool or the session store could not store 
 /// Bytes of packets a reader holds back at most while the budget is full before it stops
 /// reading the socket.
 const HOLD_MAX: usize = 64 * 1024;
+
+/// Durable copies one round of the reader waits for at most before it acknowledges them.
+const GATHER_MAX: usize = 1024;
+
+/// The output of `f` if it is ready without waiting; `None` (and `f` dropped) if not.
+async fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
 
 /// What one round of the reader gathers before it hands acks over.
 #[derive(Default)]

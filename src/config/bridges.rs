@@ -11,7 +11,16 @@ pub struct Bridge {
     /// Names the bridge in topics, logs and its spool file; `[a-z0-9_-]+`.
     pub name: String,
     /// `mqtt://host:port`, `mqtts://host:port`, `ws://host:port/path` or `wss://host:port/path`.
+    /// Give this or `urls`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
+    /// Several addresses of one upstream (the nodes of a cluster), in the order of preference:
+    /// the first is the primary. See `failover`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// How the bridge moves between `urls`.
+    #[serde(default, skip_serializing_if = "Failover::is_default")]
+    pub failover: Failover,
     /// Defaults to `<gateway.id>-<name>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
@@ -38,12 +47,94 @@ pub struct Bridge {
     /// The upstream's largest packet; larger messages are refused at the rule and counted.
     #[serde(default = "max_packet")]
     pub max_packet_size: Size,
+    /// Connected, but the oldest message in flight has had no ack for this long: the bridge is
+    /// reported `stalled` (state topic, `outpost status`) until acks move again.
+    #[serde(default = "stall_after")]
+    pub stall_after: Dur,
     /// QoS 1/2 messages in flight upstream.
     #[serde(default = "inflight")]
     pub inflight: u16,
+    /// MQTT 5: each message carries a message expiry of what is left of `spool.max_age`, so
+    /// the upstream (and its offline subscribers' queues) drop it when it is too old.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub message_expiry: bool,
+    /// Put before every rule's remote topic (template or filter), e.g. `sites/{gateway.id}/`:
+    /// one place for a site's namespace upstream.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub remote_prefix: String,
+    /// Send nothing upstream with the retain flag (AWS IoT Core refuses it): messages, the
+    /// status topic and the will go out unretained.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strip_retain: bool,
     /// Retained `online`/`offline` (the latter as will) upstream; default `outpost/<gateway.id>/status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_topic: Option<String>,
+}
+
+/// Moving between a bridge's `urls`: on a failed connection or a broken session the next address
+/// is tried at once; only when every address failed in a row does the backoff wait.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Failover {
+    /// Each new connection starts at the address after the last one used, and stays there;
+    /// off: the first address is preferred and returned to (`fail_back_after`).
+    pub round_robin: bool,
+    /// Connected to another address, the bridge goes back to the primary once the primary has
+    /// accepted TCP connections (probed every `probe`) for this long.
+    pub fail_back_after: Dur,
+    pub probe: Dur,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            round_robin: false,
+            fail_back_after: Dur(Duration::from_secs(60)),
+            probe: Dur(Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Failover {
+    fn is_default(&self) -> bool {
+        *self == Failover::default()
+    }
+}
+
+/// The gateway facts a bridge's client id, status topic, remote prefix and rules may name, so
+/// one file serves every site: `{gateway.id}` and `{hostname}`.
+pub fn facts(gateway_id: &str) -> Vec<(&'static str, String)> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    vec![("{gateway.id}", gateway_id.to_string()), ("{hostname}", host)]
+}
+
+impl Bridge {
+    /// The bridge as it runs: gateway facts filled in, `remote_prefix` put before each remote.
+    pub fn expanded(&self, gateway_id: &str) -> Bridge {
+        let facts = facts(gateway_id);
+        let fill = |s: &str| facts.iter().fold(s.to_string(), |s, (k, v)| s.replace(k, v));
+        let mut b = self.clone();
+        b.client_id = b.client_id.as_deref().map(fill);
+        b.status_topic = b.status_topic.as_deref().map(fill);
+        let prefix = fill(&b.remote_prefix);
+        for r in &mut b.rules {
+            r.local = fill(&r.local);
+            r.remote = format!("{prefix}{}", fill(&r.remote));
+        }
+        b.remote_prefix = String::new();
+        b
+    }
+
+    /// The upstream's addresses, primary first (`url` alone is a list of one).
+    pub fn endpoints(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.urls.iter().map(String::as_str).collect()
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -54,6 +145,9 @@ fn keep_alive() -> Dur {
 }
 fn max_packet() -> Size {
     Size(256 * 1024)
+}
+fn stall_after() -> Dur {
+    Dur(Duration::from_secs(30))
 }
 fn inflight() -> u16 {
     100
@@ -245,8 +339,13 @@ impl Endpoint {
 }
 
 /// Checks one bridge; returns the key below `bridges[i]` and the reason.
-pub(super) fn validate(_i: usize, b: &Bridge, before: &[Bridge]) -> Result<(), (String, String)> {
+pub(super) fn validate(gateway_id: &str, b: &Bridge, before: &[Bridge]) -> Result<(), (String, String)> {
     let e = |k: &str, r: String| Err((k.to_string(), r));
+    if let Some(c) = b.client_id.as_ref().filter(|c| c.trim().is_empty()) {
+        return e(".client_id", format!("`{c}` is empty"));
+    }
+    // Rules and topics are checked as they will run, with the gateway's facts filled in.
+    let b = &b.expanded(gateway_id);
     if b.name.is_empty()
         || !b
             .name
@@ -261,12 +360,40 @@ pub(super) fn validate(_i: usize, b: &Bridge, before: &[Bridge]) -> Result<(), (
     if let Some(j) = before.iter().position(|o| o.name == b.name) {
         return e(".name", format!("`{}` is already the name of bridges[{j}]", b.name));
     }
-    let ep = Endpoint::parse(&b.url).map_err(|r| (".url".to_string(), r))?;
-    if b.tls.is_some() && !ep.tls() {
+    let mut eps = vec![];
+    match (b.url.is_empty(), b.urls.is_empty()) {
+        (true, true) => return e(".url", "a bridge needs `url` (or `urls`, a list)".into()),
+        (false, false) => return e(".urls", "give `url` or `urls`, not both".into()),
+        (false, true) => eps.push(Endpoint::parse(&b.url).map_err(|r| (".url".to_string(), r))?),
+        (true, false) => {
+            for (j, u) in b.urls.iter().enumerate() {
+                let ep = Endpoint::parse(u).map_err(|r| (format!(".urls[{j}]"), r))?;
+                if let Some(k) = b.urls[..j].iter().position(|o| o == u) {
+                    return e(&format!(".urls[{j}]"), format!("`{u}` is already urls[{k}]"));
+                }
+                eps.push(ep);
+            }
+        }
+    }
+    let tls = eps.iter().filter(|ep| ep.tls()).count();
+    if tls > 0 && tls < eps.len() {
+        return e(
+            ".urls",
+            "mixes TLS (mqtts://, wss://) and plain addresses: one upstream, one kind of transport".into(),
+        );
+    }
+    if b.tls.is_some() && tls == 0 {
         return e(
             ".tls",
-            format!("TLS settings with a `{}://` URL: use mqtts:// or wss://", ep.scheme),
+            format!("TLS settings with a `{}://` URL: use mqtts:// or wss://", eps[0].scheme),
         );
+    }
+    let f = &b.failover;
+    if f.probe.0 < Duration::from_millis(100) {
+        return e(".failover.probe", "must be at least 100ms".into());
+    }
+    if f.fail_back_after.0 < f.probe.0 {
+        return e(".failover.fail_back_after", "must be at least `failover.probe`".into());
     }
     if let Some(t) = &b.tls {
         if t.cert.is_some() != t.key.is_some() {
@@ -313,6 +440,15 @@ pub(super) fn validate(_i: usize, b: &Bridge, before: &[Bridge]) -> Result<(), (
     }
     if b.backoff.min.0.is_zero() || b.backoff.max < b.backoff.min {
         return e(".backoff", "needs 0 < min <= max".into());
+    }
+    if b.message_expiry && b.protocol != MqttVersion::V5 {
+        return e(
+            ".message_expiry",
+            "MQTT 3.1.1 has no message expiry: set `protocol: 5`".into(),
+        );
+    }
+    if b.stall_after.0 < Duration::from_millis(200) {
+        return e(".stall_after", "must be at least 200ms".into());
     }
     if b.inflight == 0 {
         return e(".inflight", "must be at least 1".into());

@@ -583,7 +583,8 @@ impl Config {
         plugs::validate(&self.plugs)?;
         grants::validate(&self.grants)?;
         for (i, b) in self.bridges.iter().enumerate() {
-            bridges::validate(i, b, &self.bridges[..i]).map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
+            bridges::validate(&self.gateway.id, b, &self.bridges[..i])
+                .map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
         }
         Ok(())
     }
@@ -641,6 +642,67 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("dashboard.origins[0]"), "{e}");
+    }
+
+    #[test]
+    fn bridge_urls_are_checked_one_by_one_and_named_in_errors() {
+        let bridge = |addr: &str| {
+            format!(
+                "bridges:\n  - name: cloud\n{addr}    rules: [{{ direction: out, local: \"a/#\", remote: \"b/{{#}}\" }}]\n"
+            )
+        };
+        let ok = parse(&bridge(
+            "    urls: [\"mqtt://a:1883\", \"mqtt://b:1884\"]\n    failover: { fail_back_after: 10s }\n",
+        ))
+        .unwrap();
+        assert_eq!(ok.bridges[0].endpoints(), ["mqtt://a:1883", "mqtt://b:1884"]);
+        // A file written back (snap-config) parses to the same bridge.
+        let again = parse(&serde_yaml::to_string(&ok).unwrap()).unwrap();
+        assert_eq!(again.bridges, ok.bridges);
+        for (addr, key, why) in [
+            (
+                "    urls: [\"mqtt://a\", \"http://b\"]\n",
+                "bridges[0].urls[1]",
+                "scheme `http`",
+            ),
+            (
+                "    urls: [\"mqtt://a\", \"mqtt://a\"]\n",
+                "bridges[0].urls[1]",
+                "already urls[0]",
+            ),
+            (
+                "    url: \"mqtt://a\"\n    urls: [\"mqtt://b\"]\n",
+                "bridges[0].urls",
+                "not both",
+            ),
+            ("", "bridges[0].url", "needs `url`"),
+            (
+                "    url: \"mqtt://a\"\n    message_expiry: true\n",
+                "bridges[0].message_expiry",
+                "protocol: 5",
+            ),
+            (
+                "    url: \"mqtt://a\"\n    stall_after: 10ms\n",
+                "bridges[0].stall_after",
+                "at least",
+            ),
+            (
+                "    urls: [\"mqtt://a\", \"mqtts://b\"]\n",
+                "bridges[0].urls",
+                "mixes TLS",
+            ),
+            (
+                "    urls: [\"mqtt://a\"]\n    failover: { probe: 1s, fail_back_after: 500ms }\n",
+                "bridges[0].failover.fail_back_after",
+                "at least",
+            ),
+        ] {
+            let e = parse(&bridge(addr)).unwrap_err().to_string();
+            assert!(
+                e.contains("t.yaml") && e.contains(key) && e.contains(why),
+                "{addr}: {e}"
+            );
+        }
     }
 
     proptest! {

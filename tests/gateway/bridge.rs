@@ -491,3 +491,276 @@ async fn tls_with_a_custom_ca_and_client_certificate_and_a_clear_error_for_a_wro
         "unclear TLS error: {err}"
     );
 }
+
+/// Polls the bridge's state until `f` holds; panics naming `what` after `within`.
+async fn wait_state(gw: &Gateway, name: &str, within: Duration, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+    let end = std::time::Instant::now() + within;
+    loop {
+        let b = gw.bridge_state(name);
+        if f(&b) {
+            return;
+        }
+        assert!(std::time::Instant::now() < end, "{what}: {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn urls_fail_over_when_the_node_dies_and_fail_back_when_the_primary_returns() {
+    let mut a = Mosquitto::start("allow_anonymous true\nmax_queued_messages 100000");
+    let b = Mosquitto::start("allow_anonymous true\nmax_queued_messages 100000");
+    let port = free_port();
+    let cfg = format!(
+        "  - name: cloud\n    urls: [\"{}\", \"{}\"]\n    failover: {{ fail_back_after: 2s, probe: 200ms }}\n    backoff: {{ min: 200ms, max: 1s }}\n    rules:\n      - {{ direction: out, local: \"data/#\", remote: \"up/{{#}}\", qos: 1 }}\n",
+        a.url(),
+        b.url()
+    );
+    let gw = Gateway::start(&with_bridges(port, &cfg));
+    let on_a = Collector::start(a.port, "watch-a", "up/#", None, false);
+    let on_b = Collector::start(b.port, "watch-b", "up/#", None, false);
+    wait_state(&gw, "cloud", T, "connected to the primary", |s| {
+        s["connected"] == true && s["url"] == a.url()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 600 messages over ~3 s; the primary dies (kill -9) after the first second.
+    let publisher = tokio::spawn(publish_numbered(
+        port,
+        "data",
+        600,
+        Some((20, Duration::from_millis(100))),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(on_a.count() > 0, "nothing went to the primary before it died");
+    a.kill9();
+    let killed = std::time::Instant::now();
+    on_b.wait(T, "first message on the second node", |g| !g.is_empty())
+        .await;
+    let failover = killed.elapsed();
+    assert_eq!(publisher.await.unwrap(), 600);
+    let union = || {
+        let mut all = on_a.got.lock().unwrap().clone();
+        all.extend(on_b.got.lock().unwrap().iter().cloned());
+        all
+    };
+    let end = std::time::Instant::now() + T;
+    while {
+        let mut u: Vec<Vec<u8>> = union().into_iter().map(|(_, p)| p).collect();
+        u.sort();
+        u.dedup();
+        u.len() < 600
+    } {
+        assert!(std::time::Instant::now() < end, "not all 600 arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What the primary had before it died, then the rest on the other node: nothing lost, per
+    // topic in order.
+    let dups = check_numbered(&union(), 0..600);
+    let s = gw.bridge_state("cloud");
+    assert_eq!(
+        (s["url"].as_str(), s["failovers"].as_u64()),
+        (Some(b.url().as_str()), Some(1)),
+        "{s}"
+    );
+    eprintln!(
+        "failover: kill -9 of the primary → first message on the other node in {} ms; 600 delivered, {dups} duplicates",
+        failover.as_millis()
+    );
+
+    // The primary returns: after 2 s up, the bridge goes back to it.
+    a.spawn();
+    let back = std::time::Instant::now();
+    wait_state(&gw, "cloud", T, "failed back to the primary", |s| {
+        s["connected"] == true && s["url"] == a.url()
+    })
+    .await;
+    let back = back.elapsed();
+    assert!(
+        back >= Duration::from_secs(2),
+        "failed back before the primary was up 2 s: {back:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_b = on_b.count();
+    assert_eq!(publish_numbered(port, "data/late", 10, None).await, 10);
+    on_a.wait(T, "new messages on the primary", |g| {
+        g.iter().filter(|(t, _)| t.starts_with("up/late/")).count() >= 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !on_b.got.lock().unwrap()[before_b..]
+            .iter()
+            .any(|(t, _)| t.starts_with("up/late/")),
+        "a message went to the second node after the fail back"
+    );
+    eprintln!(
+        "fail back: primary restarted → bridge on it again in {} ms",
+        back.as_millis()
+    );
+}
+
+#[tokio::test]
+async fn urls_in_round_robin_move_on_and_stay_where_they_are() {
+    let mut a = Mosquitto::start("allow_anonymous true");
+    let b = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let cfg = format!(
+        "  - name: cloud\n    urls: [\"{}\", \"{}\"]\n    failover: {{ round_robin: true, fail_back_after: 1s, probe: 200ms }}\n    backoff: {{ min: 200ms, max: 1s }}\n    rules:\n      - {{ direction: out, local: \"data/#\", remote: \"up/{{#}}\", qos: 1 }}\n",
+        a.url(),
+        b.url()
+    );
+    let gw = Gateway::start(&with_bridges(port, &cfg));
+    wait_state(&gw, "cloud", T, "connected to the first", |s| {
+        s["connected"] == true && s["url"] == a.url()
+    })
+    .await;
+    a.kill9();
+    wait_state(&gw, "cloud", T, "moved to the second", |s| {
+        s["connected"] == true && s["url"] == b.url()
+    })
+    .await;
+    a.spawn();
+    // Round robin: no fail back, however long the first is up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = gw.bridge_state("cloud");
+    assert_eq!(
+        (s["url"].as_str(), s["failovers"].as_u64()),
+        (Some(b.url().as_str()), Some(1)),
+        "{s}"
+    );
+}
+
+#[tokio::test]
+async fn a_connected_bridge_without_acks_is_reported_stalled_until_acks_move() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "up/{#}", qos: 1 }"#],
+            "stall_after: 1s",
+        ),
+    ));
+    let up = Collector::start(m.port, "watch", "up/#", None, false);
+    wait_state(&gw, "cloud", T, "connected", |s| s["connected"] == true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The upstream freezes: its socket stays open, nothing is acknowledged.
+    m.signal("STOP");
+    assert_eq!(publish_numbered(port, "data", 5, None).await, 5);
+    wait_state(&gw, "cloud", Duration::from_secs(5), "reported stalled", |s| {
+        s["stalled"] == true && s["connected"] == true
+    })
+    .await;
+    let table = std::process::Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.lines().any(|l| l.starts_with("cloud") && l.contains(" stalled ")),
+        "{table}"
+    );
+    m.signal("CONT");
+    up.wait(T, "the 5 after the upstream thawed", |g| g.len() >= 5).await;
+    wait_state(&gw, "cloud", T, "no longer stalled", |s| s["stalled"] == false).await;
+    assert_eq!(gw.bridge_state("cloud")["reconnects"], 0);
+}
+
+#[tokio::test]
+async fn strip_retain_sends_nothing_retained_upstream() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let _gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "up/{#}", qos: 1 }"#],
+            "strip_retain: true",
+        ),
+    ));
+    let live = Collector::start(m.port, "live", "#", None, false);
+    live.wait(T, "status online", |g| g.iter().any(|(_, p)| p == b"online"))
+        .await;
+    let (c, ev) = connect(opts(port, "p")).await.unwrap();
+    let _d = drive(ev);
+    c.publish("data/state", QoS::AtLeastOnce, true, "on").await.unwrap();
+    live.wait(T, "the message, live", |g| g.iter().any(|(t, _)| t == "up/state"))
+        .await;
+    // A subscriber that comes later finds nothing retained: not the message, not the status.
+    let late = Collector::start(m.port, "late", "#", None, false);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(late.count(), 0, "retained upstream: {:?}", late.got.lock().unwrap());
+}
+
+#[tokio::test]
+async fn message_expiry_from_max_age_lets_the_upstream_drop_what_is_too_old() {
+    let m = Mosquitto::start("allow_anonymous true\nmax_queued_messages 1000");
+    let port = free_port();
+    let rule = |to: &str| format!("{{ direction: out, local: \"data/#\", remote: \"{to}/{{#}}\", qos: 1 }}");
+    let _gw = Gateway::start(&with_bridges(
+        port,
+        &format!(
+            "{}{}",
+            bridge(
+                "exp",
+                &m.url(),
+                &[&rule("exp")],
+                "protocol: 5\nmessage_expiry: true\nspool: { max_age: 2s }"
+            ),
+            bridge("keep", &m.url(), &[&rule("keep")], "protocol: 5"),
+        ),
+    ));
+    // A persistent subscriber upstream that is away while the messages come.
+    let away = Collector::start(m.port, "away", "+/x", None, true);
+    away.wait(T, "subscribed", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(away);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let live = Collector::start(m.port, "live", "+/x", None, false);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (c, ev) = connect(opts(port, "p")).await.unwrap();
+    let _d = drive(ev);
+    c.publish("data/x", QoS::AtLeastOnce, false, "reading").await.unwrap();
+    live.wait(T, "both bridges sent it", |g| g.len() >= 2).await;
+    // Longer away than max_age: the one with an expiry is gone from its queue, the other kept.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let back = Collector::start(m.port, "away", "+/x", None, true);
+    back.wait(T, "the queued one", |g| !g.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let topics: Vec<String> = back.got.lock().unwrap().iter().map(|(t, _)| t.clone()).collect();
+    assert_eq!(topics, ["keep/x"]);
+}
+
+#[tokio::test]
+async fn one_config_for_a_fleet_fills_in_the_gateway_id_and_the_site_prefix() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let _gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "cloud",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "data/{#}", qos: 1 }"#],
+            "client_id: \"{gateway.id}-up\"\nremote_prefix: \"sites/{gateway.id}/\"\nstatus_topic: \"sites/{gateway.id}/status\"",
+        ),
+    ));
+    let up = Collector::start(m.port, "watch", "sites/#", None, false);
+    up.wait(T, "status online under the site", |g| {
+        g.iter().any(|(t, p)| t == "sites/test-gw/status" && p == b"online")
+    })
+    .await;
+    let (c, ev) = connect(opts(port, "p")).await.unwrap();
+    let _d = drive(ev);
+    c.publish("data/x", QoS::AtLeastOnce, false, "1").await.unwrap();
+    up.wait(T, "the message under the site prefix", |g| {
+        g.iter().any(|(t, _)| t == "sites/test-gw/data/x")
+    })
+    .await;
+    let log = std::fs::read_to_string(m.dir.path().join("mosquitto.log")).unwrap();
+    assert!(log.contains(" as test-gw-up"), "client id not filled in:\n{log}");
+}

@@ -441,6 +441,24 @@ impl Mosquitto {
         }
     }
 
+    /// Sends a signal (`STOP`: the broker keeps its sockets open and answers nothing).
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id();
+        assert!(Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// SIGKILL: the node dies with no goodbye (its sockets are reset).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
