@@ -674,6 +674,9 @@ async fn a_connected_bridge_without_acks_is_reported_stalled_until_acks_move() {
 async fn strip_retain_sends_nothing_retained_upstream() {
     let m = Mosquitto::start("allow_anonymous true");
     let port = free_port();
+    // Subscribed before the bridge comes: its `online` is not retained, so a later subscriber
+    // would miss it.
+    let live = Collector::start(m.port, "live", "#", None, false);
     let _gw = Gateway::start(&with_bridges(
         port,
         &bridge(
@@ -683,7 +686,6 @@ async fn strip_retain_sends_nothing_retained_upstream() {
             "strip_retain: true",
         ),
     ));
-    let live = Collector::start(m.port, "live", "#", None, false);
     live.wait(T, "status online", |g| g.iter().any(|(_, p)| p == b"online"))
         .await;
     let (c, ev) = connect(opts(port, "p")).await.unwrap();

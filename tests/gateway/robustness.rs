@@ -670,78 +670,15 @@ async fn invalid_filters_are_refused_without_harm() {
     assert_eq!(next_publish(&mut ev, T).await.map(|m| m.1), Some(b"fine".to_vec()));
 }
 
-#[test]
-fn real_clients_get_in_while_slowloris_sockets_hold_every_prelogin_slot() {
-    use std::io::Write;
+/// 300 sockets (6 threads of 50), each sending `first(thread, n)` and reconnecting as soon as
+/// it is closed, until the returned flag is set.
+fn attack(
+    port: u16,
+    first: fn(usize, u64) -> Vec<u8>,
+) -> (Arc<std::sync::atomic::AtomicBool>, Vec<std::thread::JoinHandle<()>>) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let port = free_port();
-    let gw = Gateway::start(&open_broker(port));
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    // 300 sockets (more than the 256 pre-login slots), each sending one byte of a CONNECT and
-    // reconnecting as soon as it is closed.
-    let attackers: Vec<_> = (0..6)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut socks: Vec<Option<std::net::TcpStream>> = (0..50).map(|_| None).collect();
-                while !stop.load(Ordering::Relaxed) {
-                    for s in socks.iter_mut() {
-                        // Still open: a read would block. Closed: end of stream or an error.
-                        let alive = s.as_mut().is_some_and(|c| {
-                            let mut b = [0u8; 1];
-                            matches!(std::io::Read::read(c, &mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                        });
-                        if !alive {
-                            *s = std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|mut c| {
-                                let _ = c.write_all(&[0x10]);
-                                let _ = c.set_nonblocking(true);
-                                c
-                            });
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(2));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut got_in = 0;
-    for i in 0..20 {
-        let ok = rt.block_on(async {
-            let mut o = opts(port, &format!("real-{i}"));
-            o.set_keep_alive(Duration::from_secs(5));
-            tokio::time::timeout(Duration::from_secs(5), connect(o))
-                .await
-                .is_ok_and(|r| r.is_ok())
-        });
-        got_in += ok as usize;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for a in attackers {
-        a.join().unwrap();
-    }
-    assert!(
-        got_in >= 19,
-        "only {got_in} of 20 real clients got in during the attack"
-    );
-    let evicted = gw.status()["broker"]["prelogin_evicted"].as_u64().unwrap_or(0);
-    assert!(
-        evicted > 0,
-        "the attack never filled the pre-login slots (nothing evicted)"
-    );
-}
-
-#[test]
-fn real_clients_get_in_while_password_guesses_queue_for_every_prelogin_slot() {
-    // 300 sockets each send a whole CONNECT with a password for a name nobody has (each costs a
-    // password check, two at a time) and wait; closed, they come back at once. A socket
-    // evicted for a newcomer while it waits for a check gives its slot back at once.
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let port = free_port();
-    let gw = Gateway::start(&open_broker(port));
     let stop = Arc::new(AtomicBool::new(false));
-    let attackers: Vec<_> = (0..6)
+    let threads = (0..6)
         .map(|t| {
             let stop = stop.clone();
             std::thread::spawn(move || {
@@ -749,18 +686,16 @@ fn real_clients_get_in_while_password_guesses_queue_for_every_prelogin_slot() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     for s in socks.iter_mut() {
+                        // Still open: a read would block. Closed: end of stream or an error.
                         let alive = s.as_mut().is_some_and(|c| {
                             let mut b = [0u8; 64];
                             matches!(c.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
                         });
                         if !alive {
                             n += 1;
-                            let mut c = v4::Connect::new(format!("guess-{t}-{n}"));
-                            c.set_login(format!("nobody-{t}-{n}"), "guess");
-                            let mut b = BytesMut::new();
-                            v4::Packet::Connect(c).write(&mut b, 1 << 20).unwrap();
+                            let bytes = first(t, n);
                             *s = TcpStream::connect(("127.0.0.1", port)).ok().map(|mut c| {
-                                let _ = c.write_all(&b);
+                                let _ = c.write_all(&bytes);
                                 let _ = c.set_nonblocking(true);
                                 c
                             });
@@ -771,6 +706,13 @@ fn real_clients_get_in_while_password_guesses_queue_for_every_prelogin_slot() {
             })
         })
         .collect();
+    (stop, threads)
+}
+
+/// How many of 20 real clients get their CONNACK, each within `each`, while `attack` runs;
+/// then stops the attack and checks it filled the pre-login slots.
+fn real_clients_in(gw: &Gateway, port: u16, first: fn(usize, u64) -> Vec<u8>, each: Duration) -> usize {
+    let (stop, attackers) = attack(port, first);
     std::thread::sleep(Duration::from_secs(2));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut got_in = 0;
@@ -778,23 +720,50 @@ fn real_clients_get_in_while_password_guesses_queue_for_every_prelogin_slot() {
         let ok = rt.block_on(async {
             let mut o = opts(port, &format!("real-{i}"));
             o.set_keep_alive(Duration::from_secs(5));
-            // A socket held after its eviction would make each newcomer wait for a slot
-            // (up to a second); one that lets go makes room at once.
-            tokio::time::timeout(Duration::from_millis(800), connect(o))
-                .await
-                .is_ok_and(|r| r.is_ok())
+            tokio::time::timeout(each, connect(o)).await.is_ok_and(|r| r.is_ok())
         });
         got_in += ok as usize;
     }
-    stop.store(true, Ordering::Relaxed);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for a in attackers {
         a.join().unwrap();
     }
     let evicted = gw.status()["broker"]["prelogin_evicted"].as_u64().unwrap_or(0);
     assert!(
         evicted > 0,
-        "the guesses never filled the pre-login slots (nothing evicted)"
+        "the attack never filled the pre-login slots (nothing evicted)"
     );
+    got_in
+}
+
+#[test]
+fn real_clients_get_in_while_slowloris_sockets_hold_every_prelogin_slot() {
+    let port = free_port();
+    let gw = Gateway::start(&open_broker(port));
+    // Each socket sends one byte of a CONNECT, then nothing.
+    let got_in = real_clients_in(&gw, port, |_, _| vec![0x10], Duration::from_secs(5));
+    assert!(
+        got_in >= 19,
+        "only {got_in} of 20 real clients got in during the attack"
+    );
+}
+
+#[test]
+fn real_clients_get_in_while_password_guesses_queue_for_every_prelogin_slot() {
+    // Each socket sends a whole CONNECT with a password for a name nobody has (each costs a
+    // password check, two at a time) and waits. A socket evicted for a newcomer while it waits
+    // for a check must give its slot back at once: one held would make each newcomer wait for
+    // a slot (up to a second).
+    let port = free_port();
+    let gw = Gateway::start(&open_broker(port));
+    let guess = |t: usize, n: u64| {
+        let mut c = v4::Connect::new(format!("guess-{t}-{n}"));
+        c.set_login(format!("nobody-{t}-{n}"), "guess");
+        let mut b = BytesMut::new();
+        v4::Packet::Connect(c).write(&mut b, 1 << 20).unwrap();
+        b.to_vec()
+    };
+    let got_in = real_clients_in(&gw, port, guess, Duration::from_millis(800));
     assert!(
         got_in >= 15,
         "only {got_in} of 20 real clients got in within 0.8 s during the guessing"

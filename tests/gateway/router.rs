@@ -764,6 +764,28 @@ fn deny_rules_refuse_the_subscription_and_filter_wider_ones() {
     );
 }
 
+/// Narrows `reader` to subscribing (and so reading) `filter` alone, lets `writer` publish
+/// anything, reloads (SIGHUP) and waits until the new policy is in force.
+fn reload_narrowed_acl(gw: &Gateway, port: u16, reader: &str, filter: &str) {
+    gw.write_config(&broker_with(
+        port,
+        &format!(
+            "  acl:\n    - {{ who: \"client:{reader}\", allow: {{ publish: [], subscribe: [\"{filter}\"] }} }}\n    - {{ who: \"client:writer\", allow: {{ publish: [\"#\"], subscribe: [] }} }}\n"
+        ),
+    ));
+    gw.signal("HUP");
+    // In force once the writer is refused subscribing.
+    let end = Instant::now() + T;
+    loop {
+        let (mut w, _) = Raw::v4(port, "writer", true);
+        if w.subscribe4(&[("probe", qos(0))]) == vec![rumqttc::SubscribeReasonCode::Failure] {
+            return;
+        }
+        assert!(Instant::now() < end, "the new ACL never came into force");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn delivery_checks_the_acl_in_force_for_a_hash_subscriber() {
     let port = free_port();
@@ -775,21 +797,7 @@ fn delivery_checks_the_acl_in_force_for_a_hash_subscriber() {
     s.subscribe4(&[("#", qos(1))]);
     // The operator narrows the reader to `a/#` (SIGHUP reloads the ACL); the `#` subscription
     // made before stays, but may only deliver what the reader may read now.
-    gw.write_config(&broker_with(
-        port,
-        "  acl:\n    - { who: \"client:reader\", allow: { publish: [], subscribe: [\"a/#\"] } }\n    - { who: \"client:writer\", allow: { publish: [\"#\"], subscribe: [] } }\n",
-    ));
-    gw.signal("HUP");
-    // Wait until the new policy is in force: the writer is refused subscribing.
-    let end = Instant::now() + T;
-    loop {
-        let (mut w, _) = Raw::v4(port, "writer", true);
-        if w.subscribe4(&[("probe", qos(0))]) == vec![rumqttc::SubscribeReasonCode::Failure] {
-            break;
-        }
-        assert!(Instant::now() < end, "the new ACL never came into force");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    reload_narrowed_acl(&gw, port, "reader", "a/#");
     let (mut w, _) = Raw::v4(port, "writer", true);
     w.publish4_acked("b/1", qos(1), false, 1, b"not yours");
     w.publish4_acked("a/1", qos(1), false, 2, b"yours");
@@ -1392,20 +1400,7 @@ fn a_message_queued_before_an_acl_change_is_not_delivered_after_it() {
     let (mut w, _) = Raw::v4(port, "writer", true);
     w.publish4_acked("acl/b/1", qos(1), false, 1, b"not yours any more");
     w.publish4_acked("acl/a/1", qos(1), false, 2, b"yours");
-    gw.write_config(&broker_with(
-        port,
-        "  acl:\n    - { who: \"client:queued-reader\", allow: { publish: [], subscribe: [\"acl/a/#\"] } }\n    - { who: \"client:writer\", allow: { publish: [\"#\"], subscribe: [] } }\n",
-    ));
-    gw.signal("HUP");
-    let end = Instant::now() + T;
-    loop {
-        let (mut w, _) = Raw::v4(port, "writer", true);
-        if w.subscribe4(&[("probe", qos(0))]) == vec![rumqttc::SubscribeReasonCode::Failure] {
-            break;
-        }
-        assert!(Instant::now() < end, "the new ACL never came into force");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    reload_narrowed_acl(&gw, port, "queued-reader", "acl/a/#");
     let (mut s, present) = Raw::v4(port, "queued-reader", false);
     assert!(present);
     let got: Vec<String> = s.drain4(T, QUIET).into_iter().map(|m| m.topic).collect();

@@ -175,8 +175,8 @@ pub struct Session {
     pub persisted: AtomicBool,
     /// The Receive Maximum of the connection holding it (how much a shared group gives it).
     pub window: AtomicUsize,
-    /// When it last made progress (a QoS 0 delivery written, a QoS 1/2 one acknowledged), ms
-    /// since the epoch:
+    /// When it last had room (a delivery queued within its window, a QoS 0 one written, a
+    /// QoS 1/2 one acknowledged), ms since the epoch:
     /// a shared group whose members are all full gives to the one that moved last.
     pub progress_ms: AtomicU64,
     /// Bytes held by all away sessions together (the router's), kept in step under this lock.
@@ -282,6 +282,11 @@ impl Session {
             log::warn!("session {}: {} messages dropped", self.key, st.unlogged_drops);
         }
         st.unlogged_drops = 0;
+        // It had room for this one: a shared group that finds every member full gives to the
+        // member that had room last (routing order, not when its writer got to run).
+        if st.queue.len() + st.inflight.len() < self.window.load(Ordering::Relaxed) {
+            self.progress_ms.store(now_ms() as u64, Ordering::Relaxed);
+        }
         queued(&d);
         st.queue.push_back(d);
         self.grow(&mut st, cost);
