@@ -51,7 +51,7 @@ pub struct Target {
 /// One member of a shared group for `msg`: round robin from `cursor` over the members that are
 /// connected and hold fewer deliveries than their window (Receive Maximum), so a member that
 /// stops acknowledging is passed over once its window is full; if no member is ready, the
-/// connected one that made progress last (a delivery written or acknowledged).
+/// connected one that had room last (see `Session::room_at`).
 /// Only members that may read the message's topic are candidates, and a member whose queue is
 /// at its bound is not ready whatever its window.
 fn pick_member(
@@ -81,12 +81,14 @@ fn pick_member(
             best = Some((i, 0));
             break;
         }
-        // Not ready: connected members first, the one that made progress last, then the one
-        // with the least queued past its window.
+        // Not ready: connected members first, the one that had room last, then the one with
+        // the least queued past its window.
         let past = load.saturating_sub(window);
-        let stale_ms = (message::now_ms() as u64).saturating_sub(s.progress_ms.load(Ordering::Relaxed)) as usize;
+        let stale = session::ROOM
+            .load(Ordering::Relaxed)
+            .saturating_sub(s.room_at.load(Ordering::Relaxed)) as usize;
         let score = if online {
-            stale_ms.min(usize::MAX / 8) * 4 + past.min(3)
+            stale.min(usize::MAX / 8) * 4 + past.min(3)
         } else {
             usize::MAX / 2 + past.min(usize::MAX / 4)
         };

@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// Orders the moments sessions had room (see `Session::room_at`).
+pub static ROOM: AtomicU64 = AtomicU64::new(1);
+
 /// Options of one subscription, as the client asked and the broker granted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubOpts {
@@ -176,9 +179,9 @@ pub struct Session {
     /// The Receive Maximum of the connection holding it (how much a shared group gives it).
     pub window: AtomicUsize,
     /// When it last had room (a delivery queued within its window, a QoS 0 one written, a
-    /// QoS 1/2 one acknowledged), ms since the epoch:
+    /// QoS 1/2 one acknowledged), as a stamp of [`ROOM`] (unique, so no two members tie):
     /// a shared group whose members are all full gives to the one that moved last.
-    pub progress_ms: AtomicU64,
+    pub room_at: AtomicU64,
     /// Bytes held by all away sessions together (the router's), kept in step under this lock.
     away_total: Arc<AtomicUsize>,
     state: Mutex<State>,
@@ -204,7 +207,7 @@ impl Session {
             delivered: AtomicU64::new(0),
             persisted: AtomicBool::new(false),
             window: AtomicUsize::new(usize::MAX),
-            progress_ms: AtomicU64::new(0),
+            room_at: AtomicU64::new(0),
             away_total,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
@@ -285,7 +288,7 @@ impl Session {
         // It had room for this one: a shared group that finds every member full gives to the
         // member that had room last (routing order, not when its writer got to run).
         if st.queue.len() + st.inflight.len() < self.window.load(Ordering::Relaxed) {
-            self.progress_ms.store(now_ms() as u64, Ordering::Relaxed);
+            self.had_room();
         }
         queued(&d);
         st.queue.push_back(d);
@@ -294,6 +297,11 @@ impl Session {
         drop(st);
         self.notify.notify_one();
         Ok(cost)
+    }
+
+    fn had_room(&self) {
+        self.room_at
+            .store(ROOM.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn grow(&self, st: &mut State, cost: usize) {
@@ -405,7 +413,7 @@ impl Session {
         // QoS 1/2 into a window the client never acknowledges is not, so a shared group does not
         // take a member that stopped reading for one that moves.
         if t.out.iter().any(|(pkid, _)| *pkid == 0) {
-            self.progress_ms.store(now as u64, Ordering::Relaxed);
+            self.had_room();
         }
         Some(t)
     }
@@ -473,7 +481,7 @@ impl Session {
         self.sync_pending(&st);
         drop(st);
         self.delivered.fetch_add(1, Ordering::Relaxed);
-        self.progress_ms.store(now_ms() as u64, Ordering::Relaxed);
+        self.had_room();
         self.notify.notify_one();
         Some((c, f.d.store_id))
     }
