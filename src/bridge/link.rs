@@ -10,15 +10,15 @@ use crate::broker::Bus;
 use crate::config;
 use bytes::Bytes;
 use rand::Rng;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// A live QoS 0 message (not spooled): remote topic, payload, retain.
-pub type Live = (String, Bytes, bool);
+/// A live QoS 0 message (not spooled), with its remote topic.
+pub type Live = super::spool::Entry;
 
 pub struct Link {
     pub cfg: config::Bridge,
@@ -61,6 +61,48 @@ const ECHO_WINDOW: Duration = Duration::from_secs(10);
 const STABLE: Duration = Duration::from_secs(10);
 /// How `serve` ends when an admin paused or restarted the bridge.
 const ADMIN_KICK: &str = "paused or restarted by an admin";
+/// The user property `backlog.mark` adds: when the message was accepted, ms since the epoch.
+pub const BACKLOG_MARK: &str = "outpost-backlog";
+
+/// One pass over the spool in id order, holding the messages it takes that are not handed
+/// over yet.
+struct Reader {
+    /// Highest spool id read.
+    cursor: i64,
+    ahead: VecDeque<super::spool::Message>,
+    /// Read to the end; set again to look for more.
+    caught_up: bool,
+}
+
+impl Reader {
+    fn from(cursor: i64) -> Reader {
+        Reader {
+            cursor,
+            ahead: VecDeque::new(),
+            caught_up: false,
+        }
+    }
+
+    /// Whether a message is ready at the front, reading on while what is read is not `ours`.
+    async fn next(&mut self, spool: &Spool, ours: impl Fn(&super::spool::Message) -> bool) -> bool {
+        while self.ahead.is_empty() {
+            if self.caught_up {
+                return false;
+            }
+            let read = spool.read(self.cursor, 512).await;
+            let Some(last) = read.last().map(|m| m.id) else {
+                self.caught_up = true;
+                return false;
+            };
+            self.cursor = last;
+            self.ahead.extend(read.into_iter().filter(|m| ours(m)));
+        }
+        true
+    }
+}
+
+/// How long a resumed session's QoS 2 messages may take to finish before new ones go anyway.
+const RESUME_WITHIN: Duration = Duration::from_secs(10);
 /// How `serve` ends when the primary address has been back long enough.
 const FAIL_BACK: &str = "the primary address is back";
 
@@ -212,7 +254,9 @@ impl Link {
                 let f = &self.cfg.failover;
                 tokio::spawn(probe_primary(urls[0].clone(), f.probe.0, f.fail_back_after.0, back_tx))
             });
-            let end = self.serve(&mut up, &inbound, limit, back_rx, &stop).await;
+            let end = self
+                .serve(&mut up, session_present, &inbound, limit, back_rx, &stop)
+                .await;
             if let Some(p) = probe {
                 p.abort();
             }
@@ -330,9 +374,11 @@ impl Link {
     }
 
     /// Runs one connected session until it breaks (`Err`) or the bridge stops (`Ok`).
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         &mut self,
         up: &mut Upstream,
+        session_present: bool,
         inbound: &[(String, u8)],
         max_packet: usize,
         fail_back: tokio::sync::oneshot::Receiver<()>,
@@ -347,13 +393,27 @@ impl Link {
         tokio::pin!(fail_back);
         let stats = self.stats.clone();
         let window = self.cfg.inflight as usize;
-        let mut cursor = 0i64; // highest spool id handed over in this session
-        let mut ahead: VecDeque<super::spool::Message> = VecDeque::new();
-        let mut caught_up = false;
+        // The spool in id order; with `backlog.live_first` a second reader takes what came in
+        // after the connection, on topics that had nothing waiting, ahead of the first.
+        let mut main = Reader::from(0);
+        let live_first = self.cfg.backlog.live_first;
+        let (boundary, backlog_topics) = if live_first || self.cfg.backlog.mark {
+            self.spool.backlog(live_first).await
+        } else {
+            (0, HashSet::new())
+        };
+        let mut live = Reader::from(boundary);
         let mut submitted: VecDeque<Submitted> = VecDeque::new();
-        // Packet id → (spool id, when it went out).
-        let mut in_flight: HashMap<u16, (i64, Instant)> = HashMap::new();
+        // Packet id → (spool id, when it went out, QoS).
+        let mut in_flight: HashMap<u16, (i64, Instant, u8)> = HashMap::new();
         let mut acks: Vec<i64> = vec![];
+        // QoS 2 progress to record: (spool id, packet id, PUBREC received).
+        let mut marks: Vec<(i64, u16, bool)> = vec![];
+        // QoS 2 messages of a resumed session being finished (packet ids), and their spool ids,
+        // which the reads below pass over. Nothing new goes out until they are done, so no
+        // packet id rumqttc hands out can meet one of theirs.
+        let mut resuming: HashSet<u16> = HashSet::new();
+        let mut skip: HashSet<i64> = HashSet::new();
         let mut pace = Pace {
             rate: self.cfg.drain_rate.map(|r| r.0),
             tokens: 1.0,
@@ -363,72 +423,127 @@ impl Link {
         let mut last_state = Instant::now();
         let watch_echoes = !inbound.is_empty();
 
-        if !up.subscribe(inbound) {
-            return Err("cannot queue SUBSCRIBE".into());
+        if session_present {
+            let items = self.spool.in_flight().await;
+            if !items.is_empty() {
+                if up.resume(&items, self.cfg.inflight) {
+                    log::info!(
+                        "bridge {}: the upstream kept the session; finishing {} QoS 2 messages of it",
+                        self.cfg.name,
+                        items.len()
+                    );
+                    for i in &items {
+                        in_flight.insert(i.pkid, (i.msg.id, Instant::now(), 2));
+                        resuming.insert(i.pkid);
+                        skip.insert(i.msg.id);
+                    }
+                } else {
+                    log::warn!(
+                        "bridge {}: QoS 2 packet ids of the last session are over `inflight` {}; sent again as new messages",
+                        self.cfg.name,
+                        self.cfg.inflight
+                    );
+                    self.spool.forget_session().await;
+                }
+            }
+        } else {
+            let taken = self.spool.forget_session().await;
+            if taken > 0 {
+                log::info!(
+                    "bridge {}: the upstream has no session of ours; {taken} QoS 2 messages it had taken (PUBREC) are not sent again",
+                    self.cfg.name
+                );
+            }
         }
-        up.publish(
-            &self.status_topic,
-            &Bytes::from_static(b"online"),
-            1,
-            !self.cfg.strip_retain,
-        );
-        submitted.push_back(Submitted::Other);
+        let resume_by = Instant::now() + RESUME_WITHIN;
+        let mut greeted = false;
 
         loop {
-            // Hand over as much as the window, the pace and rumqttc's queue allow.
-            while in_flight.len() + submitted.len() < window {
-                if ahead.is_empty() {
-                    if caught_up {
-                        break;
-                    }
-                    ahead.extend(self.spool.read(cursor, 512).await);
-                    if ahead.is_empty() {
-                        caught_up = true;
-                        break;
-                    }
+            if resuming.is_empty() && !greeted {
+                greeted = true;
+                if !up.subscribe(inbound) {
+                    return Err("cannot queue SUBSCRIBE".into());
                 }
+                up.publish(
+                    &self.status_topic,
+                    &Bytes::from_static(b"online"),
+                    1,
+                    !self.cfg.strip_retain,
+                );
+                submitted.push_back(Submitted::Other);
+            }
+            // Hand over as much as the window, the pace and rumqttc's queue allow.
+            while resuming.is_empty() && in_flight.len() + submitted.len() < window {
+                let src = if live_first
+                    && live
+                        .next(&self.spool, |m| m.id > boundary && !backlog_topics.contains(&m.topic))
+                        .await
+                {
+                    &mut live
+                } else if main
+                    .next(&self.spool, |m| {
+                        !skip.contains(&m.id) && (!live_first || m.id <= boundary || backlog_topics.contains(&m.topic))
+                    })
+                    .await
+                {
+                    &mut main
+                } else {
+                    break;
+                };
                 if !pace.take() {
                     break;
                 }
-                let m = ahead.front().expect("not empty");
+                let m = src.ahead.front().expect("not empty");
                 // Checked again here: the limit may have shrunk (reload, the upstream's CONNACK),
                 // and one message the upstream cannot take must not block the rest.
-                if m.topic.len() + m.payload.len() + 16 > max_packet {
-                    let m = ahead.pop_front().expect("not empty");
+                if m.topic.len() + m.payload.len() + 16 + m.props.as_ref().map_or(0, |p| p.wire_len()) > max_packet {
+                    let m = src.ahead.pop_front().expect("not empty");
                     stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
                     log::warn!(
                         "bridge {}: spooled message on {} is over the upstream's {max_packet} bytes; dropped",
                         self.cfg.name,
                         m.topic
                     );
-                    cursor = m.id;
                     acks.push(m.id);
                     continue;
                 }
-                // Sent as QoS 1 at most: exactly-once across reconnects would need the packet
-                // ids kept with the spool, and a new session gives new ids.
                 // What is left of the spool's max_age goes with it, so the upstream drops it too.
                 let expiry = self.cfg.message_expiry.then(|| {
                     let left = self.cfg.spool.max_age.0.as_millis() as i64 - (now_ms() - m.ts_ms);
                     (left / 1000).clamp(1, u32::MAX as i64) as u32
                 });
-                if !up.publish_expiring(
+                // Backlog is marked with when it was accepted.
+                let marked = (self.cfg.backlog.mark && m.id <= boundary).then(|| {
+                    let mut p = m.props.as_deref().cloned().unwrap_or_default();
+                    p.user_properties.push((BACKLOG_MARK.to_string(), m.ts_ms.to_string()));
+                    p
+                });
+                if !up.publish_with(
                     &m.topic,
                     &m.payload,
-                    m.qos.min(1),
+                    m.qos,
                     m.retain && !self.cfg.strip_retain,
+                    marked.as_ref().or(m.props.as_deref()),
                     expiry,
                 ) {
                     break;
                 }
-                let m = ahead.pop_front().expect("not empty");
+                let m = src.ahead.pop_front().expect("not empty");
                 if watch_echoes {
                     self.echoes.sent(&m.topic, &m.payload);
                 }
-                cursor = m.id;
                 submitted.push_back(Submitted::Spooled { id: m.id, qos: m.qos });
             }
+            self.spool.mark(std::mem::take(&mut marks));
             self.spool.ack(std::mem::take(&mut acks));
+            if !resuming.is_empty() && Instant::now() >= resume_by {
+                log::warn!(
+                    "bridge {}: the upstream did not finish {} QoS 2 messages of the resumed session within {RESUME_WITHIN:?}; going on",
+                    self.cfg.name,
+                    resuming.len()
+                );
+                resuming.clear();
+            }
 
             tokio::select! {
                 ev = up.poll() => match ev? {
@@ -437,14 +552,37 @@ impl Link {
                             stats.sent.fetch_add(1, Ordering::Relaxed);
                             acks.push(id);
                         }
-                        Some(Submitted::Spooled { id, .. }) => {
+                        Some(Submitted::Spooled { id, qos }) => {
                             stats.sent.fetch_add(1, Ordering::Relaxed);
-                            in_flight.insert(pkid, (id, Instant::now()));
+                            in_flight.insert(pkid, (id, Instant::now(), qos));
+                            if qos == 2 {
+                                marks.push((id, pkid, false));
+                            }
                         }
                         Some(Submitted::Other) | None => {}
                     },
+                    UpEvent::Received { pkid, refused } => {
+                        if let Some(&(id, _, 2)) = in_flight.get(&pkid) {
+                            match refused {
+                                // Not now: the upstream freed the id; a reconnect sends it again.
+                                Some((why, false)) => {
+                                    self.spool.ack(std::mem::take(&mut acks));
+                                    return Err(format!("upstream refused a message for now: {why}"));
+                                }
+                                Some((why, true)) => {
+                                    in_flight.remove(&pkid);
+                                    resuming.remove(&pkid);
+                                    stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
+                                    log::warn!("bridge {}: upstream refused a message: {why}", self.cfg.name);
+                                    acks.push(id);
+                                }
+                                None => marks.push((id, pkid, true)),
+                            }
+                        }
+                    }
                     UpEvent::Acked { pkid, refused } => {
-                        if let Some((id, _)) = in_flight.remove(&pkid) {
+                        resuming.remove(&pkid);
+                        if let Some((id, _, _)) = in_flight.remove(&pkid) {
                             match refused {
                                 Some((why, false)) => {
                                     // Not now (quota, busy): keep it, and try again after a reconnect.
@@ -460,21 +598,41 @@ impl Link {
                             acks.push(id);
                         }
                     }
-                    UpEvent::Message { topic, payload, qos, retain } => {
+                    UpEvent::Message { topic, payload, qos, retain, props, ack } => {
+                        let mapped = self.rules.iter().find_map(|r| r.inbound.as_ref().and_then(|m| m.map(&topic)).map(|t| (t, r.qos)));
                         if watch_echoes && self.echoes.is_echo(&topic, &payload) {
                             stats.echoes.fetch_add(1, Ordering::Relaxed);
-                        } else if let Some((local, q)) = self.rules.iter().find_map(|r| r.inbound.as_ref().and_then(|m| m.map(&topic)).map(|t| (t, r.qos))) {
+                            tokio::spawn(ack.send());
+                        } else if let Some((local, q)) = mapped {
                             stats.received.fetch_add(1, Ordering::Relaxed);
-                            self.bus.publish(&local, payload, q.min(qos), retain, Some(&self.cfg.name)).await;
+                            // Routed here, in order; acknowledged upstream only once every
+                            // persistent session and spool it went to has it on disk.
+                            let waits = self
+                                .bus
+                                .publish_durable(&local, payload, q.min(qos), retain, Some(&self.cfg.name), props, true)
+                                .await;
+                            let (stats, name) = (stats.clone(), self.cfg.name.clone());
+                            tokio::spawn(async move {
+                                for w in waits {
+                                    if w.await.is_err() {
+                                        stats.inbound_not_kept.fetch_add(1, Ordering::Relaxed);
+                                        log::error!("bridge {name}: an inbound message could not be stored locally; not acknowledged upstream");
+                                        return;
+                                    }
+                                }
+                                ack.send().await;
+                            });
+                        } else {
+                            tokio::spawn(ack.send());
                         }
                     }
                     UpEvent::Connected { .. } | UpEvent::Closed | UpEvent::Other => {}
                 },
                 live = self.live.recv() => {
-                    if let Some((topic, payload, retain)) = live {
-                        if up.publish(&topic, &payload, 0, retain && !self.cfg.strip_retain) {
+                    if let Some(m) = live {
+                        if up.publish_with(&m.topic, &m.payload, 0, m.retain && !self.cfg.strip_retain, m.props.as_deref(), None) {
                             if watch_echoes {
-                                self.echoes.sent(&topic, &payload);
+                                self.echoes.sent(&m.topic, &m.payload);
                             }
                             submitted.push_back(Submitted::Other);
                             stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -483,11 +641,15 @@ impl Link {
                         }
                     }
                 }
-                _ = self.spool.appended.notified(), if caught_up => caught_up = false,
+                _ = self.spool.appended.notified(), if main.caught_up && (!live_first || live.caught_up) => {
+                    main.caught_up = false;
+                    live.caught_up = false;
+                }
                 _ = tick.tick() => {
-                    caught_up = false;
+                    main.caught_up = false;
+                    live.caught_up = false;
                     let stall = self.cfg.stall_after.0;
-                    let stalled = in_flight.values().any(|(_, t)| t.elapsed() >= stall);
+                    let stalled = in_flight.values().any(|(_, t, _)| t.elapsed() >= stall);
                     if stats.stalled.swap(stalled, Ordering::Relaxed) != stalled {
                         if stalled {
                             log::warn!(

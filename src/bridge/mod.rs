@@ -46,6 +46,8 @@ pub struct LinkStats {
     pub dropped_refused: AtomicU64,
     /// A rule's filter matched but its template made no valid topic (e.g. empty).
     pub dropped_unmappable: AtomicU64,
+    /// Inbound messages a local store could not keep: not acknowledged upstream.
+    pub inbound_not_kept: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     /// Paused by an admin: the link stays disconnected (the spool keeps filling) until resumed.
     pub paused: AtomicBool,
@@ -87,6 +89,7 @@ pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value
             "unmappable": s.dropped_unmappable.load(Ordering::Relaxed),
         },
         "spool_write_errors": sp.write_errors.load(Ordering::Relaxed),
+        "inbound_not_kept": s.inbound_not_kept.load(Ordering::Relaxed),
         "last_error": s.last_error.lock().expect("stats lock").clone(),
     })
 }
@@ -118,7 +121,7 @@ impl Tap for BridgeTap {
             return None;
         };
         // PUBLISH overhead: fixed header (≤5), topic length (2), packet id (2), properties.
-        if remote.len() + m.payload.len() + 16 > self.max_packet {
+        if remote.len() + m.payload.len() + 16 + m.props.map_or(0, |p| p.wire_len()) > self.max_packet {
             self.stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
             let mut last = self.last_too_large_log.lock().expect("log lock");
             if last.is_none_or(|t| t.elapsed().as_secs() >= 10) {
@@ -133,14 +136,17 @@ impl Tap for BridgeTap {
             }
             return None;
         }
+        let e = spool::Entry {
+            topic: remote,
+            payload: m.payload.clone(),
+            qos: rule.qos,
+            retain: m.retain,
+            props: m.props.map(|p| Box::new(p.clone())),
+        };
         if rule.qos > 0 || rule.spool_qos0 {
-            return self
-                .spool
-                .append(vec![(remote, m.payload.clone(), rule.qos, m.retain)], durable);
+            return self.spool.append(vec![e], durable);
         }
-        if !self.stats.connected.load(Ordering::Relaxed)
-            || self.live.try_send((remote, m.payload.clone(), m.retain)).is_err()
-        {
+        if !self.stats.connected.load(Ordering::Relaxed) || self.live.try_send(e).is_err() {
             self.stats.dropped_qos0.fetch_add(1, Ordering::Relaxed);
         }
         None

@@ -3,10 +3,12 @@
 //! One thread owns the database; callers send it work and it commits whatever has gathered as
 //! one transaction. Bounded by `max_bytes` and `max_age`; every drop is counted by reason.
 
+use crate::broker::router::message::Props;
 use crate::config::{Spool as SpoolConfig, WhenFull};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rusqlite::{params, Connection};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -23,6 +25,18 @@ pub struct Message {
     pub retain: bool,
     /// When it was accepted, in ms since the epoch.
     pub ts_ms: i64,
+    /// MQTT 5 properties of the local publish, sent upstream untouched (3.1.1 has none).
+    pub props: Option<Box<Props>>,
+}
+
+/// A message a rule hands to the spool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub props: Option<Box<Props>>,
 }
 
 /// What the spool holds and has dropped; read by the bridge's state topic.
@@ -40,7 +54,7 @@ pub struct Stats {
 }
 
 enum Op {
-    Append(Vec<(String, Bytes, u8, bool)>, Option<oneshot::Sender<()>>),
+    Append(Vec<Entry>, Option<oneshot::Sender<()>>),
     Ack(Vec<i64>),
     Read {
         after: i64,
@@ -49,6 +63,22 @@ enum Op {
     },
     Flush(oneshot::Sender<()>),
     Reconfigure(SpoolConfig),
+    /// QoS 2 progress: (spool id, packet id, PUBREC received).
+    Mark(Vec<(i64, u16, bool)>),
+    InFlight(oneshot::Sender<Vec<InFlight>>),
+    /// The upstream lost the session: what it had acknowledged with PUBREC is its own now
+    /// (deleted); the rest goes again as new messages.
+    Forget(oneshot::Sender<u64>),
+    Backlog(bool, oneshot::Sender<(i64, HashSet<String>)>),
+}
+
+/// A QoS 2 message that went out in an upstream session that may resume: its packet id, and
+/// whether the upstream answered PUBREC (then only PUBREL is sent again).
+#[derive(Clone, Debug)]
+pub struct InFlight {
+    pub msg: Message,
+    pub pkid: u16,
+    pub rec: bool,
 }
 
 /// Handle to one bridge's spool; cheap to clone.
@@ -89,6 +119,24 @@ impl Spool {
              INSERT OR IGNORE INTO meta VALUES ('format', 1);",
         )
         .with_context(|| format!("preparing spool {}", path.display()))?;
+        // Spools written by older versions gain the columns they lack: MQTT 5 properties (NULL:
+        // none) and, for QoS 2, the packet id a message went out with and whether the upstream
+        // sent PUBREC for it (what a resumed session must finish).
+        for (col, decl) in [
+            ("props", "TEXT"),
+            ("pkid", "INTEGER"),
+            ("rec", "INTEGER NOT NULL DEFAULT 0"),
+        ] {
+            let has: i64 = db.query_row(
+                "SELECT count(*) FROM pragma_table_info('spool') WHERE name = ?1",
+                [col],
+                |r| r.get(0),
+            )?;
+            if has == 0 {
+                db.execute_batch(&format!("ALTER TABLE spool ADD COLUMN {col} {decl}"))
+                    .with_context(|| format!("upgrading spool {}", path.display()))?;
+            }
+        }
         let stats = Arc::new(Stats::default());
         let (count, bytes): (i64, i64) =
             db.query_row("SELECT count(*), coalesce(sum(size), 0) FROM spool", [], |r| {
@@ -114,7 +162,7 @@ impl Spool {
     }
 
     /// Queues messages; the receiver fires once they are on disk (or dropped by policy).
-    pub fn append(&self, msgs: Vec<(String, Bytes, u8, bool)>, wait: bool) -> Option<oneshot::Receiver<()>> {
+    pub fn append(&self, msgs: Vec<Entry>, wait: bool) -> Option<oneshot::Receiver<()>> {
         let (tx, rx) = if wait {
             let (t, r) = oneshot::channel();
             (Some(t), Some(r))
@@ -143,6 +191,42 @@ impl Spool {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Op::Read { after, limit, reply }).is_err() {
             return vec![];
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Records QoS 2 progress (not waited for; see the README on the window it leaves).
+    pub fn mark(&self, marks: Vec<(i64, u16, bool)>) {
+        if !marks.is_empty() {
+            let _ = self.tx.send(Op::Mark(marks));
+        }
+    }
+
+    /// The QoS 2 messages of the last upstream session, oldest first.
+    pub async fn in_flight(&self) -> Vec<InFlight> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Op::InFlight(reply)).is_err() {
+            return vec![];
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// After a connection on which the upstream had no session: returns how many messages the
+    /// upstream had taken with PUBREC (they are not sent again).
+    pub async fn forget_session(&self) -> u64 {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Op::Forget(reply)).is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// The highest id now (what a connection that comes up now has as its backlog) and, if
+    /// asked, the topics of that backlog.
+    pub async fn backlog(&self, topics: bool) -> (i64, HashSet<String>) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Op::Backlog(topics, reply)).is_err() {
+            return (0, HashSet::new());
         }
         rx.await.unwrap_or_default()
     }
@@ -192,6 +276,8 @@ impl Writer {
         let mut acks = vec![];
         let mut reads = vec![];
         let mut flushes = vec![];
+        let mut marks = vec![];
+        let mut later = vec![];
         for op in batch {
             match op {
                 Op::Append(m, w) => {
@@ -202,11 +288,13 @@ impl Writer {
                 Op::Read { after, limit, reply } => reads.push((after, limit, reply)),
                 Op::Flush(r) => flushes.push(r),
                 Op::Reconfigure(cfg) => self.cfg = cfg,
+                Op::Mark(m) => marks.extend(m),
+                op @ (Op::InFlight(_) | Op::Forget(_) | Op::Backlog(..)) => later.push(op),
             }
         }
         let appended = !appends.is_empty();
         let count = appends.len() as u64;
-        match self.write(appends, acks) {
+        match self.write(appends, acks, marks) {
             Ok(()) => {
                 for w in waiters {
                     let _ = w.send(());
@@ -231,17 +319,98 @@ impl Writer {
                 vec![]
             }));
         }
+        for op in later {
+            match op {
+                Op::InFlight(reply) => {
+                    let _ = reply.send(self.in_flight().unwrap_or_else(|e| {
+                        log::error!("bridge {}: spool read failed: {e}", self.name);
+                        vec![]
+                    }));
+                }
+                Op::Backlog(topics, reply) => {
+                    let _ = reply.send(self.backlog(topics).unwrap_or_else(|e| {
+                        log::error!("bridge {}: spool read failed: {e}", self.name);
+                        (0, HashSet::new())
+                    }));
+                }
+                Op::Forget(reply) => {
+                    let _ = reply.send(self.forget().unwrap_or_else(|e| {
+                        log::error!("bridge {}: spool write failed: {e}", self.name);
+                        0
+                    }));
+                }
+                _ => {}
+            }
+        }
         for f in flushes {
             let _ = f.send(());
         }
     }
 
-    fn write(&mut self, appends: Vec<(String, Bytes, u8, bool)>, acks: Vec<i64>) -> rusqlite::Result<()> {
-        if appends.is_empty() && acks.is_empty() {
+    fn in_flight(&mut self) -> rusqlite::Result<Vec<InFlight>> {
+        let mut q = self.db.prepare_cached(
+            "SELECT id, topic, payload, qos, retain, ts, props, pkid, rec FROM spool
+             WHERE pkid IS NOT NULL ORDER BY id",
+        )?;
+        let rows = q.query_map([], |r| {
+            Ok(InFlight {
+                msg: row_message(r)?,
+                pkid: r.get(7)?,
+                rec: r.get(8)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    fn backlog(&mut self, topics: bool) -> rusqlite::Result<(i64, HashSet<String>)> {
+        let max: i64 = self
+            .db
+            .query_row("SELECT coalesce(max(id), 0) FROM spool", [], |r| r.get(0))?;
+        let mut set = HashSet::new();
+        if topics {
+            let mut q = self
+                .db
+                .prepare_cached("SELECT DISTINCT topic FROM spool WHERE id <= ?1")?;
+            for t in q.query_map([max], |r| r.get::<_, String>(0))? {
+                set.insert(t?);
+            }
+        }
+        Ok((max, set))
+    }
+
+    fn forget(&mut self) -> rusqlite::Result<u64> {
+        let tx = self.db.transaction()?;
+        let (n, bytes): (i64, i64) = tx.query_row(
+            "SELECT count(*), coalesce(sum(size), 0) FROM spool WHERE rec = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        tx.execute("DELETE FROM spool WHERE rec = 1", [])?;
+        tx.execute("UPDATE spool SET pkid = NULL WHERE pkid IS NOT NULL", [])?;
+        tx.commit()?;
+        let s = &self.stats;
+        s.queued
+            .fetch_sub((n as u64).min(s.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
+        s.queued_bytes.fetch_sub(
+            (bytes as u64).min(s.queued_bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        self.refresh_oldest();
+        Ok(n as u64)
+    }
+
+    fn write(&mut self, appends: Vec<Entry>, acks: Vec<i64>, marks: Vec<(i64, u16, bool)>) -> rusqlite::Result<()> {
+        if appends.is_empty() && acks.is_empty() && marks.is_empty() {
             return Ok(());
         }
         let stats = self.stats.clone();
         let tx = self.db.transaction()?;
+        if !marks.is_empty() {
+            let mut up = tx.prepare_cached("UPDATE spool SET pkid = ?2, rec = ?3 WHERE id = ?1")?;
+            for (id, pkid, rec) in &marks {
+                up.execute(params![id, pkid, rec])?;
+            }
+        }
         let mut freed = 0u64;
         let mut removed = 0u64;
         if !acks.is_empty() {
@@ -259,10 +428,11 @@ impl Writer {
         if !appends.is_empty() {
             let now = now_ms();
             let mut ins = tx.prepare_cached(
-                "INSERT INTO spool (topic, payload, qos, retain, ts, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO spool (topic, payload, qos, retain, ts, size, props) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
-            for (topic, payload, qos, retain) in appends {
-                let size = size_of(&topic, &payload);
+            for e in appends {
+                let props = e.props.as_ref().map(|p| p.to_json());
+                let size = size_of(&e.topic, &e.payload) + props.as_ref().map_or(0, |p| p.len() as u64);
                 if queued_bytes + size > self.cfg.max_bytes.0 {
                     match self.cfg.when_full {
                         WhenFull::RejectNew => {
@@ -296,7 +466,15 @@ impl Writer {
                         }
                     }
                 }
-                ins.execute(params![topic, &payload[..], qos, retain, now, size as i64])?;
+                ins.execute(params![
+                    e.topic,
+                    &e.payload[..],
+                    e.qos,
+                    e.retain,
+                    now,
+                    size as i64,
+                    props
+                ])?;
                 queued_bytes += size;
                 queued += 1;
             }
@@ -377,19 +555,10 @@ impl Writer {
 
     fn read(&mut self, after: i64, limit: usize) -> rusqlite::Result<Vec<Message>> {
         let mut q = self.db.prepare_cached(
-            "SELECT id, topic, payload, qos, retain, ts FROM spool WHERE id > ?1 ORDER BY id LIMIT ?2",
+            "SELECT id, topic, payload, qos, retain, ts, props FROM spool WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?;
         let mut bytes = 0usize;
-        let rows = q.query_map(params![after, limit as i64], |r| {
-            Ok(Message {
-                id: r.get(0)?,
-                topic: r.get(1)?,
-                payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-                qos: r.get(3)?,
-                retain: r.get(4)?,
-                ts_ms: r.get(5)?,
-            })
-        })?;
+        let rows = q.query_map(params![after, limit as i64], row_message)?;
         let mut out = vec![];
         for m in rows {
             let m = m?;
@@ -401,6 +570,19 @@ impl Writer {
         }
         Ok(out)
     }
+}
+
+/// A message from a row that starts `id, topic, payload, qos, retain, ts, props`.
+fn row_message(r: &rusqlite::Row) -> rusqlite::Result<Message> {
+    Ok(Message {
+        id: r.get(0)?,
+        topic: r.get(1)?,
+        payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+        qos: r.get(3)?,
+        retain: r.get(4)?,
+        ts_ms: r.get(5)?,
+        props: r.get::<_, Option<String>>(6)?.and_then(|p| Props::from_json(&p)),
+    })
 }
 
 #[cfg(test)]
@@ -416,8 +598,15 @@ mod tests {
         }
     }
 
-    fn msg(i: usize) -> (String, Bytes, u8, bool) {
-        (format!("t/{i:02}"), Bytes::from(vec![b'x'; 96]), 1, false) // 100 bytes each with the topic
+    fn msg(i: usize) -> Entry {
+        // 100 bytes each with the topic
+        Entry {
+            topic: format!("t/{i:02}"),
+            payload: Bytes::from(vec![b'x'; 96]),
+            qos: 1,
+            retain: false,
+            props: None,
+        }
     }
 
     #[tokio::test]
@@ -438,6 +627,41 @@ mod tests {
         let s = Spool::open(&p, cfg(1 << 20, WhenFull::DropOldest), "t").unwrap();
         assert_eq!(s.stats.queued.load(Ordering::Relaxed), 3);
         assert_eq!(s.read(0, 10).await[0].topic, "t/02");
+    }
+
+    #[tokio::test]
+    async fn properties_survive_the_spool_and_an_old_spool_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("old.db");
+        // A spool as written before properties were kept, with one message in it.
+        {
+            let db = Connection::open(&p).unwrap();
+            db.execute_batch(
+                "CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                   payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,
+                   ts INTEGER NOT NULL, size INTEGER NOT NULL);
+                 INSERT INTO spool (topic, payload, qos, retain, ts, size) VALUES ('old/t', x'6869', 1, 0, 1, 7);",
+            )
+            .unwrap();
+        }
+        let s = Spool::open(&p, cfg(1 << 20, WhenFull::DropOldest), "t").unwrap();
+        let props = Props::from_parts(
+            Some(1),
+            Some("text/plain".into()),
+            None,
+            Some(Bytes::from_static(b"\x00\xff")),
+            vec![("site".into(), "a".into()), ("site".into(), "b".into())],
+        );
+        let mut e = msg(1);
+        e.props = props.clone();
+        s.append(vec![e], true).unwrap().await.unwrap();
+        let got = s.read(0, 10).await;
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[0].topic.as_str(), &got[0].payload[..], &got[0].props),
+            ("old/t", &b"hi"[..], &None)
+        );
+        assert_eq!(got[1].props, props, "user properties in order, with duplicates");
     }
 
     #[tokio::test]

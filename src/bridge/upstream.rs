@@ -3,6 +3,7 @@
 //! (its queue is emptied after every error): the bridge re-sends from its spool instead, which
 //! also covers an upstream that lost its session.
 
+use crate::broker::router::message::Props;
 use crate::config::{self, Endpoint, MqttVersion};
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -29,15 +30,51 @@ pub enum UpEvent {
         pkid: u16,
         refused: Option<(String, bool)>,
     },
+    /// PUBREC for a QoS 2 publish: the upstream has it; only PUBREL may follow.
+    Received {
+        pkid: u16,
+        refused: Option<(String, bool)>,
+    },
     Message {
         topic: String,
         payload: Bytes,
         qos: u8,
         retain: bool,
+        /// MQTT 5 properties as the upstream sent them (none on 3.1.1).
+        props: Option<Box<Props>>,
+        /// Sends the upstream its PUBACK (PUBREC): only once the message is safe locally.
+        ack: Ack,
     },
     /// Our DISCONNECT went out.
     Closed,
     Other,
+}
+
+/// The acknowledgement an inbound QoS 1/2 message is owed (acks are manual on every bridge).
+pub enum Ack {
+    /// The client of that connection, the packet id and the QoS.
+    V4(rumqttc::AsyncClient, u16, rumqttc::QoS),
+    V5(v5::AsyncClient, u16, v5::mqttbytes::QoS),
+}
+
+impl Ack {
+    /// Sent on the connection the message came in on; if that one is gone the upstream sends
+    /// the message again on the next (a persistent session) or never had it to lose.
+    pub async fn send(self) {
+        let _ = match self {
+            // What `ack` reads of a PUBLISH: its packet id and QoS.
+            Ack::V4(c, pkid, qos) => {
+                let mut p = rumqttc::Publish::new("", qos, Vec::new());
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|_| ())
+            }
+            Ack::V5(c, pkid, qos) => {
+                let mut p = m5::Publish::new("", qos, Bytes::new(), None);
+                p.pkid = pkid;
+                c.ack(&p).await.map_err(|_| ())
+            }
+        };
+    }
 }
 
 pub enum Upstream {
@@ -120,6 +157,7 @@ impl Upstream {
                 o.set_transport(transport);
                 o.set_keep_alive(b.keep_alive.0);
                 o.set_clean_session(!b.persistent_session);
+                o.set_manual_acks(true);
                 o.set_max_packet_size(max.max(1 << 20), max);
                 o.set_inflight(b.inflight);
                 o.set_last_will(rumqttc::LastWill::new(
@@ -143,6 +181,7 @@ impl Upstream {
                 o.set_transport(transport);
                 o.set_keep_alive(b.keep_alive.0);
                 o.set_clean_start(!b.persistent_session);
+                o.set_manual_acks(true);
                 if b.persistent_session {
                     // Keep the session (and queued inbound messages) for a day of outage.
                     o.set_session_expiry_interval(Some(86_400));
@@ -173,7 +212,7 @@ impl Upstream {
     pub async fn poll(&mut self) -> Result<UpEvent, String> {
         use rumqttc::{Event, Outgoing, Packet};
         match self {
-            Upstream::V4(_, ev) => match ev.poll().await {
+            Upstream::V4(c, ev) => match ev.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(a))) => Ok(UpEvent::Connected {
                     session_present: a.session_present,
                     max_packet: None,
@@ -188,11 +227,17 @@ impl Upstream {
                     pkid: a.pkid,
                     refused: None,
                 }),
+                Ok(Event::Incoming(Packet::PubRec(r))) => Ok(UpEvent::Received {
+                    pkid: r.pkid,
+                    refused: None,
+                }),
                 Ok(Event::Incoming(Packet::Publish(p))) => Ok(UpEvent::Message {
                     topic: p.topic,
                     payload: p.payload,
                     qos: p.qos as u8,
                     retain: p.retain,
+                    props: None,
+                    ack: Ack::V4(c.clone(), p.pkid, p.qos),
                 }),
                 Ok(_) => Ok(UpEvent::Other),
                 Err(e) => {
@@ -201,7 +246,7 @@ impl Upstream {
                     Err(describe4(&e))
                 }
             },
-            Upstream::V5(_, ev) => match ev.poll().await {
+            Upstream::V5(c, ev) => match ev.poll().await {
                 Ok(v5::Event::Incoming(m5::Packet::ConnAck(a))) => Ok(UpEvent::Connected {
                     session_present: a.session_present,
                     max_packet: a.properties.as_ref().and_then(|p| p.max_packet_size),
@@ -216,12 +261,35 @@ impl Upstream {
                     pkid: a.pkid,
                     refused: None,
                 }),
-                Ok(v5::Event::Incoming(m5::Packet::Publish(p))) => Ok(UpEvent::Message {
-                    topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                    payload: p.payload,
-                    qos: p.qos as u8,
-                    retain: p.retain,
+                Ok(v5::Event::Incoming(m5::Packet::PubRec(r))) => Ok(UpEvent::Received {
+                    pkid: r.pkid,
+                    refused: match r.reason {
+                        m5::PubRecReason::Success | m5::PubRecReason::NoMatchingSubscribers => None,
+                        m5::PubRecReason::NotAuthorized
+                        | m5::PubRecReason::TopicNameInvalid
+                        | m5::PubRecReason::PayloadFormatInvalid => Some((format!("{:?}", r.reason), true)),
+                        other => Some((format!("{other:?}"), false)),
+                    },
                 }),
+                Ok(v5::Event::Incoming(m5::Packet::Publish(p))) => {
+                    Ok(UpEvent::Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload,
+                        qos: p.qos as u8,
+                        retain: p.retain,
+                        // Expiry, alias and subscription ids are the upstream's hop, not the message's.
+                        props: p.properties.and_then(|pp| {
+                            Props::from_parts(
+                                pp.payload_format_indicator,
+                                pp.content_type,
+                                pp.response_topic,
+                                pp.correlation_data,
+                                pp.user_properties,
+                            )
+                        }),
+                        ack: Ack::V5(c.clone(), p.pkid, p.qos),
+                    })
+                }
                 Ok(_) => Ok(UpEvent::Other),
                 Err(e) => {
                     ev.pending.clear();
@@ -233,11 +301,20 @@ impl Upstream {
 
     /// Queues a publish without waiting; `false` when rumqttc's queue is full.
     pub fn publish(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) -> bool {
-        self.publish_expiring(topic, payload, qos, retain, None)
+        self.publish_with(topic, payload, qos, retain, None, None)
     }
 
-    /// As `publish`, with an MQTT 5 message expiry in seconds (ignored on 3.1.1, which has none).
-    pub fn publish_expiring(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool, expiry: Option<u32>) -> bool {
+    /// As `publish`, with the message's MQTT 5 properties and an expiry in seconds (3.1.1 has
+    /// neither: they are left out).
+    pub fn publish_with(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        qos: u8,
+        retain: bool,
+        props: Option<&Props>,
+        expiry: Option<u32>,
+    ) -> bool {
         match self {
             Upstream::V4(c, _) => c
                 .try_publish(
@@ -247,33 +324,80 @@ impl Upstream {
                     payload.to_vec(),
                 )
                 .is_ok(),
-            Upstream::V5(c, _) => match expiry {
-                None => c.try_publish(
-                    topic,
-                    v5::mqttbytes::qos(qos).unwrap_or(v5::mqttbytes::QoS::AtLeastOnce),
-                    retain,
-                    payload.clone(),
-                ),
-                Some(secs) => c.try_publish_with_properties(
-                    topic,
-                    v5::mqttbytes::qos(qos).unwrap_or(v5::mqttbytes::QoS::AtLeastOnce),
-                    retain,
-                    payload.clone(),
-                    m5::PublishProperties {
-                        message_expiry_interval: Some(secs),
-                        ..Default::default()
-                    },
-                ),
+            Upstream::V5(c, _) => {
+                let qos = v5::mqttbytes::qos(qos).unwrap_or(v5::mqttbytes::QoS::AtLeastOnce);
+                if props.is_none() && expiry.is_none() {
+                    return c.try_publish(topic, qos, retain, payload.clone()).is_ok();
+                }
+                let p = props.cloned().unwrap_or_default();
+                let pp = m5::PublishProperties {
+                    payload_format_indicator: p.payload_format,
+                    message_expiry_interval: expiry,
+                    response_topic: p.response_topic,
+                    correlation_data: p.correlation_data,
+                    user_properties: p.user_properties,
+                    content_type: p.content_type,
+                    ..Default::default()
+                };
+                c.try_publish_with_properties(topic, qos, retain, payload.clone(), pp)
+                    .is_ok()
             }
-            .is_ok(),
         }
     }
 
+    /// Finishes QoS 2 messages of the session the upstream resumed, ahead of anything new: PUBREL
+    /// for those it had answered with PUBREC, the PUBLISH again (DUP, same packet id) for the
+    /// rest. False for a packet id this connection cannot track (the `inflight` setting shrank).
+    pub fn resume(&mut self, items: &[super::spool::InFlight], inflight: u16) -> bool {
+        if items.iter().any(|i| i.pkid == 0 || i.pkid > inflight) {
+            return false;
+        }
+        for i in items {
+            match self {
+                Upstream::V4(_, ev) => ev.pending.push_back(if i.rec {
+                    rumqttc::Request::PubRel(rumqttc::PubRel::new(i.pkid))
+                } else {
+                    let mut p =
+                        rumqttc::Publish::from_bytes(&i.msg.topic, rumqttc::QoS::ExactlyOnce, i.msg.payload.clone());
+                    p.retain = i.msg.retain;
+                    p.pkid = i.pkid;
+                    p.dup = true;
+                    rumqttc::Request::Publish(p)
+                }),
+                Upstream::V5(_, ev) => ev.pending.push_back(if i.rec {
+                    v5::Request::PubRel(m5::PubRel::new(i.pkid, None))
+                } else {
+                    let props = i.msg.props.as_deref().map(|p| m5::PublishProperties {
+                        payload_format_indicator: p.payload_format,
+                        response_topic: p.response_topic.clone(),
+                        correlation_data: p.correlation_data.clone(),
+                        user_properties: p.user_properties.clone(),
+                        content_type: p.content_type.clone(),
+                        ..Default::default()
+                    });
+                    v5::Request::Publish(m5::Publish {
+                        dup: true,
+                        qos: v5::mqttbytes::QoS::ExactlyOnce,
+                        retain: i.msg.retain,
+                        topic: Bytes::copy_from_slice(i.msg.topic.as_bytes()),
+                        pkid: i.pkid,
+                        payload: i.msg.payload.clone(),
+                        properties: props,
+                    })
+                }),
+            }
+        }
+        true
+    }
+
     /// Subscribes the inbound filters; MQTT 5 asks the upstream not to echo our own publishes.
+    /// At QoS 1 at most: rumqttc forgets the ids of QoS 2 messages received on one connection,
+    /// and would fail every later one on the PUBREL a resumed session owes it.
     pub fn subscribe(&self, filters: &[(String, u8)]) -> bool {
         if filters.is_empty() {
             return true;
         }
+        let filters: Vec<(String, u8)> = filters.iter().map(|(f, q)| (f.clone(), (*q).min(1))).collect();
         match self {
             Upstream::V4(c, _) => c
                 .try_subscribe_many(filters.iter().map(|(f, q)| {

@@ -122,6 +122,8 @@ pub struct Incoming<'a> {
     pub retain: bool,
     /// The bridge it came in over, if any (loop prevention).
     pub origin: Option<&'a str>,
+    /// MQTT 5 properties the publisher set, forwarded untouched.
+    pub props: Option<&'a router::message::Props>,
 }
 
 /// Sees every message entering the broker before it is routed. When `durable` is asked for,
@@ -479,6 +481,7 @@ impl Shared {
             qos: msg.qos,
             retain: msg.retain,
             origin: msg.origin.as_deref(),
+            props: msg.props.as_deref(),
         };
         for t in self.taps.load().iter() {
             waits.extend(t.accept(&m, durable));
@@ -767,14 +770,46 @@ impl Bus {
     }
 
     pub async fn publish(&self, topic: &str, payload: bytes::Bytes, qos: u8, retain: bool, origin: Option<&str>) {
+        self.publish_with(topic, payload, qos, retain, origin, None).await
+    }
+
+    /// As `publish`, with MQTT 5 properties (a bridge's inbound messages keep theirs).
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        payload: bytes::Bytes,
+        qos: u8,
+        retain: bool,
+        origin: Option<&str>,
+        props: Option<Box<router::message::Props>>,
+    ) {
+        self.publish_durable(topic, payload, qos, retain, origin, props, false)
+            .await;
+    }
+
+    /// Routes the message and, when `durable`, returns what must fire before it is safe: the
+    /// store commit of every persistent session it was queued for and every bridge spool it
+    /// went to (a receiver that is dropped instead means it could not be kept). A message that
+    /// is refused here returns none: there is nothing to wait for.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn publish_durable(
+        &self,
+        topic: &str,
+        payload: bytes::Bytes,
+        qos: u8,
+        retain: bool,
+        origin: Option<&str>,
+        props: Option<Box<router::message::Props>>,
+        durable: bool,
+    ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
         // Only admins logged in to the broker may ask for grants; a bridge never may.
         if origin.is_some() && self.shared.admin_topics.load().iter().any(|(t, _)| t == topic) {
             log::warn!("a message for {topic} came in over a bridge; dropped");
-            return;
+            return vec![];
         }
         if !topics::valid_topic(topic) {
             log::error!("internal bus: not a valid topic name: {topic:?}");
-            return;
+            return vec![];
         }
         self.shared.router.wait_for_budget().await;
         let msg = Arc::new(Message {
@@ -782,11 +817,13 @@ impl Bus {
             payload,
             qos: qos.min(2),
             retain,
-            props: None,
+            props,
             expires_ms: None,
             origin: origin.map(Arc::from),
             from: 0,
         });
-        self.shared.ingress(&msg, false, &mut vec![]);
+        let mut waits = vec![];
+        self.shared.ingress(&msg, durable && msg.qos > 0, &mut waits);
+        waits
     }
 }

@@ -69,6 +69,28 @@ pub struct Bridge {
     /// Retained `online`/`offline` (the latter as will) upstream; default `outpost/<gateway.id>/status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status_topic: Option<String>,
+    /// What waited in the spool when a connection came up (the backlog) against what comes in
+    /// while it drains.
+    #[serde(default, skip_serializing_if = "Backlog::is_default")]
+    pub backlog: Backlog,
+}
+
+/// The backlog of a connection is what the spool held when it came up.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backlog {
+    /// New messages go before the backlog, except on a topic that has backlog: those wait
+    /// behind it, so each topic keeps its order.
+    pub live_first: bool,
+    /// MQTT 5: every backlog message carries the user property `outpost-backlog` with the time
+    /// it was accepted (ms since the epoch), so consumers can tell replay from live.
+    pub mark: bool,
+}
+
+impl Backlog {
+    fn is_default(&self) -> bool {
+        *self == Backlog::default()
+    }
 }
 
 /// Moving between a bridge's `urls`: on a failed connection or a broken session the next address
@@ -445,6 +467,12 @@ pub(super) fn validate(gateway_id: &str, b: &Bridge, before: &[Bridge]) -> Resul
         return e(
             ".message_expiry",
             "MQTT 3.1.1 has no message expiry: set `protocol: 5`".into(),
+        );
+    }
+    if b.backlog.mark && b.protocol != MqttVersion::V5 {
+        return e(
+            ".backlog.mark",
+            "MQTT 3.1.1 has no user properties: set `protocol: 5`".into(),
         );
     }
     if b.stall_after.0 < Duration::from_millis(200) {

@@ -682,6 +682,16 @@ mod tests {
                 "protocol: 5",
             ),
             (
+                "    url: \"mqtt://a\"\n    backlog: { mark: true }\n",
+                "bridges[0].backlog.mark",
+                "protocol: 5",
+            ),
+            (
+                "    url: \"mqtt://a\"\n    backlog: { live_frist: true }\n",
+                "bridges[0]",
+                "live_frist",
+            ),
+            (
                 "    url: \"mqtt://a\"\n    stall_after: 10ms\n",
                 "bridges[0].stall_after",
                 "at least",

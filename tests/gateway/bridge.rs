@@ -766,3 +766,451 @@ async fn one_config_for_a_fleet_fills_in_the_gateway_id_and_the_site_prefix() {
     let log = std::fs::read_to_string(m.dir.path().join("mosquitto.log")).unwrap();
     assert!(log.contains(" as test-gw-up"), "client id not filled in:\n{log}");
 }
+
+/// An MQTT 5 client that subscribes `filter` and hands every PUBLISH it gets to the receiver.
+async fn v5_watch(
+    port: u16,
+    id: &str,
+    filter: &str,
+) -> (
+    rumqttc::v5::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish>,
+) {
+    v5_watch_as(port, id, filter, None).await
+}
+
+async fn v5_watch_as(
+    port: u16,
+    id: &str,
+    filter: &str,
+    creds: Option<(&str, &str)>,
+) -> (
+    rumqttc::v5::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Publish>,
+) {
+    use rumqttc::v5::{self, mqttbytes::v5::Packet as P5};
+    let mut o = v5::MqttOptions::new(id, "127.0.0.1", port);
+    if let Some((u, p)) = creds {
+        o.set_credentials(u, p);
+    }
+    let (c, mut ev) = v5::AsyncClient::new(o, 100);
+    c.subscribe(filter, v5::mqttbytes::QoS::AtLeastOnce).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut subscribed_tx = Some(subscribed_tx);
+        while let Ok(e) = ev.poll().await {
+            match e {
+                v5::Event::Incoming(P5::SubAck(_)) => {
+                    if let Some(s) = subscribed_tx.take() {
+                        let _ = s.send(());
+                    }
+                }
+                v5::Event::Incoming(P5::Publish(p)) => {
+                    let _ = tx.send(p);
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(T, subscribed).await.unwrap().unwrap();
+    (c, rx)
+}
+
+#[tokio::test]
+async fn mqtt5_properties_cross_the_bridge_both_ways_untouched() {
+    use rumqttc::v5::mqttbytes::{v5::PublishProperties, QoS as Q5};
+    let m = Mosquitto::start("allow_anonymous true");
+    let port = free_port();
+    let gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "p5",
+            &m.url(),
+            &[
+                "{ direction: out, local: \"app/#\", remote: \"up/{#}\", qos: 1 }",
+                "{ direction: out, local: \"live/#\", remote: \"uplive/{#}\", qos: 0 }",
+                "{ direction: in, remote: \"down/#\", local: \"local/{#}\", qos: 1 }",
+            ],
+            "protocol: 5",
+        ),
+    ));
+    wait_state(&gw, "p5", T, "bridge connected", |b| b["connected"] == true).await;
+    let (_up, mut upstream_got) = v5_watch(m.port, "upstream-sub", "+/x").await;
+    let (_local, mut local_got) = v5_watch(port, "local-sub", "local/#").await;
+    let props = PublishProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("application/json".into()),
+        response_topic: Some("reply/x".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00req-7\xff")),
+        // Repeated names and their order are the publisher's, and must be kept.
+        user_properties: vec![
+            ("site".into(), "a".into()),
+            ("unit".into(), "°C".into()),
+            ("site".into(), "b".into()),
+        ],
+        ..Default::default()
+    };
+    let (p, ev) = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("pub5", "127.0.0.1", port), 10);
+    let _d = tokio::spawn(async move {
+        let mut ev = ev;
+        while ev.poll().await.is_ok() {}
+    });
+    p.publish_with_properties("app/x", Q5::AtLeastOnce, false, "{\"t\":21}", props.clone())
+        .await
+        .unwrap();
+    p.publish_with_properties("live/x", Q5::AtMostOnce, false, "{\"t\":22}", props.clone())
+        .await
+        .unwrap();
+    let mut seen = HashMap::new();
+    while seen.len() < 2 {
+        let got = tokio::time::timeout(T, upstream_got.recv())
+            .await
+            .unwrap_or_else(|_| panic!("upstream got only {:?}", seen.keys().collect::<Vec<_>>()))
+            .unwrap();
+        seen.insert(
+            String::from_utf8_lossy(&got.topic).into_owned(),
+            got.properties.unwrap_or_default(),
+        );
+    }
+    for topic in ["up/x", "uplive/x"] {
+        let got = &seen[topic];
+        assert_eq!(got.user_properties, props.user_properties, "{topic}");
+        assert_eq!(got.content_type, props.content_type, "{topic}");
+        assert_eq!(got.response_topic, props.response_topic, "{topic}");
+        assert_eq!(got.correlation_data, props.correlation_data, "{topic}");
+        assert_eq!(got.payload_format_indicator, Some(1), "{topic}");
+    }
+
+    // And inward: an upstream publisher's properties reach the local subscriber.
+    let (u, ev) = rumqttc::v5::AsyncClient::new(rumqttc::v5::MqttOptions::new("cloud-pub", "127.0.0.1", m.port), 10);
+    let _d2 = tokio::spawn(async move {
+        let mut ev = ev;
+        while ev.poll().await.is_ok() {}
+    });
+    let inward = PublishProperties {
+        user_properties: vec![("cmd-id".into(), "42".into()), ("from".into(), "cloud".into())],
+        content_type: Some("text/plain".into()),
+        ..Default::default()
+    };
+    u.publish_with_properties("down/valve", Q5::AtLeastOnce, false, "open", inward.clone())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(T, local_got.recv())
+        .await
+        .expect("inbound message")
+        .unwrap();
+    assert_eq!(&got.topic[..], b"local/valve");
+    let gp = got.properties.unwrap_or_default();
+    assert_eq!(gp.user_properties, inward.user_properties);
+    assert_eq!(gp.content_type, inward.content_type);
+}
+
+/// A TCP relay to a local port whose connections can all be cut at once with a reset, as a
+/// failing network does (both ends see the connection break, nothing is closed politely).
+struct Relay {
+    port: u16,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Relay {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (cut, rx) = tokio::sync::watch::channel(0u64);
+        let task = tokio::spawn(async move {
+            while let Ok((mut a, _)) = l.accept().await {
+                let mut rx = rx.clone();
+                rx.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = rx.changed() => {
+                            // A zero linger resets at once (it never blocks; the deprecation
+                            // is about a non-zero one).
+                            #[allow(deprecated)]
+                            let _ = a.set_linger(Some(Duration::ZERO));
+                            #[allow(deprecated)]
+                            let _ = b.set_linger(Some(Duration::ZERO));
+                        }
+                    }
+                });
+            }
+        });
+        Relay { port, cut, task }
+    }
+
+    fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Publishes `n` numbered QoS 1 messages on `prefix/a` and `prefix/b`, calling `during` at
+/// each tenth; returns how many the gateway acknowledged.
+async fn publish_numbered_with(port: u16, prefix: &str, n: usize, mut during: impl FnMut(usize)) -> usize {
+    let (c, mut ev) = connect(opts(port, "numbered-with")).await.unwrap();
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = acks.clone();
+    let driver = tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = e {
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    for i in 0..n {
+        if i % (n / 10) == 0 {
+            during(i / (n / 10));
+        }
+        c.publish(
+            format!("{prefix}/{}", ["a", "b"][i % 2]),
+            QoS::AtLeastOnce,
+            false,
+            i.to_string(),
+        )
+        .await
+        .unwrap();
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let end = std::time::Instant::now() + T;
+    while acks.load(std::sync::atomic::Ordering::SeqCst) < n && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    driver.abort();
+    acks.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn qos2_rules_cross_exactly_once_through_broken_connections_and_a_restart() {
+    let m = Mosquitto::start("allow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 50");
+    let relay = Relay::start(m.port).await;
+    let port = free_port();
+    let mut gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "q2",
+            &format!("mqtt://127.0.0.1:{}", relay.port),
+            &[r#"{ direction: out, local: "data/#", remote: "up/{#}", qos: 2 }"#],
+            "persistent_session: true\ninflight: 50",
+        ),
+    ));
+    wait_state(&gw, "q2", T, "bridge connected", |b| b["connected"] == true).await;
+    let up = Collector::start(m.port, "exactly", "up/#", None, false);
+    up.wait(T, "subscriber up", |_| true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 3000 messages; the network between the bridge and the upstream breaks six times while
+    // they flow (each time with QoS 2 messages at every stage in flight).
+    let n = 3000;
+    let cuts = [1, 2, 4, 5, 7, 8];
+    let acked = publish_numbered_with(port, "data", n, |tenth| {
+        if cuts.contains(&tenth) {
+            relay.cut();
+        }
+    })
+    .await;
+    assert_eq!(acked, n);
+    // And outpost restarts (SIGTERM) while the rest is still going out.
+    gw.restart();
+    up.wait(Duration::from_secs(60), "every message", |g| {
+        let mut s: Vec<&Vec<u8>> = g.iter().map(|(_, p)| p).collect();
+        s.sort();
+        s.dedup();
+        s.len() >= n
+    })
+    .await;
+    // Anything that was still to come would come within this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = up.got.lock().unwrap().clone();
+    let dups = check_numbered(&got, 0..n);
+    // The log says how often the connection broke and a resumed session had QoS 2 messages to
+    // finish (the status file is written every few seconds and restarts with the process).
+    let log = gw.log();
+    let resets = log.matches("bridge q2: Mqtt state").count();
+    let resumed = log.matches("the upstream kept the session; finishing").count();
+    eprintln!("QoS 2: {n} delivered, {dups} duplicates, {resets} broken connections, {resumed} sessions resumed with QoS 2 in flight");
+    assert!(
+        resets >= 3 && resumed >= 3,
+        "the connection did not break with QoS 2 in flight; log:\n{log}"
+    );
+    assert_eq!(dups, 0, "QoS 2 must cross exactly once");
+    wait_state(&gw, "q2", T, "the spool empty", |b| b["queued"] == 0).await;
+}
+
+#[tokio::test]
+async fn inbound_messages_are_acknowledged_upstream_only_once_safe_locally() {
+    // The bridge's session upstream is persistent, and so is the local subscriber's: whatever
+    // the upstream counts as delivered to outpost must come out at that subscriber, even when
+    // outpost is killed (-9) while the messages stream in.
+    let m = Mosquitto::start("allow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 50");
+    let port = free_port();
+    let mut gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "in",
+            &m.url(),
+            &[r#"{ direction: in, remote: "cloud/#", local: "cmd/{#}", qos: 1 }"#],
+            "persistent_session: true",
+        ),
+    ));
+    wait_state(&gw, "in", T, "bridge connected", |b| b["connected"] == true).await;
+    // The local subscriber's session exists, then it goes away: messages queue on disk for it.
+    {
+        let away = Collector::start(port, "keeper", "cmd/#", None, true);
+        away.wait(T, "subscribed", |_| true).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n = 4000;
+    let (c, ev) = connect(opts(m.port, "cloud-pub")).await.unwrap();
+    let _d = drive(ev);
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            c.publish(
+                format!("cloud/{}", ["a", "b"][i % 2]),
+                QoS::AtLeastOnce,
+                false,
+                i.to_string(),
+            )
+            .await
+            .unwrap();
+        }
+        c
+    });
+    // Killed while they stream in.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while gw.bridge_state("in")["received"].as_u64().unwrap_or(0) < (n / 4) as u64 {
+        assert!(std::time::Instant::now() < end, "inbound messages do not arrive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.kill9();
+    let _c = sender.await.unwrap();
+    gw.start_again();
+    let back = Collector::start(port, "keeper", "cmd/#", None, true);
+    back.wait(Duration::from_secs(60), "every message the upstream sent", |g| {
+        let mut s: Vec<&Vec<u8>> = g.iter().map(|(_, p)| p).collect();
+        s.sort();
+        s.dedup();
+        s.len() >= n
+    })
+    .await;
+    let dups = check_numbered(&back.got.lock().unwrap(), 0..n);
+    eprintln!("durable inbound: {n} delivered through a kill -9, {dups} duplicates");
+}
+
+#[tokio::test]
+async fn live_messages_go_before_the_backlog_which_is_marked_and_each_topic_keeps_its_order() {
+    let m = Mosquitto::with_users(false, false);
+    let port = free_port();
+    let gw = Gateway::start(&with_bridges(
+        port,
+        &bridge(
+            "bl",
+            &m.url(),
+            &[r#"{ direction: out, local: "data/#", remote: "up/{#}", qos: 1 }"#],
+            &format!("{AUTH}\nprotocol: 5\nbacklog: {{ live_first: true, mark: true }}\ndrain_rate: 20/s"),
+        ),
+    ));
+    // The upstream refuses the bridge: 300 messages on data/a wait in the spool.
+    let (c, mut ev) = connect(opts(port, "pub")).await.unwrap();
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = acks.clone();
+    let _d = tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = e {
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    for i in 0..300 {
+        c.publish("data/a", QoS::AtLeastOnce, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    let end = std::time::Instant::now() + T;
+    while acks.load(std::sync::atomic::Ordering::SeqCst) < 300 {
+        assert!(std::time::Instant::now() < end, "backlog not accepted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_s, mut got) = v5_watch_as(m.port, "watch", "up/#", Some(("sub", "sub-pw"))).await;
+    m.allow_bridge();
+    wait_state(&gw, "bl", Duration::from_secs(20), "bridge connected", |b| {
+        b["connected"] == true
+    })
+    .await;
+    // Live: 20 on a topic with no backlog, 5 more on the backlog's topic.
+    for i in 300..320 {
+        c.publish("data/b", QoS::AtLeastOnce, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    for i in 320..325 {
+        c.publish("data/a", QoS::AtLeastOnce, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    let mut order = vec![];
+    while order.len() < 325 {
+        let p = tokio::time::timeout(Duration::from_secs(30), got.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of 325 arrived", order.len()))
+            .unwrap();
+        let n: usize = String::from_utf8_lossy(&p.payload).parse().unwrap();
+        let mark = p
+            .properties
+            .unwrap_or_default()
+            .user_properties
+            .into_iter()
+            .find(|(k, _)| k == "outpost-backlog")
+            .map(|(_, v)| v);
+        order.push((String::from_utf8_lossy(&p.topic).into_owned(), n, mark));
+    }
+    let pos = |n: usize| order.iter().position(|(_, x, _)| *x == n).unwrap();
+    // Live on data/b overtook the backlog (at 20/s it takes 15 s to drain; the bridge is seen
+    // connected within a few seconds): at least 100 backlog messages came after the last live.
+    assert!(
+        pos(319) + 100 < pos(299),
+        "live messages waited for the backlog: the last live arrived {}th, the last backlog {}th",
+        pos(319),
+        pos(299)
+    );
+    // Each topic in order: data/a's live messages behind its backlog.
+    let a: Vec<usize> = order
+        .iter()
+        .filter(|(t, _, _)| t == "up/a")
+        .map(|(_, n, _)| *n)
+        .collect();
+    let b: Vec<usize> = order
+        .iter()
+        .filter(|(t, _, _)| t == "up/b")
+        .map(|(_, n, _)| *n)
+        .collect();
+    assert_eq!(a, (0..300).chain(320..325).collect::<Vec<_>>());
+    assert_eq!(b, (300..320).collect::<Vec<_>>());
+    // The backlog is marked with when it was accepted; live messages are not.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for (t, n, mark) in &order {
+        match (n < &300, mark) {
+            (true, Some(ms)) => {
+                let ms: i64 = ms.parse().expect("ms since the epoch");
+                assert!(now - ms < 120_000 && now >= ms, "{t} {n}: accepted at {ms}?");
+            }
+            (false, None) => {}
+            (backlog, mark) => panic!("{t} {n}: backlog {backlog}, mark {mark:?}"),
+        }
+    }
+}
