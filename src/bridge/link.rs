@@ -205,7 +205,7 @@ impl Link {
             let connected = loop {
                 tokio::select! {
                     ev = up.poll() => match ev {
-                        Ok(UpEvent::Connected { session_present, max_packet }) => break Ok((session_present, max_packet)),
+                        Ok(UpEvent::Connected { session_present, max_packet, receive_max }) => break Ok((session_present, max_packet, receive_max)),
                         Ok(_) => {}
                         Err(e) => break Err(e),
                     },
@@ -213,7 +213,7 @@ impl Link {
                     _ = stop.cancelled() => return,
                 }
             };
-            let (session_present, server_max) = match connected {
+            let (session_present, server_max, receive_max) = match connected {
                 Ok(s) => s,
                 Err(e) if e == ADMIN_KICK => continue,
                 Err(e) => {
@@ -254,8 +254,10 @@ impl Link {
                 let f = &self.cfg.failover;
                 tokio::spawn(probe_primary(urls[0].clone(), f.probe.0, f.fail_back_after.0, back_tx))
             });
+            // No more in flight than the upstream's Receive Maximum allows (MQTT 5).
+            let window = receive_max.map_or(self.cfg.inflight, |r| r.min(self.cfg.inflight)) as usize;
             let end = self
-                .serve(&mut up, session_present, &inbound, limit, back_rx, &stop)
+                .serve(&mut up, session_present, &inbound, limit, window, back_rx, &stop)
                 .await;
             if let Some(p) = probe {
                 p.abort();
@@ -268,28 +270,14 @@ impl Link {
             self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
             match end {
                 Ok(()) => {
-                    // Stopping: say goodbye upstream.
-                    up.publish(
-                        &self.status_topic,
-                        &Bytes::from_static(b"offline"),
-                        1,
-                        !self.cfg.strip_retain,
-                    );
-                    up.disconnect().await;
+                    // Stopped (serve said goodbye upstream).
                     self.publish_state().await;
                     return;
                 }
                 Err(e) if e == ADMIN_KICK || e == FAIL_BACK => {
-                    // Say goodbye upstream as on a stop, then pause or connect again at once
-                    // (to the primary when failing back; what was in flight is re-sent there).
-                    log::info!("bridge {name}: {e}, leaving {}", self.url);
-                    up.publish(
-                        &self.status_topic,
-                        &Bytes::from_static(b"offline"),
-                        1,
-                        !self.cfg.strip_retain,
-                    );
-                    up.disconnect().await;
+                    // Then pause or connect again at once (to the primary when failing back;
+                    // what was in flight is re-sent there).
+                    log::info!("bridge {name}: {e}, left {}", self.url);
                     attempt = 0;
                     if e == FAIL_BACK {
                         at = 0;
@@ -381,6 +369,7 @@ impl Link {
         session_present: bool,
         inbound: &[(String, u8)],
         max_packet: usize,
+        window: usize,
         fail_back: tokio::sync::oneshot::Receiver<()>,
         stop: &CancellationToken,
     ) -> Result<(), String> {
@@ -392,7 +381,12 @@ impl Link {
         };
         tokio::pin!(fail_back);
         let stats = self.stats.clone();
-        let window = self.cfg.inflight as usize;
+        // Fired by an inbound message a local store could not keep: a new connection makes the
+        // upstream send it again.
+        let not_kept = Arc::new(tokio::sync::Notify::new());
+        // Saying goodbye (stop, admin, fail back): how it will end, and by when. Events are
+        // handled as usual meanwhile, so what rumqttc still sends is recorded.
+        let mut leaving: Option<(Result<(), String>, Instant)> = None;
         // The spool in id order; with `backlog.live_first` a second reader takes what came in
         // after the connection, on topics that had nothing waiting, ahead of the first.
         let mut main = Reader::from(0);
@@ -423,43 +417,54 @@ impl Link {
         let mut last_state = Instant::now();
         let watch_echoes = !inbound.is_empty();
 
-        if session_present {
-            let items = self.spool.in_flight().await;
-            if !items.is_empty() {
-                if up.resume(&items, self.cfg.inflight) {
-                    log::info!(
-                        "bridge {}: the upstream kept the session; finishing {} QoS 2 messages of it",
-                        self.cfg.name,
-                        items.len()
-                    );
-                    for i in &items {
-                        in_flight.insert(i.pkid, (i.msg.id, Instant::now(), 2));
-                        resuming.insert(i.pkid);
-                        skip.insert(i.msg.id);
-                    }
-                } else {
-                    log::warn!(
-                        "bridge {}: QoS 2 packet ids of the last session are over `inflight` {}; sent again as new messages",
-                        self.cfg.name,
-                        self.cfg.inflight
-                    );
-                    self.spool.forget_session().await;
-                }
-            }
-        } else {
-            let taken = self.spool.forget_session().await;
-            if taken > 0 {
+        let (items, had_rec) = self.spool.session(&self.url, session_present).await;
+        if had_rec > 0 {
+            log::info!(
+                "bridge {}: no session of ours on {}: {had_rec} QoS 2 messages it had answered with PUBREC go again \
+                 (a broker that delivers at PUBREL never delivered them; one that delivers at PUBREC shows them twice)",
+                self.cfg.name,
+                self.url
+            );
+        }
+        if !items.is_empty() {
+            if items.len() <= window && up.resume(&items, self.cfg.inflight, self.cfg.strip_retain) {
                 log::info!(
-                    "bridge {}: the upstream has no session of ours; {taken} QoS 2 messages it had taken (PUBREC) are not sent again",
-                    self.cfg.name
+                    "bridge {}: the upstream kept the session; finishing {} QoS 2 messages of it",
+                    self.cfg.name,
+                    items.len()
                 );
+                for i in &items {
+                    in_flight.insert(i.pkid, (i.msg.id, Instant::now(), 2));
+                    resuming.insert(i.pkid);
+                    skip.insert(i.msg.id);
+                    if !i.rec {
+                        // Its `Sent` event comes before any other.
+                        submitted.push_back(Submitted::Other);
+                    }
+                }
+            } else {
+                log::warn!(
+                    "bridge {}: {} QoS 2 messages of the last session do not fit this connection's window ({window}) \
+                     or ids (`inflight` {}); sent again as new messages",
+                    self.cfg.name,
+                    items.len(),
+                    self.cfg.inflight
+                );
+                self.spool.session(&self.url, false).await;
             }
         }
         let resume_by = Instant::now() + RESUME_WITHIN;
         let mut greeted = false;
 
         loop {
-            if resuming.is_empty() && !greeted {
+            if let Some((_, by)) = &leaving {
+                if Instant::now() >= *by {
+                    self.spool.mark(std::mem::take(&mut marks));
+                    self.spool.ack(std::mem::take(&mut acks));
+                    return leaving.take().expect("leaving").0;
+                }
+            }
+            if resuming.is_empty() && !greeted && leaving.is_none() {
                 greeted = true;
                 if !up.subscribe(inbound) {
                     return Err("cannot queue SUBSCRIBE".into());
@@ -473,7 +478,7 @@ impl Link {
                 submitted.push_back(Submitted::Other);
             }
             // Hand over as much as the window, the pace and rumqttc's queue allow.
-            while resuming.is_empty() && in_flight.len() + submitted.len() < window {
+            while resuming.is_empty() && leaving.is_none() && in_flight.len() + submitted.len() < window {
                 let src = if live_first
                     && live
                         .next(&self.spool, |m| m.id > boundary && !backlog_topics.contains(&m.topic))
@@ -536,18 +541,26 @@ impl Link {
             }
             self.spool.mark(std::mem::take(&mut marks));
             self.spool.ack(std::mem::take(&mut acks));
-            if !resuming.is_empty() && Instant::now() >= resume_by {
-                log::warn!(
-                    "bridge {}: the upstream did not finish {} QoS 2 messages of the resumed session within {RESUME_WITHIN:?}; going on",
-                    self.cfg.name,
+            if !resuming.is_empty() && Instant::now() >= resume_by && leaving.is_none() {
+                // Going on would let new packet ids meet theirs: start over instead.
+                return Err(format!(
+                    "the upstream did not finish {} QoS 2 messages of the resumed session within {RESUME_WITHIN:?}",
                     resuming.len()
-                );
-                resuming.clear();
+                ));
             }
 
             tokio::select! {
-                ev = up.poll() => match ev? {
-                    UpEvent::Sent(pkid) => match submitted.pop_front() {
+                ev = up.poll() => match ev {
+                    Err(e) => {
+                        self.spool.mark(std::mem::take(&mut marks));
+                        self.spool.ack(std::mem::take(&mut acks));
+                        // Leaving: the goodbye ends that way too.
+                        return match leaving.take() {
+                            Some((end, _)) => end,
+                            None => Err(e),
+                        };
+                    }
+                    Ok(UpEvent::Sent(pkid)) => match submitted.pop_front() {
                         Some(Submitted::Spooled { id, qos: 0 }) => {
                             stats.sent.fetch_add(1, Ordering::Relaxed);
                             acks.push(id);
@@ -561,7 +574,7 @@ impl Link {
                         }
                         Some(Submitted::Other) | None => {}
                     },
-                    UpEvent::Received { pkid, refused } => {
+                    Ok(UpEvent::Received { pkid, refused }) => {
                         if let Some(&(id, _, 2)) = in_flight.get(&pkid) {
                             match refused {
                                 // Not now: the upstream freed the id; a reconnect sends it again.
@@ -570,17 +583,19 @@ impl Link {
                                     return Err(format!("upstream refused a message for now: {why}"));
                                 }
                                 Some((why, true)) => {
-                                    in_flight.remove(&pkid);
-                                    resuming.remove(&pkid);
+                                    // rumqttc keeps the refused message's in-flight slot for
+                                    // good: a new connection gives it back.
                                     stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
                                     log::warn!("bridge {}: upstream refused a message: {why}", self.cfg.name);
                                     acks.push(id);
+                                    self.spool.ack(std::mem::take(&mut acks));
+                                    return Err(format!("upstream refused a QoS 2 message: {why}; reconnecting"));
                                 }
                                 None => marks.push((id, pkid, true)),
                             }
                         }
                     }
-                    UpEvent::Acked { pkid, refused } => {
+                    Ok(UpEvent::Acked { pkid, refused, reset }) => {
                         resuming.remove(&pkid);
                         if let Some((id, _, _)) = in_flight.remove(&pkid) {
                             match refused {
@@ -597,8 +612,13 @@ impl Link {
                             }
                             acks.push(id);
                         }
+                        if reset {
+                            // A PUBCOMP with a failure code: rumqttc keeps its slot for good.
+                            self.spool.ack(std::mem::take(&mut acks));
+                            return Err("the upstream answered PUBREL with a failure code; reconnecting".into());
+                        }
                     }
-                    UpEvent::Message { topic, payload, qos, retain, props, ack } => {
+                    Ok(UpEvent::Message { topic, payload, qos, retain, props, ack }) => {
                         let mapped = self.rules.iter().find_map(|r| r.inbound.as_ref().and_then(|m| m.map(&topic)).map(|t| (t, r.qos)));
                         if watch_echoes && self.echoes.is_echo(&topic, &payload) {
                             stats.echoes.fetch_add(1, Ordering::Relaxed);
@@ -611,12 +631,13 @@ impl Link {
                                 .bus
                                 .publish_durable(&local, payload, q.min(qos), retain, Some(&self.cfg.name), props, true)
                                 .await;
-                            let (stats, name) = (stats.clone(), self.cfg.name.clone());
+                            let (stats, name, not_kept) = (stats.clone(), self.cfg.name.clone(), not_kept.clone());
                             tokio::spawn(async move {
                                 for w in waits {
                                     if w.await.is_err() {
                                         stats.inbound_not_kept.fetch_add(1, Ordering::Relaxed);
                                         log::error!("bridge {name}: an inbound message could not be stored locally; not acknowledged upstream");
+                                        not_kept.notify_one();
                                         return;
                                     }
                                 }
@@ -626,11 +647,18 @@ impl Link {
                             tokio::spawn(ack.send());
                         }
                     }
-                    UpEvent::Connected { .. } | UpEvent::Closed | UpEvent::Other => {}
+                    Ok(UpEvent::Closed) if leaving.is_some() => {
+                        self.spool.mark(std::mem::take(&mut marks));
+                        self.spool.ack(std::mem::take(&mut acks));
+                        return leaving.take().expect("leaving").0;
+                    }
+                    Ok(UpEvent::Connected { .. } | UpEvent::Closed | UpEvent::Other) => {}
                 },
-                live = self.live.recv() => {
-                    if let Some(m) = live {
-                        if up.publish_with(&m.topic, &m.payload, 0, m.retain && !self.cfg.strip_retain, m.props.as_deref(), None) {
+                qos0 = self.live.recv() => {
+                    // `drain_rate` caps every publish (an upstream quota counts them all); a QoS 0
+                    // message over it is dropped and counted, as when the link is busy.
+                    if let Some(m) = qos0 {
+                        if pace.take() && up.publish_with(&m.topic, &m.payload, 0, m.retain && !self.cfg.strip_retain, m.props.as_deref(), None) {
                             if watch_echoes {
                                 self.echoes.sent(&m.topic, &m.payload);
                             }
@@ -669,20 +697,42 @@ impl Link {
                         self.publish_state().await;
                     }
                 }
-                _ = stats.kick.notified() => {
+                _ = not_kept.notified() => {
+                    self.spool.mark(std::mem::take(&mut marks));
                     self.spool.ack(std::mem::take(&mut acks));
-                    return Err(ADMIN_KICK.into());
+                    return Err("an inbound message could not be kept locally; reconnecting so the upstream sends it again".into());
                 }
-                _ = &mut fail_back => {
-                    self.spool.ack(std::mem::take(&mut acks));
-                    return Err(FAIL_BACK.into());
-                }
-                _ = stop.cancelled() => {
-                    self.spool.ack(std::mem::take(&mut acks));
-                    return Ok(());
-                }
+                _ = stats.kick.notified(), if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Err(ADMIN_KICK.into())),
+                _ = &mut fail_back, if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Err(FAIL_BACK.into())),
+                _ = stop.cancelled(), if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Ok(())),
             }
         }
+    }
+
+    /// Says goodbye upstream (retained `offline`, then DISCONNECT) and lets `serve` go on
+    /// handling events until the DISCONNECT is out (a second at most), so what rumqttc still
+    /// sends meanwhile is recorded like the rest.
+    fn leave(
+        &self,
+        up: &Upstream,
+        leaving: &mut Option<(Result<(), String>, Instant)>,
+        submitted: &mut VecDeque<Submitted>,
+        end: Result<(), String>,
+    ) {
+        if up.publish(
+            &self.status_topic,
+            &Bytes::from_static(b"offline"),
+            1,
+            !self.cfg.strip_retain,
+        ) {
+            submitted.push_back(Submitted::Other);
+        }
+        let by = if up.request_disconnect() {
+            Instant::now() + Duration::from_secs(1)
+        } else {
+            Instant::now()
+        };
+        *leaving = Some((end, by));
     }
 
     async fn publish_state(&self) {

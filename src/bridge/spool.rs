@@ -65,10 +65,12 @@ enum Op {
     Reconfigure(SpoolConfig),
     /// QoS 2 progress: (spool id, packet id, PUBREC received).
     Mark(Vec<(i64, u16, bool)>),
-    InFlight(oneshot::Sender<Vec<InFlight>>),
-    /// The upstream lost the session: what it had acknowledged with PUBREC is its own now
-    /// (deleted); the rest goes again as new messages.
-    Forget(oneshot::Sender<u64>),
+    /// A connection came up to this address, with or without the session kept upstream.
+    Session {
+        url: String,
+        present: bool,
+        reply: oneshot::Sender<(Vec<InFlight>, u64)>,
+    },
     Backlog(bool, oneshot::Sender<(i64, HashSet<String>)>),
 }
 
@@ -153,6 +155,8 @@ impl Spool {
             appended: appended.clone(),
             name: name.to_string(),
             last_drop_log: None,
+            full: true,
+            synced: true,
         };
         w.refresh_oldest();
         std::thread::Builder::new()
@@ -202,21 +206,21 @@ impl Spool {
         }
     }
 
-    /// The QoS 2 messages of the last upstream session, oldest first.
-    pub async fn in_flight(&self) -> Vec<InFlight> {
+    /// At a new connection to `url`: the QoS 2 messages to finish, oldest first, when the
+    /// upstream kept the session (`present`) and their packet ids were given on that same
+    /// address (each node of a cluster has sessions of its own). Otherwise none: every message
+    /// that had a packet id goes again as a new one, including those the upstream answered
+    /// with PUBREC (a broker that delivers at PUBREL, as Mosquitto does, never delivered them;
+    /// one that delivers at PUBREC sees them twice). Also returns how many had PUBREC.
+    pub async fn session(&self, url: &str, present: bool) -> (Vec<InFlight>, u64) {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Op::InFlight(reply)).is_err() {
-            return vec![];
-        }
-        rx.await.unwrap_or_default()
-    }
-
-    /// After a connection on which the upstream had no session: returns how many messages the
-    /// upstream had taken with PUBREC (they are not sent again).
-    pub async fn forget_session(&self) -> u64 {
-        let (reply, rx) = oneshot::channel();
-        if self.tx.send(Op::Forget(reply)).is_err() {
-            return 0;
+        let op = Op::Session {
+            url: url.to_string(),
+            present,
+            reply,
+        };
+        if self.tx.send(op).is_err() {
+            return (vec![], 0);
         }
         rx.await.unwrap_or_default()
     }
@@ -247,6 +251,10 @@ struct Writer {
     appended: Arc<Notify>,
     name: String,
     last_drop_log: Option<std::time::Instant>,
+    /// `synchronous` is FULL (commits fsync); deletes and QoS 2 marks commit with NORMAL.
+    full: bool,
+    /// Everything committed has been fsynced (a FULL commit syncs the WAL written before it).
+    synced: bool,
 }
 
 impl Writer {
@@ -259,13 +267,18 @@ impl Writer {
                     batch.extend(rx.try_iter().take(10_000));
                     self.handle(batch);
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => self.sync(),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.sync();
+                    return;
+                }
             }
-            // Busy or idle, old messages go once a second.
+            // Busy or idle, old messages go once a second, and what was committed without an
+            // fsync is synced at least that often.
             if last_expiry.elapsed() >= Duration::from_secs(1) {
                 last_expiry = std::time::Instant::now();
                 self.expire();
+                self.sync();
             }
         }
     }
@@ -289,7 +302,7 @@ impl Writer {
                 Op::Flush(r) => flushes.push(r),
                 Op::Reconfigure(cfg) => self.cfg = cfg,
                 Op::Mark(m) => marks.extend(m),
-                op @ (Op::InFlight(_) | Op::Forget(_) | Op::Backlog(..)) => later.push(op),
+                op @ (Op::Session { .. } | Op::Backlog(..)) => later.push(op),
             }
         }
         let appended = !appends.is_empty();
@@ -321,10 +334,10 @@ impl Writer {
         }
         for op in later {
             match op {
-                Op::InFlight(reply) => {
-                    let _ = reply.send(self.in_flight().unwrap_or_else(|e| {
+                Op::Session { url, present, reply } => {
+                    let _ = reply.send(self.session(&url, present).unwrap_or_else(|e| {
                         log::error!("bridge {}: spool read failed: {e}", self.name);
-                        vec![]
+                        (vec![], 0)
                     }));
                 }
                 Op::Backlog(topics, reply) => {
@@ -333,17 +346,43 @@ impl Writer {
                         (0, HashSet::new())
                     }));
                 }
-                Op::Forget(reply) => {
-                    let _ = reply.send(self.forget().unwrap_or_else(|e| {
-                        log::error!("bridge {}: spool write failed: {e}", self.name);
-                        0
-                    }));
-                }
                 _ => {}
             }
         }
+        if !flushes.is_empty() {
+            self.sync();
+        }
         for f in flushes {
             let _ = f.send(());
+        }
+    }
+
+    /// Commits without an fsync unless `durable`: an append must be on disk before its
+    /// publisher's ack; a delete or a QoS 2 mark that power loss undoes only sends a message
+    /// again, so it need not pay an fsync of its own while publishers wait behind it.
+    fn mode(&mut self, durable: bool) -> rusqlite::Result<()> {
+        if self.full != durable {
+            self.db
+                .pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+            self.full = durable;
+        }
+        Ok(())
+    }
+
+    /// Puts on disk what was committed without an fsync (idle for a second, a flush, the end):
+    /// one small FULL commit syncs the whole WAL before it.
+    fn sync(&mut self) {
+        if self.synced {
+            return;
+        }
+        let r = self.mode(true).and_then(|_| {
+            self.db
+                .execute("UPDATE meta SET value = value WHERE key = 'format'", [])
+                .map(|_| ())
+        });
+        match r {
+            Ok(()) => self.synced = true,
+            Err(e) => log::error!("bridge {}: spool sync failed: {e}", self.name),
         }
     }
 
@@ -378,25 +417,20 @@ impl Writer {
         Ok((max, set))
     }
 
-    fn forget(&mut self) -> rusqlite::Result<u64> {
+    fn session(&mut self, url: &str, present: bool) -> rusqlite::Result<(Vec<InFlight>, u64)> {
+        let owner: Option<String> = self
+            .db
+            .query_row("SELECT value FROM meta WHERE key = 'pkid_url'", [], |r| r.get(0))
+            .ok();
+        if present && owner.as_deref() == Some(url) {
+            return Ok((self.in_flight()?, 0));
+        }
         let tx = self.db.transaction()?;
-        let (n, bytes): (i64, i64) = tx.query_row(
-            "SELECT count(*), coalesce(sum(size), 0) FROM spool WHERE rec = 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        tx.execute("DELETE FROM spool WHERE rec = 1", [])?;
-        tx.execute("UPDATE spool SET pkid = NULL WHERE pkid IS NOT NULL", [])?;
+        let rec: i64 = tx.query_row("SELECT count(*) FROM spool WHERE rec = 1", [], |r| r.get(0))?;
+        tx.execute("UPDATE spool SET pkid = NULL, rec = 0 WHERE pkid IS NOT NULL", [])?;
+        tx.execute("INSERT OR REPLACE INTO meta VALUES ('pkid_url', ?1)", [url])?;
         tx.commit()?;
-        let s = &self.stats;
-        s.queued
-            .fetch_sub((n as u64).min(s.queued.load(Ordering::Relaxed)), Ordering::Relaxed);
-        s.queued_bytes.fetch_sub(
-            (bytes as u64).min(s.queued_bytes.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
-        self.refresh_oldest();
-        Ok(n as u64)
+        Ok((vec![], rec as u64))
     }
 
     fn write(&mut self, appends: Vec<Entry>, acks: Vec<i64>, marks: Vec<(i64, u16, bool)>) -> rusqlite::Result<()> {
@@ -404,6 +438,8 @@ impl Writer {
             return Ok(());
         }
         let stats = self.stats.clone();
+        let durable = !appends.is_empty();
+        self.mode(durable)?;
         let tx = self.db.transaction()?;
         if !marks.is_empty() {
             let mut up = tx.prepare_cached("UPDATE spool SET pkid = ?2, rec = ?3 WHERE id = ?1")?;
@@ -480,6 +516,7 @@ impl Writer {
             }
         }
         tx.commit()?;
+        self.synced = durable;
         stats.queued.store(queued, Ordering::Relaxed);
         stats.queued_bytes.store(queued_bytes, Ordering::Relaxed);
         if dropped_full + rejected > 0 {

@@ -12,7 +12,6 @@ use rumqttc::{v5, TlsConfiguration, Transport};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio_rustls::rustls;
 
 /// What the bridge hears from upstream.
@@ -21,6 +20,8 @@ pub enum UpEvent {
     Connected {
         session_present: bool,
         max_packet: Option<u32>,
+        /// The upstream's Receive Maximum (MQTT 5).
+        receive_max: Option<u16>,
     },
     /// A PUBLISH was written, with its packet id (0 for QoS 0), in the order of `publish` calls.
     Sent(u16),
@@ -29,6 +30,9 @@ pub enum UpEvent {
     Acked {
         pkid: u16,
         refused: Option<(String, bool)>,
+        /// A PUBCOMP with a failure code: rumqttc does not free its in-flight slot, so the
+        /// connection must start over.
+        reset: bool,
     },
     /// PUBREC for a QoS 2 publish: the upstream has it; only PUBREL may follow.
     Received {
@@ -216,16 +220,19 @@ impl Upstream {
                 Ok(Event::Incoming(Packet::ConnAck(a))) => Ok(UpEvent::Connected {
                     session_present: a.session_present,
                     max_packet: None,
+                    receive_max: None,
                 }),
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(UpEvent::Sent(pkid)),
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => Ok(UpEvent::Closed),
                 Ok(Event::Incoming(Packet::PubAck(a))) => Ok(UpEvent::Acked {
                     pkid: a.pkid,
                     refused: None,
+                    reset: false,
                 }),
                 Ok(Event::Incoming(Packet::PubComp(a))) => Ok(UpEvent::Acked {
                     pkid: a.pkid,
                     refused: None,
+                    reset: false,
                 }),
                 Ok(Event::Incoming(Packet::PubRec(r))) => Ok(UpEvent::Received {
                     pkid: r.pkid,
@@ -250,16 +257,21 @@ impl Upstream {
                 Ok(v5::Event::Incoming(m5::Packet::ConnAck(a))) => Ok(UpEvent::Connected {
                     session_present: a.session_present,
                     max_packet: a.properties.as_ref().and_then(|p| p.max_packet_size),
+                    receive_max: a.properties.as_ref().and_then(|p| p.receive_max),
                 }),
                 Ok(v5::Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => Ok(UpEvent::Sent(pkid)),
                 Ok(v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Ok(UpEvent::Closed),
                 Ok(v5::Event::Incoming(m5::Packet::PubAck(a))) => Ok(UpEvent::Acked {
                     pkid: a.pkid,
                     refused: refusal(a.reason),
+                    reset: false,
                 }),
+                // Any PUBCOMP ends the message: a failure code (packet id not found) says the
+                // upstream had finished it already.
                 Ok(v5::Event::Incoming(m5::Packet::PubComp(a))) => Ok(UpEvent::Acked {
                     pkid: a.pkid,
                     refused: None,
+                    reset: a.reason != m5::PubCompReason::Success,
                 }),
                 Ok(v5::Event::Incoming(m5::Packet::PubRec(r))) => Ok(UpEvent::Received {
                     pkid: r.pkid,
@@ -348,7 +360,7 @@ impl Upstream {
     /// Finishes QoS 2 messages of the session the upstream resumed, ahead of anything new: PUBREL
     /// for those it had answered with PUBREC, the PUBLISH again (DUP, same packet id) for the
     /// rest. False for a packet id this connection cannot track (the `inflight` setting shrank).
-    pub fn resume(&mut self, items: &[super::spool::InFlight], inflight: u16) -> bool {
+    pub fn resume(&mut self, items: &[super::spool::InFlight], inflight: u16, strip_retain: bool) -> bool {
         if items.iter().any(|i| i.pkid == 0 || i.pkid > inflight) {
             return false;
         }
@@ -359,7 +371,7 @@ impl Upstream {
                 } else {
                     let mut p =
                         rumqttc::Publish::from_bytes(&i.msg.topic, rumqttc::QoS::ExactlyOnce, i.msg.payload.clone());
-                    p.retain = i.msg.retain;
+                    p.retain = i.msg.retain && !strip_retain;
                     p.pkid = i.pkid;
                     p.dup = true;
                     rumqttc::Request::Publish(p)
@@ -378,7 +390,7 @@ impl Upstream {
                     v5::Request::Publish(m5::Publish {
                         dup: true,
                         qos: v5::mqttbytes::QoS::ExactlyOnce,
-                        retain: i.msg.retain,
+                        retain: i.msg.retain && !strip_retain,
                         topic: Bytes::copy_from_slice(i.msg.topic.as_bytes()),
                         pkid: i.pkid,
                         payload: i.msg.payload.clone(),
@@ -418,20 +430,11 @@ impl Upstream {
         }
     }
 
-    pub async fn disconnect(&mut self) {
-        let done = match self {
+    /// Queues a DISCONNECT after what is queued; `UpEvent::Closed` says it went out.
+    pub fn request_disconnect(&self) -> bool {
+        match self {
             Upstream::V4(c, _) => c.try_disconnect().is_ok(),
             Upstream::V5(c, _) => c.try_disconnect().is_ok(),
-        };
-        if done {
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while let Ok(ev) = self.poll().await {
-                    if matches!(ev, UpEvent::Closed) {
-                        break;
-                    }
-                }
-            })
-            .await;
         }
     }
 }
