@@ -1072,7 +1072,7 @@ async fn qos2_through_breaks(protocol: &str, persistent: bool) {
         assert_eq!(dups, 0, "QoS 2 must cross exactly once");
     } else {
         assert!(
-            resets >= 3 && again >= 1,
+            resets >= 2 && again >= 1,
             "no break caught a message at PUBREC; log:\n{log}"
         );
     }
