@@ -426,21 +426,19 @@ impl Drop for RabbitCluster {
     }
 }
 
-/// Where Debian installs ejabberd's Erlang applications (`ERL_LIBS`), e.g.
-/// /usr/lib/x86_64-linux-gnu/ejabberd-23.01.
+/// Where Debian installs ejabberd's Erlang applications (`ERL_LIBS`): the directory holding
+/// e.g. /usr/lib/x86_64-linux-gnu/ejabberd-23.01/ebin/ejabberd.app.
 fn ejabberd_libs() -> PathBuf {
     for base in std::fs::read_dir("/usr/lib").into_iter().flatten().flatten() {
-        let has = std::fs::read_dir(base.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("ejabberd-"));
+        let has = std::fs::read_dir(base.path()).into_iter().flatten().flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("ejabberd-") && e.path().join("ebin/ejabberd.app").exists()
+        });
         if has {
             return base.path();
         }
     }
     panic!(
-        "no ejabberd-* application under /usr/lib/*/: install Debian's ejabberd \
+        "no ejabberd-*/ebin/ejabberd.app under /usr/lib/*/: install Debian's ejabberd \
          (`bash .ci/test --cluster` does) to run the cluster tests"
     );
 }
