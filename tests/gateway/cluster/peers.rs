@@ -53,6 +53,22 @@ fn tail(path: &Path, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join("\n")
 }
 
+/// `path` itself, or the `*.log` files in it when it is a directory (read when needed: a node
+/// creates its logs as it boots).
+fn log_files(path: &Path) -> Vec<PathBuf> {
+    if !path.is_dir() {
+        return vec![path.to_path_buf()];
+    }
+    std::fs::read_dir(path)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Every process below `pid`, from /proc (`ppid` is the 4th field of `stat`, after the command
 /// name in parentheses, which may hold spaces).
 fn descendants(pid: u32) -> Vec<(u32, String)> {
@@ -169,8 +185,8 @@ impl Node {
         at
     }
 
-    /// Waits for the node's MQTT listener; panics with the node's own log if it dies or never
-    /// listens.
+    /// Waits for the node's MQTT listener; panics with the node's output and `logs` (files, or
+    /// directories of `*.log`) if it dies or never listens.
     fn wait_mqtt(&mut self, deadline: Instant, logs: &[PathBuf]) {
         while !listening(self.mqtt_port) {
             let running = self.running();
@@ -183,8 +199,8 @@ impl Node {
                     self.log.display(),
                     tail(&self.log, 30)
                 );
-                for l in logs {
-                    msg.push_str(&format!("\n--- {}:\n{}", l.display(), tail(l, 30)));
+                for l in logs.iter().flat_map(|l| log_files(l)) {
+                    msg.push_str(&format!("\n--- {}:\n{}", l.display(), tail(&l, 30)));
                 }
                 panic!("{msg}");
             }
@@ -373,16 +389,9 @@ impl RabbitCluster {
             .env("RABBITMQ_PID_FILE", nd.join("pid"));
     }
 
+    /// Node `i`'s log directory, for the message when it does not come up.
     fn node_logs(&self, i: usize) -> Vec<PathBuf> {
-        let d = self.dir.path().join(format!("n{}/log", i + 1));
-        std::fs::read_dir(&d)
-            .map(|r| {
-                r.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
-                    .collect()
-            })
-            .unwrap_or_default()
+        vec![self.dir.path().join(format!("n{}/log", i + 1))]
     }
 
     /// `rabbitmqctl -n <node i> ARGS`, as root with the cluster's cookie; panics on failure.
