@@ -371,7 +371,10 @@ impl RabbitCluster {
     fn env(&self, cmd: &mut Command, i: usize) {
         let nd = self.dir.path().join(format!("n{}", i + 1));
         let (amqp, dist) = self.ports[i];
-        cmd.env("HOME", self.dir.path())
+        // A VM that dies at boot writes erl_crash.dump to its working directory: the node's.
+        cmd.current_dir(&nd)
+            .env("ERL_CRASH_DUMP", nd.join("erl_crash.dump"))
+            .env("HOME", self.dir.path())
             .env("LC_ALL", "C.UTF-8")
             .env("ERL_EPMD_PORT", self.epmd.port.to_string())
             .env("RABBITMQ_CONF_ENV_FILE", self.dir.path().join("rabbitmq-env.conf"))
@@ -493,8 +496,7 @@ impl EjabberdCluster {
             let name = format!("{tag}n{i}@localhost");
             let mut cmd = Command::new("erl");
             c.env(&mut cmd, Some(&nd));
-            cmd.current_dir(&nd)
-                .args(["-sname", &name, "+K", "true", "+P", "250000", "-noinput"])
+            cmd.args(["-sname", &name, "+K", "true", "+P", "250000", "-noinput"])
                 .args(DIST_ARGS.split(' '))
                 .args(["-kernel", "inet_dist_listen_min", &dist.to_string()])
                 .args(["-kernel", "inet_dist_listen_max", &dist.to_string()])
@@ -534,15 +536,20 @@ impl EjabberdCluster {
     }
 
     fn env(&self, cmd: &mut Command, node_dir: Option<&Path>) {
-        cmd.env("HOME", self.dir.path())
+        // Crash dumps (erl_crash.dump in the working directory) stay in the temp dir.
+        cmd.current_dir(node_dir.unwrap_or(self.dir.path()))
+            .env(
+                "ERL_CRASH_DUMP",
+                node_dir.unwrap_or(self.dir.path()).join("erl_crash.dump"),
+            )
+            .env("HOME", self.dir.path())
             .env("LC_ALL", "C.UTF-8")
             .env("ERL_EPMD_PORT", self.epmd.port.to_string())
             .env("ERL_LIBS", &self.libs)
             .env("ERL_INETRC", "/etc/ejabberd/inetrc");
         if let Some(nd) = node_dir {
             cmd.env("EJABBERD_CONFIG_PATH", nd.join("ejabberd.yml"))
-                .env("EJABBERD_LOG_PATH", nd.join("ejabberd.log"))
-                .env("ERL_CRASH_DUMP", nd.join("erl_crash.dump"));
+                .env("EJABBERD_LOG_PATH", nd.join("ejabberd.log"));
         }
     }
 
