@@ -78,7 +78,7 @@ async fn watch_then_let_bridge_in(m: &Mosquitto, id: &str, filter: &str) -> Coll
 
 /// Checks that every number in `want` arrived, and that per topic the first arrivals are in
 /// order. Returns the number of duplicates (allowed at QoS 1).
-fn check_numbered(got: &[(String, Vec<u8>)], want: impl Iterator<Item = usize>) -> usize {
+pub(crate) fn check_numbered(got: &[(String, Vec<u8>)], want: impl Iterator<Item = usize>) -> usize {
     let mut seen = HashMap::new();
     let mut last: HashMap<&str, usize> = HashMap::new();
     let mut dups = 0;
@@ -493,7 +493,13 @@ async fn tls_with_a_custom_ca_and_client_certificate_and_a_clear_error_for_a_wro
 }
 
 /// Polls the bridge's state until `f` holds; panics naming `what` after `within`.
-async fn wait_state(gw: &Gateway, name: &str, within: Duration, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+pub(crate) async fn wait_state(
+    gw: &Gateway,
+    name: &str,
+    within: Duration,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) {
     let end = std::time::Instant::now() + within;
     loop {
         let b = gw.bridge_state(name);

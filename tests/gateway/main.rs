@@ -3,6 +3,9 @@
 mod auth;
 mod bridge;
 mod cli;
+// Real clustered upstreams (RabbitMQ, ejabberd): `--features cluster`, see cluster.rs.
+#[cfg(feature = "cluster")]
+mod cluster;
 mod common;
 mod dashboard;
 mod devices;
