@@ -516,14 +516,8 @@ async fn ejabberd_mqtt5_cluster_bridge_keeps_sending_through_kill_9_of_its_node(
 }
 
 /// The ejabberd case in full: as above, with user properties (and a content type) on
-/// every message, which must arrive intact. Fails today, on the first message: outpost's bridge
-/// forwards topic, payload, QoS and retain only. The tap sees a `broker::Incoming`, which has no
-/// properties (src/broker/mod.rs, `Incoming` and `Shared::ingress`), `BridgeTap::accept`
-/// (src/bridge/mod.rs) spools `(topic, payload, qos, retain)`, the spool table has no column for
-/// them (src/bridge/spool.rs), and `Upstream::publish_expiring` (src/bridge/upstream.rs) sets
-/// only the message expiry. Run it with `--ignored` once the bridge carries them.
+/// every message, which must arrive intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the bridge drops MQTT 5 user properties and content type (see the doc comment); fails until it carries them"]
 async fn ejabberd_mqtt5_cluster_bridge_keeps_user_properties_through_kill_9() {
     ejabberd_failover(true).await;
 }
