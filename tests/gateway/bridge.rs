@@ -76,6 +76,11 @@ async fn watch_then_let_bridge_in(m: &Mosquitto, id: &str, filter: &str) -> Coll
     c
 }
 
+/// How many different payloads arrived (a duplicate counts once).
+pub(crate) fn distinct(g: &[(String, Vec<u8>)]) -> usize {
+    g.iter().map(|(_, p)| p).collect::<std::collections::HashSet<_>>().len()
+}
+
 /// Checks that every number in `want` arrived, and that per topic the first arrivals are in
 /// order. Returns the number of duplicates (allowed at QoS 1).
 pub(crate) fn check_numbered(got: &[(String, Vec<u8>)], want: impl Iterator<Item = usize>) -> usize {
@@ -218,13 +223,8 @@ async fn outage(persistence: bool) {
     m.spawn();
     tokio::time::sleep(Duration::from_millis(500)).await;
     m.allow_bridge();
-    up.wait(Duration::from_secs(30), "all 600", |g| {
-        let mut s: Vec<&Vec<u8>> = g.iter().map(|(_, p)| p).collect();
-        s.sort();
-        s.dedup();
-        s.len() >= 600
-    })
-    .await;
+    up.wait(Duration::from_secs(30), "all 600", |g| distinct(g) >= 600)
+        .await;
     let dups = check_numbered(&up.got.lock().unwrap(), 0..600);
     eprintln!("outage (upstream persistence {persistence}): 600 delivered, {dups} duplicates, {queued} were queued");
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -265,10 +265,7 @@ async fn kill_9_while_upstream_is_down_loses_nothing_that_was_acknowledged() {
     gw.start_again();
     let up = watch_then_let_bridge_in(&m, "counter", "up/#").await;
     up.wait(Duration::from_secs(60), "every acknowledged message", |g| {
-        let mut s: Vec<&Vec<u8>> = g.iter().map(|(_, p)| p).collect();
-        s.sort();
-        s.dedup();
-        s.len() >= acked
+        distinct(g) >= acked
     })
     .await;
     let dups = check_numbered(&up.got.lock().unwrap(), 0..acked);
@@ -1047,13 +1044,8 @@ async fn qos2_through_breaks(protocol: &str, persistent: bool) {
     assert_eq!(acked, n);
     // And outpost restarts (SIGTERM) while the rest is still going out.
     gw.restart();
-    up.wait(Duration::from_secs(60), "every message", |g| {
-        let mut s: Vec<&Vec<u8>> = g.iter().map(|(_, p)| p).collect();
-        s.sort();
-        s.dedup();
-        s.len() >= n
-    })
-    .await;
+    up.wait(Duration::from_secs(60), "every message", |g| distinct(g) >= n)
+        .await;
     // Anything that was still to come would come within this.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let got = up.got.lock().unwrap().clone();
@@ -1136,10 +1128,7 @@ async fn inbound_messages_are_acknowledged_upstream_only_once_safe_locally() {
     gw.start_again();
     let back = Collector::start(port, "keeper", "cmd/#", None, true);
     back.wait(Duration::from_secs(60), "every message the upstream sent", |g| {
-        let mut s: Vec<&Vec<u8>> = g.iter().map(|(_, p)| p).collect();
-        s.sort();
-        s.dedup();
-        s.len() >= n
+        distinct(g) >= n
     })
     .await;
     let dups = check_numbered(&back.got.lock().unwrap(), 0..n);
