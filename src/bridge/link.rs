@@ -61,6 +61,8 @@ const ECHO_WINDOW: Duration = Duration::from_secs(10);
 const STABLE: Duration = Duration::from_secs(10);
 /// How `serve` ends when an admin paused or restarted the bridge.
 const ADMIN_KICK: &str = "paused or restarted by an admin";
+/// How long a resumed session's QoS 2 messages may take to finish before the bridge starts over.
+const RESUME_WITHIN: Duration = Duration::from_secs(10);
 /// The user property `backlog.mark` adds: when the message was accepted, ms since the epoch.
 pub const BACKLOG_MARK: &str = "outpost-backlog";
 
@@ -101,8 +103,6 @@ impl Reader {
     }
 }
 
-/// How long a resumed session's QoS 2 messages may take to finish before new ones go anyway.
-const RESUME_WITHIN: Duration = Duration::from_secs(10);
 /// How `serve` ends when the primary address has been back long enough.
 const FAIL_BACK: &str = "the primary address is back";
 
@@ -459,8 +459,7 @@ impl Link {
         loop {
             if let Some((_, by)) = &leaving {
                 if Instant::now() >= *by {
-                    self.spool.mark(std::mem::take(&mut marks));
-                    self.spool.ack(std::mem::take(&mut acks));
+                    self.record(&mut marks, &mut acks);
                     return leaving.take().expect("leaving").0;
                 }
             }
@@ -469,13 +468,9 @@ impl Link {
                 if !up.subscribe(inbound) {
                     return Err("cannot queue SUBSCRIBE".into());
                 }
-                up.publish(
-                    &self.status_topic,
-                    &Bytes::from_static(b"online"),
-                    1,
-                    !self.cfg.strip_retain,
-                );
-                submitted.push_back(Submitted::Other);
+                if self.say(up, b"online") {
+                    submitted.push_back(Submitted::Other);
+                }
             }
             // Hand over as much as the window, the pace and rumqttc's queue allow.
             while resuming.is_empty() && leaving.is_none() && in_flight.len() + submitted.len() < window {
@@ -539,8 +534,7 @@ impl Link {
                 }
                 submitted.push_back(Submitted::Spooled { id: m.id, qos: m.qos });
             }
-            self.spool.mark(std::mem::take(&mut marks));
-            self.spool.ack(std::mem::take(&mut acks));
+            self.record(&mut marks, &mut acks);
             if !resuming.is_empty() && Instant::now() >= resume_by && leaving.is_none() {
                 // Going on would let new packet ids meet theirs: start over instead.
                 return Err(format!(
@@ -552,8 +546,7 @@ impl Link {
             tokio::select! {
                 ev = up.poll() => match ev {
                     Err(e) => {
-                        self.spool.mark(std::mem::take(&mut marks));
-                        self.spool.ack(std::mem::take(&mut acks));
+                        self.record(&mut marks, &mut acks);
                         // Leaving: the goodbye ends that way too.
                         return match leaving.take() {
                             Some((end, _)) => end,
@@ -576,45 +569,34 @@ impl Link {
                     },
                     Ok(UpEvent::Received { pkid, refused }) => {
                         if let Some(&(id, _, 2)) = in_flight.get(&pkid) {
-                            match refused {
-                                // Not now: the upstream freed the id; a reconnect sends it again.
-                                Some((why, false)) => {
-                                    self.spool.ack(std::mem::take(&mut acks));
-                                    return Err(format!("upstream refused a message for now: {why}"));
-                                }
-                                Some((why, true)) => {
-                                    // rumqttc keeps the refused message's in-flight slot for
-                                    // good: a new connection gives it back.
-                                    stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
-                                    log::warn!("bridge {}: upstream refused a message: {why}", self.cfg.name);
-                                    acks.push(id);
-                                    self.spool.ack(std::mem::take(&mut acks));
-                                    return Err(format!("upstream refused a QoS 2 message: {why}; reconnecting"));
-                                }
-                                None => marks.push((id, pkid, true)),
+                            let refused_for_good = refused.is_some();
+                            // Not now: the upstream freed the id; a reconnect sends it again.
+                            if let Err(e) = self.refusal(refused) {
+                                self.record(&mut marks, &mut acks);
+                                return Err(e);
                             }
+                            if refused_for_good {
+                                // rumqttc keeps the refused message's in-flight slot for good:
+                                // a new connection gives it back.
+                                acks.push(id);
+                                self.record(&mut marks, &mut acks);
+                                return Err("upstream refused a QoS 2 message; reconnecting".into());
+                            }
+                            marks.push((id, pkid, true));
                         }
                     }
                     Ok(UpEvent::Acked { pkid, refused, reset }) => {
                         resuming.remove(&pkid);
                         if let Some((id, _, _)) = in_flight.remove(&pkid) {
-                            match refused {
-                                Some((why, false)) => {
-                                    // Not now (quota, busy): keep it, and try again after a reconnect.
-                                    self.spool.ack(std::mem::take(&mut acks));
-                                    return Err(format!("upstream refused a message for now: {why}"));
-                                }
-                                Some((why, true)) => {
-                                    stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
-                                    log::warn!("bridge {}: upstream refused a message: {why}", self.cfg.name);
-                                }
-                                None => {}
+                            if let Err(e) = self.refusal(refused) {
+                                self.record(&mut marks, &mut acks);
+                                return Err(e);
                             }
                             acks.push(id);
                         }
                         if reset {
                             // A PUBCOMP with a failure code: rumqttc keeps its slot for good.
-                            self.spool.ack(std::mem::take(&mut acks));
+                            self.record(&mut marks, &mut acks);
                             return Err("the upstream answered PUBREL with a failure code; reconnecting".into());
                         }
                     }
@@ -648,8 +630,7 @@ impl Link {
                         }
                     }
                     Ok(UpEvent::Closed) if leaving.is_some() => {
-                        self.spool.mark(std::mem::take(&mut marks));
-                        self.spool.ack(std::mem::take(&mut acks));
+                        self.record(&mut marks, &mut acks);
                         return leaving.take().expect("leaving").0;
                     }
                     Ok(UpEvent::Connected { .. } | UpEvent::Closed | UpEvent::Other) => {}
@@ -698,8 +679,7 @@ impl Link {
                     }
                 }
                 _ = not_kept.notified() => {
-                    self.spool.mark(std::mem::take(&mut marks));
-                    self.spool.ack(std::mem::take(&mut acks));
+                    self.record(&mut marks, &mut acks);
                     return Err("an inbound message could not be kept locally; reconnecting so the upstream sends it again".into());
                 }
                 _ = stats.kick.notified(), if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Err(ADMIN_KICK.into())),
@@ -707,6 +687,32 @@ impl Link {
                 _ = stop.cancelled(), if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Ok(())),
             }
         }
+    }
+
+    /// Hands the acks and QoS 2 marks gathered so far to the spool.
+    fn record(&self, marks: &mut Vec<(i64, u16, bool)>, acks: &mut Vec<i64>) {
+        self.spool.mark(std::mem::take(marks));
+        self.spool.ack(std::mem::take(acks));
+    }
+
+    /// An upstream's MQTT 5 refusal of a message in flight: `Err` (ends the connection; the
+    /// message stays and goes again) when it is for now (quota, busy); counted and logged when
+    /// it is for good, and the message is the caller's to drop.
+    fn refusal(&self, refused: Option<(String, bool)>) -> Result<(), String> {
+        match refused {
+            Some((why, false)) => Err(format!("upstream refused a message for now: {why}")),
+            Some((why, true)) => {
+                self.stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
+                log::warn!("bridge {}: upstream refused a message: {why}", self.cfg.name);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The bridge's status upstream (`online` / `offline`), retained unless `strip_retain`.
+    fn say(&self, up: &Upstream, what: &'static [u8]) -> bool {
+        up.publish(&self.status_topic, &Bytes::from_static(what), 1, !self.cfg.strip_retain)
     }
 
     /// Says goodbye upstream (retained `offline`, then DISCONNECT) and lets `serve` go on
@@ -719,12 +725,7 @@ impl Link {
         submitted: &mut VecDeque<Submitted>,
         end: Result<(), String>,
     ) {
-        if up.publish(
-            &self.status_topic,
-            &Bytes::from_static(b"offline"),
-            1,
-            !self.cfg.strip_retain,
-        ) {
+        if self.say(up, b"offline") {
             submitted.push_back(Submitted::Other);
         }
         let by = if up.request_disconnect() {

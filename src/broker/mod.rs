@@ -770,20 +770,7 @@ impl Bus {
     }
 
     pub async fn publish(&self, topic: &str, payload: bytes::Bytes, qos: u8, retain: bool, origin: Option<&str>) {
-        self.publish_with(topic, payload, qos, retain, origin, None).await
-    }
-
-    /// As `publish`, with MQTT 5 properties (a bridge's inbound messages keep theirs).
-    pub async fn publish_with(
-        &self,
-        topic: &str,
-        payload: bytes::Bytes,
-        qos: u8,
-        retain: bool,
-        origin: Option<&str>,
-        props: Option<Box<router::message::Props>>,
-    ) {
-        self.publish_durable(topic, payload, qos, retain, origin, props, false)
+        self.publish_durable(topic, payload, qos, retain, origin, None, false)
             .await;
     }
 
