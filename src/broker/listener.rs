@@ -2,12 +2,10 @@
 //! own task under a deadline, so an idle or half-open socket never holds up anyone else.
 
 use super::connection::{self as handler, ListenerInfo};
+use super::websocket;
 use super::Shared;
 use crate::config::{self, ListenerProtocol};
 use anyhow::{Context, Result};
-use async_tungstenite::tungstenite::handshake::server::{Request, Response};
-use async_tungstenite::tungstenite::http::HeaderValue;
-use async_tungstenite::tungstenite::protocol::WebSocketConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
@@ -117,18 +115,21 @@ async fn accept_one(
     prelogin: super::admission::PreLogin,
 ) {
     let evict = prelogin.evict.clone();
-    let max_ws = shared.limits.max_packet_size.0 as usize + 64;
+    let max_ws = shared.limits.max_packet_size.0 as usize;
+    let metrics = shared.metrics.clone();
     let failed = |what: String| {
         super::metrics::Metrics::inc(&shared.metrics.handshakes_failed);
         log::info!("{peer} on {}: {what}", info.name);
     };
     match protocol {
         ListenerProtocol::Mqtt => handler::serve(stream, peer, info, shared, deadline, stop, prelogin).await,
-        ListenerProtocol::Ws => match handler::before_login(deadline, &evict, ws_accept(stream, max_ws)).await {
-            Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop, prelogin).await,
-            Ok(Err(e)) => failed(format!("WebSocket handshake failed: {e}")),
-            Err(_) => failed("WebSocket handshake timed out".into()),
-        },
+        ListenerProtocol::Ws => {
+            match handler::before_login(deadline, &evict, websocket::accept(stream, max_ws, metrics)).await {
+                Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop, prelogin).await,
+                Ok(Err(e)) => failed(format!("WebSocket handshake failed: {e}")),
+                Err(_) => failed("WebSocket handshake timed out".into()),
+            }
+        }
         ListenerProtocol::Mqtts | ListenerProtocol::Wss => {
             let acceptor = tls.expect("TLS listener has an acceptor");
             let tls_stream = match handler::before_login(deadline, &evict, acceptor.accept(stream)).await {
@@ -139,7 +140,7 @@ async fn accept_one(
             if protocol == ListenerProtocol::Mqtts {
                 return handler::serve(tls_stream, peer, info, shared, deadline, stop, prelogin).await;
             }
-            match handler::before_login(deadline, &evict, ws_accept(tls_stream, max_ws)).await {
+            match handler::before_login(deadline, &evict, websocket::accept(tls_stream, max_ws, metrics)).await {
                 Ok(Ok(ws)) => handler::serve(ws, peer, info, shared, deadline, stop, prelogin).await,
                 Ok(Err(e)) => failed(format!("WebSocket handshake failed: {e}")),
                 Err(_) => failed("WebSocket handshake timed out".into()),
@@ -150,8 +151,9 @@ async fn accept_one(
 
 impl super::FrontDoor {
     /// Serves an MQTT client on a WebSocket whose HTTP upgrade has already been answered
-    /// (`101 Switching Protocols`), as the `ws` listener would after its handshake.
-    pub fn adopt_websocket<S>(&self, stream: S, peer: SocketAddr, bind: SocketAddr)
+    /// (`101 Switching Protocols`), as the `ws` listener would after its handshake. Anonymous
+    /// clients get in only when `anonymous` is set and the port is on loopback.
+    pub fn adopt_websocket<S>(&self, stream: S, peer: SocketAddr, bind: SocketAddr, anonymous: bool)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -159,25 +161,19 @@ impl super::FrontDoor {
         let info = ListenerInfo {
             name: format!("dashboard {bind} /mqtt"),
             bind: bind.to_string(),
-            anonymous: bind.ip().is_loopback(),
+            anonymous: anonymous && bind.ip().is_loopback(),
         };
         let Some(slot) = admit(&shared, &info.name, peer) else {
             return;
         };
         let deadline = Instant::now() + shared.limits.connect_timeout.0;
-        let config = ws_config(shared.limits.max_packet_size.0 as usize + 64);
         let close = self.close.clone();
         self.tracker.spawn(async move {
             let Some(prelogin) = super::admission::pre_login(&shared).await else {
                 return;
             };
-            let ws = async_tungstenite::WebSocketStream::from_raw_socket(
-                async_tungstenite::tokio::TokioAdapter::new(stream),
-                async_tungstenite::tungstenite::protocol::Role::Server,
-                Some(config),
-            )
-            .await;
-            let ws = ws_stream_tungstenite::WsStream::new(ws);
+            let max = shared.limits.max_packet_size.0 as usize;
+            let ws = websocket::upgraded(stream, max, shared.metrics.clone()).await;
             handler::serve(ws, peer, info, shared, deadline, close, prelogin).await;
             drop(slot);
         });
@@ -193,48 +189,6 @@ fn admit(shared: &Shared, name: &str, peer: SocketAddr) -> Option<tokio::sync::O
         return None;
     };
     Some(slot)
-}
-
-/// Messages and frames are limited to the broker's packet limit, before any login.
-fn ws_config(max: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
-}
-
-/// The MQTT WebSocket subprotocol to answer, of those a client offers (`Sec-WebSocket-Protocol`).
-pub fn mqtt_subprotocol(offered: &str) -> Option<&str> {
-    offered
-        .split(',')
-        .map(str::trim)
-        .find(|p| *p == "mqtt" || *p == "mqttv3.1")
-}
-
-type WsStream<S> = ws_stream_tungstenite::WsStream<async_tungstenite::tokio::TokioAdapter<S>>;
-
-/// Completes the WebSocket upgrade, answering the `mqtt` subprotocol when the client offers it.
-/// Messages and frames are limited to the broker's packet limit, before any login.
-async fn ws_accept<S>(stream: S, max: usize) -> Result<WsStream<S>, async_tungstenite::tungstenite::Error>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    // The callback's error type is tungstenite's (large) HTTP response; it is never built here.
-    #[allow(clippy::result_large_err)]
-    let pick = |req: &Request, mut resp: Response| {
-        let offered = req
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if let Some(p) = mqtt_subprotocol(offered) {
-            resp.headers_mut()
-                .insert("sec-websocket-protocol", HeaderValue::from_str(p).expect("ascii"));
-        }
-        Ok(resp)
-    };
-    let config = ws_config(max);
-    let ws = async_tungstenite::tokio::accept_hdr_async_with_config(stream, pick, Some(config)).await?;
-    Ok(ws_stream_tungstenite::WsStream::new(ws))
 }
 
 pub fn tls_acceptor(t: &config::Tls) -> Result<TlsAcceptor> {

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub malformed_packets: AtomicU64,
     /// Connections closed for a packet over `max_packet_size`.
     pub oversized_packets: AtomicU64,
+    /// WebSocket connections closed for their framing: text frames, protocol errors, frames
+    /// over the size limit, pings whose pongs the peer does not read (`broker::websocket`).
+    pub websocket_violations: AtomicU64,
     /// Connections closed for exceeding `max_inflight`.
     pub inflight_exceeded: AtomicU64,
     /// Sockets still logging in that were closed to make room for a newer one (all pre-login
@@ -65,6 +68,7 @@ impl Metrics {
             "malformed_packets": g(&self.malformed_packets),
             "oversized_packets": g(&self.oversized_packets),
             "inflight_exceeded": g(&self.inflight_exceeded),
+            "websocket_violations": g(&self.websocket_violations),
             "session_panics": g(&self.session_panics),
             "logins_throttled": g(&self.logins_throttled),
             "prelogin_evicted": g(&self.prelogin_evicted),

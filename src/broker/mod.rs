@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod retained;
 pub mod router;
 pub mod topics;
+pub mod websocket;
 
 use crate::config::{self, Config};
 use anyhow::Result;

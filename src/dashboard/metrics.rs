@@ -138,7 +138,11 @@ pub fn render(doc: &Value) -> String {
             .samples
             .push((vec![("kind", kind.into())], num(&b[key]).unwrap_or(0.0)));
     }
-    for (reason, key) in [("malformed", "malformed_packets"), ("oversized", "oversized_packets")] {
+    for (reason, key) in [
+        ("malformed", "malformed_packets"),
+        ("oversized", "oversized_packets"),
+        ("websocket", "websocket_violations"),
+    ] {
         fams[refused]
             .samples
             .push((vec![("reason", reason.into())], num(&b[key]).unwrap_or(0.0)));

@@ -424,42 +424,11 @@ fn upgrade(mut req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
         .to_string();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (door, local, anonymous) = (ctx.door.clone(), ctx.local, ctx.settings.anonymous);
-    let limit = door.shared.limits.max_packet_size.0 as usize;
-    let deadline = door.shared.limits.connect_timeout.0;
     tokio::spawn(async move {
-        let mut io = match on_upgrade.await {
-            Ok(up) => TokioIo::new(up),
-            Err(e) => return log::info!("dashboard: {peer}: WebSocket upgrade failed: {e}"),
-        };
-        if anonymous {
-            return door.adopt_websocket(io, peer, local);
-        }
-        match tokio::time::timeout(deadline, gate::read_first(&mut io, limit.min(64 * 1024))).await {
-            Ok(Ok((gate::First::Anonymous(level), _))) => {
-                log::info!("dashboard: {peer}: anonymous CONNECT on /mqtt refused (dashboard.anonymous is off)");
-                door.shared
-                    .metrics
-                    .connects_refused
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                door.shared.events.login_refused(
-                    peer,
-                    "",
-                    None,
-                    "anonymous CONNECT on the dashboard's /mqtt (dashboard.anonymous is off)",
-                );
-                gate::refuse_anonymous(&mut io, level).await;
-            }
-            Ok(Ok((gate::First::PassOn, head))) => door.adopt_websocket(
-                gate::Replay {
-                    head,
-                    pos: 0,
-                    inner: io,
-                },
-                peer,
-                local,
-            ),
-            Ok(Err(e)) => log::debug!("dashboard: {peer}: closed before CONNECT: {e}"),
-            Err(_) => log::info!("dashboard: {peer}: no CONNECT in {deadline:?}"),
+        match on_upgrade.await {
+            // The broker refuses an anonymous CONNECT itself unless `dashboard.anonymous` is set.
+            Ok(up) => door.adopt_websocket(TokioIo::new(up), peer, local, anonymous),
+            Err(e) => log::info!("dashboard: {peer}: WebSocket upgrade failed: {e}"),
         }
     });
     let mut r = reply(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());
@@ -468,7 +437,7 @@ fn upgrade(mut req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
     hs.insert(UPGRADE, HeaderValue::from_static("websocket"));
     hs.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     hs.insert(SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64"));
-    if let Some(p) = crate::broker::listener::mqtt_subprotocol(&offered) {
+    if let Some(p) = crate::broker::websocket::mqtt_subprotocol(&offered) {
         hs.insert("sec-websocket-protocol", HeaderValue::from_str(p).expect("ascii"));
     }
     r

@@ -574,3 +574,71 @@ impl Gateway {
         self.spawn();
     }
 }
+
+/// A well-behaved client beside an attack: it publishes QoS 1 to a topic of its own and waits
+/// for its own copy. Its round trip is what the other clients of a gateway feel.
+pub struct Bystander {
+    client: AsyncClient,
+    ev: EventLoop,
+    topic: String,
+    n: u64,
+}
+
+impl Bystander {
+    pub async fn connect(port: u16, id: &str) -> Bystander {
+        let (client, mut ev) = connect(opts(port, id)).await.expect("bystander connects");
+        let topic = format!("bystander/{id}");
+        subscribe(&client, &mut ev, &topic, QoS::AtLeastOnce).await;
+        Bystander {
+            client,
+            ev,
+            topic,
+            n: 0,
+        }
+    }
+
+    /// One QoS 1 round trip: publish, then the PUBACK and our own copy both back. `None` when
+    /// it takes over 10 s.
+    pub async fn round_trip(&mut self) -> Option<Duration> {
+        self.n += 1;
+        let body = self.n.to_string();
+        let t0 = Instant::now();
+        self.client
+            .publish(&self.topic, QoS::AtLeastOnce, false, body.clone())
+            .await
+            .ok()?;
+        let (mut acked, mut echoed) = (false, false);
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !(acked && echoed) {
+            match tokio::time::timeout_at(end, self.ev.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked = true,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.payload == body.as_bytes() => echoed = true,
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
+        Some(t0.elapsed())
+    }
+
+    /// The median of `n` round trips, paced `gap` apart; `None` if any was lost.
+    pub async fn median(&mut self, n: usize, gap: Duration) -> Option<Duration> {
+        let mut all = Vec::with_capacity(n);
+        for _ in 0..n {
+            all.push(self.round_trip().await?);
+            tokio::time::sleep(gap).await;
+        }
+        all.sort();
+        Some(all[n / 2])
+    }
+}
+
+/// The bystander's round trip under attack stays within a few times its quiet value (a floor
+/// of 25 ms: on a loaded 2-core machine a quiet loopback round trip of 1 ms says little).
+pub fn assert_unhurt(quiet: Duration, under_attack: Option<Duration>, what: &str) {
+    let hurt = under_attack.unwrap_or_else(|| panic!("{what}: a bystander's round trip was lost"));
+    let bound = (quiet * 5).max(Duration::from_millis(25));
+    assert!(
+        hurt <= bound,
+        "{what}: a bystander's median round trip went from {quiet:?} to {hurt:?} (bound {bound:?})"
+    );
+}

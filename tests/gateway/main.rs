@@ -17,4 +17,5 @@ mod provisioning;
 mod pubsub;
 mod robustness;
 mod router;
+mod websocket;
 mod wemo_sim;
