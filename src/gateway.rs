@@ -235,11 +235,11 @@ impl StatusFile {
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
         };
-        let mut broker_counters = broker.shared.metrics.snapshot();
+        let mut broker_counters = broker.shared.metrics().snapshot();
         // Withheld by access checks, at routing and when a queued message goes out.
         broker_counters["delivery_denied"] = broker
             .shared
-            .router
+            .router()
             .dropped_denied
             .load(std::sync::atomic::Ordering::Relaxed)
             .into();
@@ -251,7 +251,7 @@ impl StatusFile {
             "written": secs(now),
             "listeners": broker.local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "broker": broker_counters,
-            "router": broker.shared.router.snapshot(),
+            "router": broker.shared.router().snapshot(),
             "bridges": bridges.states(),
             "devices": &*self.devices.lock().expect("counters lock"),
             "clock_synchronized": crate::devices::clock_synchronized(),

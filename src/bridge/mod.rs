@@ -199,7 +199,7 @@ impl Bridges {
     pub fn new(shared: Arc<Shared>, bus: Bus, gateway: &config::Gateway) -> Bridges {
         let controls: Controls = Default::default();
         let topic = request_topic(&gateway.id);
-        shared.restrict_topic(&topic, &[]);
+        shared.access().restrict_topic(&topic, &[]);
         let client = shared.local_client("bridges-admin", std::slice::from_ref(&topic));
         tokio::spawn(admin_requests(
             client,
@@ -254,7 +254,7 @@ impl Bridges {
                 None => self.running[&b.name].tap.clone() as Arc<dyn Tap>,
             })
             .collect();
-        self.shared.taps.store(Arc::new(taps));
+        self.shared.set_taps(taps);
         // Stop what is replaced or removed before its successor connects (same client id).
         let stopping: Vec<String> = self
             .running
@@ -348,7 +348,7 @@ impl Bridges {
 
     /// Stops every bridge (each says `offline` upstream) and waits for the spools to be written.
     pub async fn stop_all(&mut self) {
-        self.shared.taps.store(Arc::new(vec![]));
+        self.shared.set_taps(vec![]);
         for (_, r) in self.running.drain() {
             r.stop.cancel();
             let _ = r.task.await;

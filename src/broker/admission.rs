@@ -1,20 +1,59 @@
-//! Who gets to log in: sockets that have not finished their handshake and CONNECT hold one of
-//! a fixed number of pre-login slots. When all are taken, the oldest pending socket is evicted
-//! for the newcomer, so sockets that trickle a byte at a time (slowloris) cannot keep real
-//! clients out: a real client finishes in milliseconds, long before enough newer sockets arrive
-//! to push it out.
+//! Who gets to log in, and how many at once:
+//!
+//! - **Sockets** of any kind, logged in or still handshaking, hold a slot of
+//!   `max_connections` + 256; logged-in clients hold one of `max_connections`.
+//! - **Pre-login slots.** Sockets that have not finished their handshake and CONNECT hold one of
+//!   a fixed number of pre-login slots. When all are taken, the oldest pending socket is evicted
+//!   for the newcomer, so sockets that trickle a byte at a time (slowloris) cannot keep real
+//!   clients out: a real client finishes in milliseconds, long before enough newer sockets
+//!   arrive to push it out.
+//! - **Password checks** (argon2: ~20 MiB and tens of ms each) run two at a time.
+//! - **Back-off** after failed logins, per user name and (off loopback) per source address.
 
-use super::Shared;
-use std::collections::VecDeque;
+use super::metrics::Metrics;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
+
+/// Sockets that may be logging in at once.
+const PRELOGIN_SLOTS: usize = 256;
+/// Password checks running at once.
+const AUTH_SLOTS: usize = 2;
+/// Failures allowed before back-off starts, and its longest wait.
+const FREE_FAILURES: u32 = 5;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The broker's gates for new sockets and logins.
+pub struct Admission {
+    /// Logged-in clients (max_connections).
+    sessions: Arc<Semaphore>,
+    /// Open sockets of any kind, logged in or still handshaking.
+    sockets: Arc<Semaphore>,
+    /// Sockets that have not finished logging in.
+    prelogin: Arc<Semaphore>,
+    /// Those sockets, oldest first, so the oldest can be evicted for a newcomer.
+    pending: Arc<Pending>,
+    /// Password checks running at once.
+    auth_slots: Semaphore,
+    /// Recent failed logins by source address and by user name, for back-off.
+    failures: Mutex<HashMap<String, Failures>>,
+    metrics: Arc<Metrics>,
+}
+
+/// Failed logins of one source or user: how many in a row, and until when the next attempt is
+/// refused without a password check.
+#[derive(Clone, Copy)]
+struct Failures {
+    count: u32,
+    until: std::time::Instant,
+}
 
 /// Sockets still logging in, oldest first, each with the token that evicts it.
 #[derive(Default)]
-pub struct Pending {
+struct Pending {
     queue: Mutex<VecDeque<(u64, CancellationToken)>>,
     next: AtomicU64,
 }
@@ -25,13 +64,12 @@ pub struct PreLogin {
     id: u64,
     /// Cancelled when this socket is evicted for a newer one.
     pub evict: CancellationToken,
-    shared: Arc<Shared>,
+    pending: Arc<Pending>,
 }
 
 impl Drop for PreLogin {
     fn drop(&mut self) {
-        self.shared
-            .pending
+        self.pending
             .queue
             .lock()
             .expect("pending lock")
@@ -39,35 +77,98 @@ impl Drop for PreLogin {
     }
 }
 
-/// Takes a pre-login slot, evicting the oldest pending socket if none is free. `None` when no
-/// slot could be had within a second (then the socket is closed).
-pub async fn pre_login(shared: &Arc<Shared>) -> Option<PreLogin> {
-    let permit = match shared.prelogin_allowed.clone().try_acquire_owned() {
-        Ok(p) => p,
-        Err(_) => {
-            let oldest = shared.pending.queue.lock().expect("pending lock").pop_front();
-            if let Some((_, token)) = oldest {
-                token.cancel();
-                super::metrics::Metrics::inc(&shared.metrics.prelogin_evicted);
-            }
-            tokio::time::timeout(Duration::from_secs(1), shared.prelogin_allowed.clone().acquire_owned())
-                .await
-                .ok()?
-                .ok()?
+impl Admission {
+    pub fn new(max_connections: usize, metrics: Arc<Metrics>) -> Admission {
+        Admission {
+            sessions: Arc::new(Semaphore::new(max_connections)),
+            sockets: Arc::new(Semaphore::new(max_connections + PRELOGIN_SLOTS)),
+            prelogin: Arc::new(Semaphore::new(PRELOGIN_SLOTS)),
+            pending: Arc::default(),
+            auth_slots: Semaphore::new(AUTH_SLOTS),
+            failures: Mutex::new(HashMap::new()),
+            metrics,
         }
-    };
-    let id = shared.pending.next.fetch_add(1, Ordering::Relaxed);
-    let evict = CancellationToken::new();
-    shared
-        .pending
-        .queue
-        .lock()
-        .expect("pending lock")
-        .push_back((id, evict.clone()));
-    Some(PreLogin {
-        _permit: permit,
-        id,
-        evict,
-        shared: shared.clone(),
-    })
+    }
+
+    /// A slot for a new socket, held until it closes; `None` when all are taken.
+    pub fn socket(&self) -> Option<OwnedSemaphorePermit> {
+        self.sockets.clone().try_acquire_owned().ok()
+    }
+
+    /// A slot for a logged-in client, held until it disconnects; `None` at `max_connections`.
+    pub fn session(&self) -> Option<OwnedSemaphorePermit> {
+        self.sessions.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for one of the few password-check slots.
+    pub async fn password_check(&self) -> Option<SemaphorePermit<'_>> {
+        self.auth_slots.acquire().await.ok()
+    }
+
+    /// Takes a pre-login slot, evicting the oldest pending socket if none is free. `None` when
+    /// no slot could be had within a second (then the socket is closed).
+    pub async fn pre_login(&self) -> Option<PreLogin> {
+        let permit = match self.prelogin.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let oldest = self.pending.queue.lock().expect("pending lock").pop_front();
+                if let Some((_, token)) = oldest {
+                    token.cancel();
+                    Metrics::inc(&self.metrics.prelogin_evicted);
+                }
+                tokio::time::timeout(Duration::from_secs(1), self.prelogin.clone().acquire_owned())
+                    .await
+                    .ok()?
+                    .ok()?
+            }
+        };
+        let id = self.pending.next.fetch_add(1, Ordering::Relaxed);
+        let evict = CancellationToken::new();
+        self.pending
+            .queue
+            .lock()
+            .expect("pending lock")
+            .push_back((id, evict.clone()));
+        Some(PreLogin {
+            _permit: permit,
+            id,
+            evict,
+            pending: self.pending.clone(),
+        })
+    }
+
+    /// Is a login from `source` as `user` in back-off after failures? Returns how long is left.
+    pub fn login_backoff(&self, source: Option<&str>, user: Option<&str>) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let f = self.failures.lock().expect("failures lock");
+        [source.map(|s| format!("src:{s}")), user.map(|u| format!("user:{u}"))]
+            .into_iter()
+            .flatten()
+            .filter_map(|k| f.get(&k).filter(|x| x.until > now).map(|x| x.until - now))
+            .max()
+    }
+
+    /// Records a login's outcome: failures grow a back-off per source and per user (doubling
+    /// past the first few, up to 30 s); a success clears the user's.
+    pub fn login_result(&self, source: Option<&str>, user: Option<&str>, ok: bool) {
+        let now = std::time::Instant::now();
+        let mut f = self.failures.lock().expect("failures lock");
+        if f.len() > 10_000 {
+            f.retain(|_, x| x.until > now);
+        }
+        let keys = [source.map(|s| format!("src:{s}")), user.map(|u| format!("user:{u}"))];
+        for k in keys.into_iter().flatten() {
+            if ok {
+                f.remove(&k);
+                continue;
+            }
+            let e = f.entry(k).or_insert(Failures { count: 0, until: now });
+            e.count += 1;
+            let wait = match e.count.checked_sub(FREE_FAILURES) {
+                None => Duration::ZERO,
+                Some(n) => (Duration::from_millis(250) * 2u32.saturating_pow(n.min(8))).min(MAX_BACKOFF),
+            };
+            e.until = now + wait;
+        }
+    }
 }

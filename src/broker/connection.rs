@@ -10,7 +10,7 @@ use super::metrics::Metrics;
 use super::router::message::{now_ms, Message};
 use super::router::session::{Delivery, DropReason, Session, SubOpts};
 use super::router::{Target, NEVER};
-use super::{topics, Shared};
+use super::{topics, Right, Shared};
 use bytes::BytesMut;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -168,21 +168,21 @@ pub async fn serve<S>(
             "MQTT 5 enhanced authentication is not offered".into()
         );
     }
-    let Ok(_slot) = shared.sessions_allowed.clone().try_acquire_owned() else {
+    let Some(_slot) = shared.admission.session() else {
         refuse!(Refusal::ServerBusy, "max_connections reached".into());
     };
 
     // Authentication: argon2 is slow on purpose, so only a few run at once.
-    let policy = shared.policy.load_full();
+    let policy = shared.access.policy();
     let device = connect
         .username
         .as_ref()
-        .is_some_and(|u| !policy.has_user(u) && shared.device_login(u, "").is_some());
+        .is_some_and(|u| !policy.has_user(u) && shared.access.device_login(u, "").is_some());
     // Back-off after failed logins, per user and (off loopback) per source address: refused
     // at once, without a password check.
     let source = (!peer.ip().is_loopback()).then(|| peer.ip().to_string());
     if let Some(user) = &connect.username {
-        if let Some(left) = shared.login_backoff(source.as_deref(), Some(user)) {
+        if let Some(left) = shared.admission.login_backoff(source.as_deref(), Some(user)) {
             Metrics::inc(&shared.metrics.logins_throttled);
             refuse!(
                 Refusal::BadCredentials,
@@ -198,8 +198,8 @@ pub async fn serve<S>(
     let slow_check = |user: String, pass: String| {
         let (policy, shared, evict) = (policy.clone(), shared.clone(), prelogin.evict.clone());
         async move {
-            match before_login(deadline, &evict, shared.auth_slots.acquire()).await {
-                Ok(Ok(_slot)) => {
+            match before_login(deadline, &evict, shared.admission.password_check()).await {
+                Ok(Some(_slot)) => {
                     Metrics::inc(&shared.metrics.password_checks);
                     tokio::task::spawn_blocking(move || {
                         let ok = policy.verify_password(&user, &pass);
@@ -216,16 +216,16 @@ pub async fn serve<S>(
     match (&connect.username, &connect.password) {
         (Some(user), pass) if device => {
             // A device from the keystore: a random password, compared in constant time.
-            if shared.device_login(user, pass.as_deref().unwrap_or("")) != Some(true) {
+            if shared.access.device_login(user, pass.as_deref().unwrap_or("")) != Some(true) {
                 slow_check(String::new(), pass.clone().unwrap_or_default()).await;
-                shared.login_result(source.as_deref(), Some(user), false);
+                shared.admission.login_result(source.as_deref(), Some(user), false);
                 refuse!(Refusal::BadCredentials, format!("wrong password for device {user:?}"));
             }
-            shared.login_result(source.as_deref(), Some(user), true);
+            shared.admission.login_result(source.as_deref(), Some(user), true);
         }
         (Some(user), pass) => {
             let ok = slow_check(user.clone(), pass.clone().unwrap_or_default()).await;
-            shared.login_result(source.as_deref(), Some(user), ok);
+            shared.admission.login_result(source.as_deref(), Some(user), ok);
             if !ok {
                 refuse!(
                     Refusal::BadCredentials,
@@ -263,7 +263,7 @@ pub async fn serve<S>(
         refuse!(Refusal::BadClientId, "client id not allowed".into());
     }
     if let Some(w) = &connect.will {
-        if !topics::valid_topic(&w.topic) || !shared.may_publish(&id, &w.topic) {
+        if !topics::valid_topic(&w.topic) || !shared.access.allows(&id, &w.topic, Right::Publish) {
             refuse!(Refusal::NotAuthorized, format!("will topic {:?} not allowed", w.topic));
         }
     }
@@ -285,12 +285,21 @@ pub async fn serve<S>(
     let key = session_key(id.username.as_deref(), &id.client_id);
     // Revoking a device, the end of a login, or a newer connection with this client id closes
     // this one through this token.
-    let (conn_id, kick, taken_over) = shared.register(&id);
+    let super::registry::Registered {
+        id: conn_id,
+        kick,
+        taken_over,
+    } = shared.registry.register(&id);
     let user = id.username.clone().unwrap_or_default();
     // A device revoked or rotated while this one was logging in was kicked before it was
     // registered: check its login again now that any later kick will reach it.
-    if device && shared.device_login(&user, connect.password.as_deref().unwrap_or("")) != Some(true) {
-        shared.unregister(&user, conn_id);
+    if device
+        && shared
+            .access
+            .device_login(&user, connect.password.as_deref().unwrap_or(""))
+            != Some(true)
+    {
+        shared.registry.unregister(&user, conn_id);
         refuse!(Refusal::NotAuthorized, "device revoked while logging in".into());
     }
     // MQTT 5 clients say how many deliveries they take in flight; 3.1.1 clients cannot, and get
@@ -321,8 +330,8 @@ pub async fn serve<S>(
         .await
         .map_or(true, |r| r.is_err())
     {
-        shared.unregister(&user, conn_id);
-        shared.detach(&attached.session, attached.gen, connect.will.clone(), true);
+        shared.registry.unregister(&user, conn_id);
+        shared.detach(&attached.session, attached.gen, connect.will.clone());
         return;
     }
     drop(prelogin);
@@ -377,10 +386,10 @@ pub async fn serve<S>(
             End::Protocol("internal error")
         }
     };
-    shared.unregister(&user, conn_id);
+    shared.registry.unregister(&user, conn_id);
     shared.metrics.connections.fetch_sub(1, Ordering::Relaxed);
     let will = connect.will.clone().filter(|_| end.fires_will());
-    shared.detach(&ctx.session, ctx.gen, will, false);
+    shared.detach(&ctx.session, ctx.gen, will);
     match &end {
         End::Protocol(_) | End::ClientGone(_) => {
             log::info!("{peer} on {}: client {:?}: {end}", listener.name, ctx.id.client_id)
@@ -491,7 +500,7 @@ impl Ctx {
         if self.max_packet != 0 && size > self.max_packet {
             return Some(DropReason::TooLarge);
         }
-        (!self.shared.may_read(&self.id, &d.msg.topic)).then_some(DropReason::Denied)
+        (!self.shared.access.allows(&self.id, &d.msg.topic, Right::Read)).then_some(DropReason::Denied)
     }
 
     /// The session store, when this session is kept in it and this connection still holds it
@@ -790,7 +799,7 @@ fn on_packet(
                     return Step::Close(Goodbye::ReceiveMaximumExceeded, "too many unacknowledged publishes");
                 }
             }
-            if !shared.may_publish(&ctx.id, &topic) {
+            if !shared.access.allows(&ctx.id, &topic, Right::Publish) {
                 Metrics::inc(&m.publish_denied);
                 shared.events.publish_denied(ctx.peer, &ctx.id, &topic);
                 log::debug!("client {:?}: publish to {topic:?} denied", ctx.id.client_id);
@@ -866,7 +875,7 @@ fn on_packet(
                     Metrics::inc(&m.malformed_packets);
                     return Step::Close(Goodbye::ProtocolError, "No Local on a shared subscription");
                 }
-                if !shared.may_subscribe(&ctx.id, &f.filter) {
+                if !shared.access.allows(&ctx.id, &f.filter, Right::Subscribe) {
                     Metrics::inc(&m.subscribe_denied);
                     shared.events.subscribe_denied(ctx.peer, &ctx.id, &f.filter);
                     log::debug!("client {:?}: subscribe to {:?} denied", ctx.id.client_id, f.filter);
@@ -881,9 +890,11 @@ fn on_packet(
                     id,
                 };
                 let _ = inner;
-                let (_, msgs) = shared.subscribe(&ctx.session, &f.filter, opts, f.retain_handling);
+                let (_, msgs) = shared
+                    .router
+                    .subscribe(&ctx.session, &f.filter, opts, f.retain_handling);
                 for msg in msgs {
-                    if !shared.may_read(&ctx.id, &msg.topic) {
+                    if !shared.access.allows(&ctx.id, &msg.topic, Right::Read) {
                         shared.router.dropped_denied.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -903,7 +914,10 @@ fn on_packet(
             Step::SubAck(codec::suback(proto, pkid, &codes), retained)
         }
         In::Unsubscribe { pkid, filters } => {
-            let held: Vec<bool> = filters.iter().map(|f| shared.unsubscribe(&ctx.session, f)).collect();
+            let held: Vec<bool> = filters
+                .iter()
+                .map(|f| shared.router.unsubscribe(&ctx.session, f))
+                .collect();
             Step::Reply(codec::unsuback(proto, pkid, &held))
         }
         In::PingReq => Step::Reply(bytes::Bytes::from_static(&codec::PINGRESP)),
@@ -923,7 +937,7 @@ fn on_packet(
             // A session that ends here is ended before the socket closes, so a client that
             // reconnects at once cannot find it still there.
             if ctx.session.lock().expiry == 0 {
-                shared.detach(&ctx.session, ctx.gen, None, false);
+                shared.detach(&ctx.session, ctx.gen, None);
             }
             Step::End(End::Disconnected)
         }

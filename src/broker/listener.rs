@@ -91,7 +91,7 @@ impl Listener {
                 self.protocol,
             );
             tracker.spawn(async move {
-                let Some(prelogin) = super::admission::pre_login(&shared).await else {
+                let Some(prelogin) = shared.admission.pre_login().await else {
                     log::warn!("{}: no pre-login slot for {peer}; closing", info.name);
                     return;
                 };
@@ -169,7 +169,7 @@ impl super::FrontDoor {
         let deadline = Instant::now() + shared.limits.connect_timeout.0;
         let close = self.close.clone();
         self.tracker.spawn(async move {
-            let Some(prelogin) = super::admission::pre_login(&shared).await else {
+            let Some(prelogin) = shared.admission.pre_login().await else {
                 return;
             };
             let max = shared.limits.max_packet_size.0 as usize;
@@ -184,7 +184,7 @@ impl super::FrontDoor {
 /// slot is taken in the socket's own task: it may have to evict an older socket first).
 fn admit(shared: &Shared, name: &str, peer: SocketAddr) -> Option<tokio::sync::OwnedSemaphorePermit> {
     // Every socket, logged in or not, holds a slot: this bounds what half-open sockets cost.
-    let Ok(slot) = shared.sockets_allowed.clone().try_acquire_owned() else {
+    let Some(slot) = shared.admission.socket() else {
         log::warn!("{name}: too many open sockets, dropping {peer}");
         return None;
     };

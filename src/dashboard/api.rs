@@ -5,7 +5,7 @@
 
 use crate::broker::auth::Identity;
 use crate::broker::events::Event as SecurityEvent;
-use crate::broker::{topics, Shared};
+use crate::broker::{topics, Right, Shared};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -118,7 +118,7 @@ impl Logins {
         let text = String::from_utf8(raw).map_err(|_| ())?;
         let (user, pass) = text.split_once(':').ok_or(())?;
         let tag = self.tag(user, pass);
-        let policy = shared.policy.load_full();
+        let policy = shared.access().policy();
         {
             let mut ok = self.ok.lock().expect("logins lock");
             ok.retain(|_, (_, at)| at.elapsed() < REMEMBER);
@@ -127,7 +127,7 @@ impl Logins {
                 return Ok(Caller::User(user.to_string()));
             }
         }
-        let _slot = shared.auth_slots.acquire().await.map_err(|_| ())?;
+        let _slot = shared.admission().password_check().await.ok_or(())?;
         let (u, p) = (user.to_string(), pass.to_string());
         let good = tokio::task::spawn_blocking(move || policy.verify_password(&u, &p))
             .await
@@ -170,14 +170,14 @@ pub fn readable(shared: &Shared, settings: &Settings, id: &Identity) -> Vec<Stri
         }
     }
     let now = crate::grants::now_secs();
-    for g in shared.grants.load().list.iter() {
+    for g in shared.access().grants().list.iter() {
         if g.subscribe && g.active(now) && g.applies(id) {
             cands.push(g.filter.clone());
         }
     }
     let allowed: Vec<String> = cands
         .into_iter()
-        .filter(|f| topics::valid_filter(f) && shared.may_subscribe(id, f))
+        .filter(|f| topics::valid_filter(f) && shared.access().allows(id, f, Right::Subscribe))
         .collect();
     let mut out: Vec<String> = vec![];
     for f in &allowed {
@@ -222,12 +222,16 @@ pub fn me(shared: &Shared, settings: &Settings, user: Option<&str>, bind: &str, 
                         "live": fill(&settings.plug_live),
                         "state": fill(&settings.plug_state),
                         "set": fill(&settings.plug_set),
-                        "may_set": shared.may_publish(&id, &fill(&settings.plug_set)),
+                        "may_set": shared.access().allows(&id, &fill(&settings.plug_set), Right::Publish),
                     })
                 })
                 .filter(|p| {
-                    shared.may_read(&id, p["state"].as_str().unwrap_or(""))
-                        || shared.may_read(&id, p["live"].as_str().unwrap_or(""))
+                    shared
+                        .access()
+                        .allows(&id, p["state"].as_str().unwrap_or(""), Right::Read)
+                        || shared
+                            .access()
+                            .allows(&id, p["live"].as_str().unwrap_or(""), Right::Read)
                 })
                 .collect()
         })

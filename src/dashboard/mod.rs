@@ -173,6 +173,7 @@ impl Dashboard {
             .unwrap_or_default();
         // Bridge requests are for the dashboard's admins alone, whatever the ACL says.
         door.shared
+            .access()
             .restrict_topic(&settings.bridge_request_topic(), &settings.admins);
         let ctx = Arc::new(Ctx {
             door: door.clone(),
@@ -209,7 +210,7 @@ impl Dashboard {
             };
             // HTTP sockets hold a slot of the broker's socket limit too, so the page cannot
             // be used to exhaust file descriptors.
-            let Ok(slot) = door.shared.sockets_allowed.clone().try_acquire_owned() else {
+            let Some(slot) = door.shared.admission().socket() else {
                 log::warn!("dashboard: too many open sockets, dropping {peer}");
                 continue;
             };
@@ -219,7 +220,7 @@ impl Dashboard {
                 match tls {
                     None => serve_http(stream, peer, ctx, stop).await,
                     Some(acceptor) => {
-                        let deadline = ctx.door.shared.limits.connect_timeout.0;
+                        let deadline = ctx.door.shared.limits().connect_timeout.0;
                         match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => serve_http(s, peer, ctx, stop).await,
                             Ok(Err(e)) => log::info!("dashboard: {peer}: TLS handshake failed: {e}"),
@@ -321,7 +322,7 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
                     .and_then(|b| String::from_utf8(b).ok())
                     .and_then(|t| t.split_once(':').map(|(u, _)| u.to_string()))
                     .unwrap_or_default();
-                ctx.door.shared.events.login_refused(
+                ctx.door.shared.events().login_refused(
                     peer,
                     "",
                     Some(&user),
@@ -379,7 +380,10 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
                 ))
             } else {
                 let admin = user.is_some_and(|u| ctx.settings.admins.iter().any(|a| a == u));
-                json_reply(&ctx.problems.doc(&status, &ctx.door.shared.events.recent(), user, admin))
+                json_reply(
+                    &ctx.problems
+                        .doc(&status, &ctx.door.shared.events().recent(), user, admin),
+                )
             }
         }
         "/mqtt" => upgrade(req, ctx, peer),

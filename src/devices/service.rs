@@ -83,7 +83,7 @@ impl DeviceService {
                 ))
             })
             .collect();
-        self.shared.devices.store(Arc::new(creds));
+        self.shared.access().set_devices(creds);
     }
 
     fn live(&self, d: Device) -> Option<Live> {

@@ -43,10 +43,12 @@ impl GrantService {
         let f: GrantFile = super::load(&self.path)?;
         let now = super::now_secs();
         let list = f.grants.into_iter().filter(|g| !g.revoked && g.expires > now).collect();
-        self.shared.grants.store(Arc::new(GrantState { list }));
-        self.shared.restrict_topic(&self.request_topic, &self.cfg.admins);
+        self.shared.access().set_grants(GrantState { list });
+        self.shared
+            .access()
+            .restrict_topic(&self.request_topic, &self.cfg.admins);
         // Claims come from anyone the ACL lets publish there, though the topic is the gateway's.
-        self.shared.open_topic(&self.claim_topic);
+        self.shared.access().open_topic(&self.claim_topic);
         Ok(())
     }
 

@@ -28,7 +28,7 @@ pub struct ProvisionService {
 impl ProvisionService {
     pub fn new(shared: Arc<Shared>, bus: Bus, cfg: &Config) -> ProvisionService {
         let request_topic = format!("outpost/{}/provision/request", cfg.gateway.id);
-        shared.restrict_topic(&request_topic, &cfg.provisioning.admins);
+        shared.access().restrict_topic(&request_topic, &cfg.provisioning.admins);
         ProvisionService {
             shared,
             bus,
