@@ -477,7 +477,9 @@ fn the_page_logs_in_and_shows_live_topics_bridges_plugs_and_acts() {
     b.click("button[data-plug='kettle'][data-set='off']");
     b.wait_text(&["kettle\toff"], Duration::from_secs(10));
     assert!(!kettle.state.lock().unwrap().on, "the plug was not switched");
-    assert!(b.text().contains("asked off"));
+    // Nothing orders the page's PUBACK against the plug's new state (another publisher's
+    // message, published once the SOAP call returns): under load the state can show first.
+    b.wait_text(&["asked off"], Duration::from_secs(5));
     b.screenshot("dashboard-acted.png");
     drop(b);
     assert!(gw.stop(), "gateway did not stop cleanly:\n{}", gw.log());
