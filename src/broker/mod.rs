@@ -149,6 +149,9 @@ impl Broker {
                 // Clients that are away hold half the budget at most: the live ones always
                 // have the rest.
                 away_bytes: sc.memory_budget.0 as usize / 2,
+                // One user's clients hold a share (a quarter by default): one user can never
+                // pause the others.
+                user_bytes: sc.user_bytes(),
             },
             sc.memory_budget.0 as usize,
             Some(store),

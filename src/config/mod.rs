@@ -292,11 +292,22 @@ pub struct Sessions {
     /// Bytes all queues together may hold. When reached, the broker stops reading publishers
     /// (TCP pushes back on them) until subscribers catch up; nothing is dropped for it.
     pub memory_budget: Size,
+    /// Bytes the queues of one user's sessions may hold together (anonymous clients are one
+    /// user); past it, that user's deliveries are dropped and counted (`user_share`), so no
+    /// user's slow or stalled clients can pause anyone else. `null`: a quarter of the budget.
+    pub max_user_bytes: Option<Size>,
     /// How long a 3.1.1 persistent session (clean session 0) is kept after its connection
     /// ends; `null` keeps it until the client cleans it (Mosquitto's default).
     pub persistent_session_expiry: Option<Dur>,
     /// The longest session expiry an MQTT 5 client may ask for; `null`: whatever it asks.
     pub max_session_expiry: Option<Dur>,
+}
+
+impl Sessions {
+    /// What one user's sessions may hold together.
+    pub fn user_bytes(&self) -> usize {
+        self.max_user_bytes.map_or(self.memory_budget.0 / 4, |u| u.0) as usize
+    }
 }
 
 impl Default for Sessions {
@@ -308,6 +319,7 @@ impl Default for Sessions {
             max_queued_messages: 1_000_000,
             max_queued_bytes: Size(256 * 1024 * 1024),
             memory_budget: Size(256 * 1024 * 1024),
+            max_user_bytes: None,
             persistent_session_expiry: None,
             max_session_expiry: None,
         }
@@ -574,6 +586,15 @@ impl Config {
             return err(
                 "broker.sessions.memory_budget".into(),
                 "must be at least 1MiB (or max_queued_bytes, if smaller)".into(),
+            );
+        }
+        if sc
+            .max_user_bytes
+            .is_some_and(|u| u.0 < 1024 || u.0 > sc.memory_budget.0)
+        {
+            return err(
+                "broker.sessions.max_user_bytes".into(),
+                "must be at least 1KiB and at most memory_budget".into(),
             );
         }
         if lim.connect_timeout.0.is_zero() {

@@ -191,9 +191,9 @@ pub fn render(doc: &Value) -> String {
             &mut fams,
             "outpost_messages_dropped_total",
             "counter",
-            "Messages not delivered to a session, by reason (queue_full, too_large, expired, away_budget, denied).",
+            "Messages not delivered to a session, by reason (queue_full, too_large, expired, away_budget, user_share, denied).",
         );
-        for reason in ["queue_full", "too_large", "expired", "away_budget"] {
+        for reason in ["queue_full", "too_large", "expired", "away_budget", "user_share"] {
             fams[i].samples.push((
                 vec![("reason", reason.into())],
                 num(&r["dropped"][reason]).unwrap_or(0.0),

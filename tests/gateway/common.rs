@@ -586,13 +586,17 @@ pub struct Bystander {
 
 impl Bystander {
     pub async fn connect(port: u16, id: &str) -> Bystander {
-        let (client, mut ev) = connect(opts(port, id)).await.expect("bystander connects");
-        let topic = format!("bystander/{id}");
-        subscribe(&client, &mut ev, &topic, QoS::AtLeastOnce).await;
+        Bystander::connect_with(opts(port, id), &format!("bystander/{id}")).await
+    }
+
+    /// With its own options (a login) and a topic it may publish and read.
+    pub async fn connect_with(o: MqttOptions, topic: &str) -> Bystander {
+        let (client, mut ev) = connect(o).await.expect("bystander connects");
+        subscribe(&client, &mut ev, topic, QoS::AtLeastOnce).await;
         Bystander {
             client,
             ev,
-            topic,
+            topic: topic.to_string(),
             n: 0,
         }
     }

@@ -10,6 +10,7 @@ mod common;
 mod dashboard;
 mod devices;
 mod grants;
+mod isolation;
 mod packaging;
 mod paho;
 mod plugs;

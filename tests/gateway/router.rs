@@ -626,7 +626,8 @@ async fn the_memory_budget_slows_publishers_and_loses_nothing() {
     let port = free_port();
     let gw = Gateway::start(&broker_with(
         port,
-        "  sessions: { max_queued_bytes: 64MiB, memory_budget: 1MiB }\n",
+        // One user (anonymous) may hold the whole budget here: the pause itself is tested.
+        "  sessions: { max_queued_bytes: 64MiB, memory_budget: 1MiB, max_user_bytes: 1MiB }\n",
     ));
     // A QoS 1 subscriber that stops reading (its event loop is not polled) for a while.
     let (sub, mut sev) = connect(opts(port, "slow-sub")).await.unwrap();
@@ -1293,7 +1294,9 @@ fn clients_that_never_return_do_not_pause_the_live_ones() {
     let port = free_port();
     let gw = Gateway::start(&broker_with(
         port,
-        "  sessions: { max_queued_bytes: 1MiB, memory_budget: 1MiB }\n",
+        // All these clients are anonymous (one user): the user share is lifted to test the
+        // away share alone.
+        "  sessions: { max_queued_bytes: 1MiB, memory_budget: 1MiB, max_user_bytes: 1MiB }\n",
     ));
     for i in 0..4 {
         let (mut s, _) = Raw::v4(port, &format!("gone-{i}"), false);

@@ -122,10 +122,13 @@ pub struct Router {
     pub dropped_too_large: AtomicU64,
     pub dropped_expired: AtomicU64,
     pub dropped_away_budget: AtomicU64,
+    pub dropped_user_share: AtomicU64,
     pub dropped_denied: AtomicU64,
     pub paused: AtomicU64,
     /// Bytes queued in sessions no connection holds (bounded by `limits.away_bytes`).
     away: Arc<AtomicUsize>,
+    /// Bytes queued in the sessions of each user (each bounded by `limits.user_bytes`).
+    users: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     /// May this session read this topic now? Set by the broker (its ACLs, grants and devices);
     /// unset, everything is readable (the router tested alone).
     pub access: OnceLock<Access>,
@@ -186,9 +189,11 @@ impl Router {
             dropped_too_large: AtomicU64::new(0),
             dropped_expired: AtomicU64::new(0),
             dropped_away_budget: AtomicU64::new(0),
+            dropped_user_share: AtomicU64::new(0),
             dropped_denied: AtomicU64::new(0),
             paused: AtomicU64::new(0),
             away: Arc::new(AtomicUsize::new(0)),
+            users: Mutex::new(HashMap::new()),
             access: OnceLock::new(),
             over: AtomicBool::new(false),
             store,
@@ -332,17 +337,24 @@ impl Router {
     ) -> Arc<Session> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let key: Arc<str> = Arc::from(key);
+        let user = self.user_total(identity.username.as_deref().unwrap_or(""));
         let s = Arc::new(Session::new(
             id,
             key.clone(),
             identity,
             internal,
             expiry,
-            self.away.clone(),
+            (self.away.clone(), user),
         ));
         inner.sessions.insert(key, s.clone());
         inner.by_id.insert(id, s.clone());
         s
+    }
+
+    /// The counter of bytes queued for `user`'s sessions, shared by all of them.
+    fn user_total(&self, user: &str) -> Arc<AtomicUsize> {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.entry(user.to_string()).or_default().clone()
     }
 
     /// The connection of generation `gen` has ended: the session ends with it (expiry 0), is
@@ -637,6 +649,10 @@ impl Router {
                 self.dropped_away_budget.fetch_add(1, Ordering::Relaxed);
                 false
             }
+            Err(Some(session::DropReason::UserShare)) => {
+                self.dropped_user_share.fetch_add(1, Ordering::Relaxed);
+                false
+            }
             Err(Some(_)) => {
                 self.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
                 false
@@ -770,6 +786,7 @@ impl Router {
             "away_bytes": self.away_bytes(),
             "memory_budget": self.budget,
             "away_budget": self.limits.away_bytes,
+            "user_budget": self.limits.user_bytes,
             "max_queued_messages": self.limits.max_messages,
             "max_queued_bytes": self.limits.max_bytes,
             "publisher_pauses": g(&self.paused),
@@ -778,6 +795,7 @@ impl Router {
                 "too_large": g(&self.dropped_too_large),
                 "expired": g(&self.dropped_expired),
                 "away_budget": g(&self.dropped_away_budget),
+                "user_share": g(&self.dropped_user_share),
                 "denied": g(&self.dropped_denied),
             },
             "sessions_dropping": dropping.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
@@ -817,6 +835,7 @@ mod tests {
                 max_messages,
                 max_bytes: 1 << 30,
                 away_bytes: 1 << 29,
+                user_bytes: usize::MAX,
             },
             1 << 30,
             None,
@@ -972,6 +991,102 @@ mod tests {
         a.session.take(a.gen, usize::MAX, usize::MAX, |_| None).unwrap().out
     }
 
+    fn attach_as(r: &Router, user: &str, client: &str) -> Attached {
+        let mut identity = id(client);
+        identity.username = Some(user.into());
+        let req = AttachReq {
+            key: format!("{user}:{client}"),
+            identity,
+            clean: true,
+            expiry: 0,
+            internal: false,
+            window: usize::MAX,
+        };
+        r.attach(req, CancellationToken::new(), Arc::new(AtomicBool::new(false)))
+    }
+
+    #[test]
+    fn one_users_stalled_sessions_hold_its_share_and_never_pause_another_user() {
+        let cost = msg("t", 1).cost();
+        // Room for 100 messages in all; a quarter for any one user.
+        let r = Router::new(
+            QueueLimits {
+                max_messages: 1000,
+                max_bytes: 1 << 30,
+                away_bytes: 50 * cost,
+                user_bytes: 25 * cost,
+            },
+            100 * cost,
+            None,
+        );
+        // Issue 29, point 2: many sessions of one user that never read.
+        let stalled: Vec<Attached> = (0..10)
+            .map(|i| {
+                let a = attach_as(&r, "mallory", &format!("m{i}"));
+                r.subscribe(&a.session, "#", opts(1, None), 0);
+                a
+            })
+            .collect();
+        let alice = attach_as(&r, "alice", "a");
+        r.subscribe(&alice.session, "t", opts(1, None), 0);
+        for _ in 0..1000 {
+            assert!(!r.over_budget(), "one user's stalled sessions paused the publishers");
+            let m = msg("t", 1);
+            for t in r.route(&m) {
+                let is_alice = Arc::ptr_eq(&t.session, &alice.session);
+                assert!(r.push(&t, &m, false, None) || !is_alice, "alice lost a message");
+            }
+            for (pkid, _) in take_all(&alice) {
+                let (freed, _) = alice.session.acked(alice.gen, pkid, false).unwrap();
+                r.release(freed);
+            }
+        }
+        assert_eq!(alice.session.delivered.load(Ordering::Relaxed), 1000);
+        let held: usize = stalled.iter().map(|a| a.session.lock().bytes).sum();
+        assert!(held <= 25 * cost, "mallory holds {held} bytes, past her share");
+        let dropped: u64 = stalled
+            .iter()
+            .map(|a| *a.session.drops().get(&session::DropReason::UserShare).unwrap_or(&0))
+            .sum();
+        assert_eq!(dropped, 10 * 1000 - (held / cost) as u64, "every drop is counted");
+        assert_eq!(r.dropped_user_share.load(Ordering::Relaxed), dropped);
+    }
+
+    #[test]
+    fn subscribing_again_and_again_queues_one_copy_of_a_retained_message() {
+        let r = router(100);
+        let big = Arc::new(Message {
+            topic: Arc::from("devices/m/blob"),
+            payload: Bytes::from(vec![7u8; 200 * 1024]),
+            qos: 1,
+            retain: true,
+            props: None,
+            expires_ms: None,
+            origin: None,
+            from: 0,
+        });
+        r.retain(&big);
+        // Receive Maximum 1 and never an ack: one copy in flight, at most one waiting.
+        let a = attach_with_window(&r, ":m", true, 0, 1);
+        for _ in 0..1400 {
+            let (_, msgs) = r.subscribe(&a.session, "devices/m/#", opts(1, None), 0);
+            for m in msgs {
+                let t = Target {
+                    session: a.session.clone(),
+                    qos: 1,
+                    retain: true,
+                    sub_ids: vec![],
+                    share: None,
+                };
+                r.push(&t, &m, true, None);
+            }
+            let _ = a.session.take(a.gen, 1, 256, |_| None);
+        }
+        let st = a.session.lock();
+        assert_eq!(st.inflight.len() + st.queue.len(), 2, "copies of one retained message");
+        assert!(r.queued_bytes() <= 2 * big.cost());
+    }
+
     #[test]
     fn away_sessions_hold_their_share_and_never_pause_the_live_ones() {
         let cost = msg("t", 1).cost();
@@ -981,6 +1096,7 @@ mod tests {
                 max_messages: 1000,
                 max_bytes: 1 << 30,
                 away_bytes: 50 * cost,
+                user_bytes: usize::MAX,
             },
             100 * cost,
             None,
@@ -1096,6 +1212,7 @@ mod tests {
                 max_messages: 5,
                 max_bytes: 1 << 30,
                 away_bytes: 1 << 29,
+                user_bytes: usize::MAX,
             },
             1 << 30,
             None,

@@ -68,15 +68,19 @@ pub enum DropReason {
     AwayBudget,
     /// The client may no longer read its topic (an ACL change, an ended grant) when it was due.
     Denied,
+    /// The queues of the sessions of this client's user hold the user's share of the memory
+    /// budget (so one user's slow or stalled clients cannot pause anyone else).
+    UserShare,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::QueueFull,
         DropReason::TooLarge,
         DropReason::Expired,
         DropReason::AwayBudget,
         DropReason::Denied,
+        DropReason::UserShare,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -85,6 +89,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::AwayBudget => "away_budget",
             DropReason::Denied => "denied",
+            DropReason::UserShare => "user_share",
         }
     }
 }
@@ -96,6 +101,9 @@ pub struct QueueLimits {
     pub max_bytes: usize,
     /// Bytes the queues of all away sessions may hold together.
     pub away_bytes: usize,
+    /// Bytes the queues of one user's sessions may hold together (anonymous clients are one
+    /// user): whatever one user's clients fail to read costs only that user.
+    pub user_bytes: usize,
 }
 
 /// What one `take` gave the writer.
@@ -184,6 +192,8 @@ pub struct Session {
     pub room_at: AtomicU64,
     /// Bytes held by all away sessions together (the router's), kept in step under this lock.
     away_total: Arc<AtomicUsize>,
+    /// Bytes held by all sessions of this session's user (the router's), kept in step too.
+    user_total: Arc<AtomicUsize>,
     state: Mutex<State>,
 }
 
@@ -194,7 +204,7 @@ impl Session {
         identity: Identity,
         internal: bool,
         expiry: u32,
-        away_total: Arc<AtomicUsize>,
+        (away_total, user_total): (Arc<AtomicUsize>, Arc<AtomicUsize>),
     ) -> Session {
         Session {
             id,
@@ -209,6 +219,7 @@ impl Session {
             window: AtomicUsize::new(usize::MAX),
             room_at: AtomicU64::new(0),
             away_total,
+            user_total,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 inflight: VecDeque::new(),
@@ -257,10 +268,17 @@ impl Session {
         if st.closed {
             return Err(None);
         }
+        // A retained message sent at subscribe that still waits in the queue is not queued a
+        // second time: a client that subscribes again and again holds one copy.
+        if force && d.retain && st.queue.iter().any(|q| q.retain && Arc::ptr_eq(&q.msg, &d.msg)) {
+            return Err(None);
+        }
         let why = if !force && (st.queue.len() >= limits.max_messages || st.bytes + cost > limits.max_bytes) {
             Some(DropReason::QueueFull)
         } else if st.away && self.away_total.load(Ordering::Relaxed) + cost > limits.away_bytes {
             Some(DropReason::AwayBudget)
+        } else if !self.internal && self.user_total.load(Ordering::Relaxed) + cost > limits.user_bytes {
+            Some(DropReason::UserShare)
         } else {
             None
         };
@@ -270,6 +288,9 @@ impl Session {
             if st.unlogged_drops == 1 {
                 let what = match why {
                     DropReason::AwayBudget => "the queues of away clients hold their share of the memory budget",
+                    DropReason::UserShare => {
+                        "the queues of this user's clients hold the user's share of the memory budget"
+                    }
                     _ => "queue full",
                 };
                 log::warn!(
@@ -306,6 +327,7 @@ impl Session {
 
     fn grow(&self, st: &mut State, cost: usize) {
         st.bytes += cost;
+        self.user_total.fetch_add(cost, Ordering::Relaxed);
         if st.away {
             self.away_total.fetch_add(cost, Ordering::Relaxed);
         }
@@ -313,6 +335,7 @@ impl Session {
 
     fn shrink(&self, st: &mut State, cost: usize) {
         st.bytes -= cost;
+        self.user_total.fetch_sub(cost, Ordering::Relaxed);
         if st.away {
             self.away_total.fetch_sub(cost, Ordering::Relaxed);
         }
