@@ -466,6 +466,7 @@ impl Link {
             if resuming.is_empty() && !greeted && leaving.is_none() {
                 greeted = true;
                 if !up.subscribe(inbound) {
+                    self.record(&mut marks, &mut acks);
                     return Err("cannot queue SUBSCRIBE".into());
                 }
                 if self.say(up, b"online") {
