@@ -2,6 +2,7 @@
 //! order and delete each message only when the upstream acknowledged it, bring inbound
 //! messages into the local broker, and report state.
 
+use super::failover::{probe_primary, Arrival, Failover, Next};
 use super::rules::Rule;
 use super::spool::{now_ms, Spool};
 use super::upstream::{UpEvent, Upstream};
@@ -57,8 +58,6 @@ fn digest(b: &[u8]) -> u64 {
 }
 
 const ECHO_WINDOW: Duration = Duration::from_secs(10);
-/// A session that lasted this long resets the backoff.
-const STABLE: Duration = Duration::from_secs(10);
 /// How `serve` ends when an admin paused or restarted the bridge.
 const ADMIN_KICK: &str = "paused or restarted by an admin";
 /// How long a resumed session's QoS 2 messages may take to finish before the bridge starts over.
@@ -163,13 +162,8 @@ impl Link {
             .iter()
             .filter_map(|r| r.inbound.as_ref().map(|m| (m.filter().to_string(), r.qos)))
             .collect();
-        let mut attempt = 0u32;
-        let mut first = true;
-        let urls: Vec<String> = self.cfg.endpoints().into_iter().map(String::from).collect();
-        // The address to try next, and how many failed in a row since the last connection.
-        let mut at = 0usize;
-        let mut failed_in_row = 0usize;
-        let mut last_connected: Option<usize> = None;
+        let urls = self.cfg.endpoints().into_iter().map(String::from).collect();
+        let mut failover = Failover::new(urls, self.cfg.failover.round_robin);
         loop {
             // Paused by an admin: stay away from the upstream until resumed.
             while self.stats.paused.load(Ordering::Relaxed) {
@@ -179,7 +173,7 @@ impl Link {
                     _ = stop.cancelled() => return,
                 }
             }
-            self.url = urls[at].clone();
+            self.url = failover.url().to_string();
             // Reads certificates and the password file: off the async threads.
             let (cfg, id, topic, url) = (
                 self.cfg.clone(),
@@ -192,10 +186,7 @@ impl Link {
                 Ok(u) => u,
                 Err(e) => {
                     self.failed(&format!("{e:#}"));
-                    if self
-                        .next_address(urls.len(), &mut at, &mut failed_in_row, &mut attempt, &stop)
-                        .await
-                    {
+                    if self.next_address(&mut failover, &stop).await {
                         return;
                     }
                     continue;
@@ -218,26 +209,24 @@ impl Link {
                 Err(e) if e == ADMIN_KICK => continue,
                 Err(e) => {
                     self.failed(&e);
-                    if self
-                        .next_address(urls.len(), &mut at, &mut failed_in_row, &mut attempt, &stop)
-                        .await
-                    {
+                    if self.next_address(&mut failover, &stop).await {
                         return;
                     }
                     continue;
                 }
             };
-            failed_in_row = 0;
-            if last_connected.is_some_and(|l| l != at) {
-                self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+            match failover.connected() {
+                Arrival::First => {}
+                Arrival::Again => {
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                Arrival::Moved => {
+                    self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            last_connected = Some(at);
             *self.stats.url.lock().expect("stats lock") = Some(self.url.clone());
             let session_start = Instant::now();
-            if !first {
-                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            }
-            first = false;
             self.stats.connected.store(true, Ordering::Relaxed);
             self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
             log::info!(
@@ -250,9 +239,14 @@ impl Link {
             let limit = server_max.map_or(ours, |m| (m as usize).min(ours));
             // On another address than the primary (and not round robin): watch the primary.
             let (back_tx, back_rx) = tokio::sync::oneshot::channel();
-            let probe = (at != 0 && !self.cfg.failover.round_robin).then(|| {
+            let probe = failover.primary_to_watch().map(|primary| {
                 let f = &self.cfg.failover;
-                tokio::spawn(probe_primary(urls[0].clone(), f.probe.0, f.fail_back_after.0, back_tx))
+                tokio::spawn(probe_primary(
+                    primary.to_string(),
+                    f.probe.0,
+                    f.fail_back_after.0,
+                    back_tx,
+                ))
             });
             // No more in flight than the upstream's Receive Maximum allows (MQTT 5).
             let window = receive_max.map_or(self.cfg.inflight, |r| r.min(self.cfg.inflight)) as usize;
@@ -262,9 +256,7 @@ impl Link {
             if let Some(p) = probe {
                 p.abort();
             }
-            if session_start.elapsed() >= STABLE {
-                attempt = 0;
-            }
+            failover.ended(session_start.elapsed());
             self.stats.connected.store(false, Ordering::Relaxed);
             self.stats.stalled.store(false, Ordering::Relaxed);
             self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
@@ -278,18 +270,15 @@ impl Link {
                     // Then pause or connect again at once (to the primary when failing back;
                     // what was in flight is re-sent there).
                     log::info!("bridge {name}: {e}, left {}", self.url);
-                    attempt = 0;
+                    failover.reset_backoff();
                     if e == FAIL_BACK {
-                        at = 0;
+                        failover.fail_back();
                     }
                     self.publish_state().await;
                 }
                 Err(e) => {
                     self.failed(&e);
-                    if self
-                        .next_address(urls.len(), &mut at, &mut failed_in_row, &mut attempt, &stop)
-                        .await
-                    {
+                    if self.next_address(&mut failover, &stop).await {
                         return;
                     }
                 }
@@ -297,28 +286,20 @@ impl Link {
         }
     }
 
-    /// After a failure on address `at`: the next address at once while some in this round are
-    /// untried, the backoff once all failed in a row (then the primary first again, unless
-    /// round robin). True when stopped meanwhile.
-    async fn next_address(
-        &mut self,
-        n: usize,
-        at: &mut usize,
-        failed_in_row: &mut usize,
-        attempt: &mut u32,
-        stop: &CancellationToken,
-    ) -> bool {
-        *failed_in_row += 1;
-        *at = (*at + 1) % n;
-        if *failed_in_row < n {
-            self.publish_state().await;
-            return stop.is_cancelled();
+    /// After a failure on the address in use: the next address at once, or the backoff once
+    /// every address failed in a row. True when stopped meanwhile.
+    async fn next_address(&mut self, failover: &mut Failover, stop: &CancellationToken) -> bool {
+        match failover.failed() {
+            Next::AtOnce => {
+                self.publish_state().await;
+                stop.is_cancelled()
+            }
+            Next::Backoff => {
+                let b = &self.cfg.backoff;
+                let cap = failover.backoff(b.min.0, b.max.0);
+                self.backoff(cap, stop).await
+            }
         }
-        *failed_in_row = 0;
-        if !self.cfg.failover.round_robin {
-            *at = 0;
-        }
-        self.backoff(attempt, stop).await
     }
 
     /// Records a failed connection; TLS failures also name the certificates in use.
@@ -343,16 +324,13 @@ impl Link {
         *self.stats.last_error.lock().expect("stats lock") = Some(msg);
     }
 
-    /// Sleeps the backoff with full jitter; true when stopped meanwhile.
-    async fn backoff(&mut self, attempt: &mut u32, stop: &CancellationToken) -> bool {
+    /// Sleeps the backoff with full jitter below `cap`; true when stopped meanwhile.
+    async fn backoff(&mut self, cap: Duration, stop: &CancellationToken) -> bool {
         self.publish_state().await;
-        let b = &self.cfg.backoff;
-        let cap = b.max.0.min(b.min.0.saturating_mul(1u32 << (*attempt).min(20)));
-        *attempt += 1;
         let wait = Duration::from_secs_f64(
             rand::rng()
                 .random_range(0.0..=cap.as_secs_f64())
-                .max(b.min.0.as_secs_f64() / 4.0),
+                .max(self.cfg.backoff.min.0.as_secs_f64() / 4.0),
         );
         tokio::select! {
             _ = tokio::time::sleep(wait) => false,
@@ -748,31 +726,5 @@ impl Link {
                 Some(&self.cfg.name),
             )
             .await;
-    }
-}
-
-/// Sends on `back` once the primary has accepted TCP connections for `needed`, probed every
-/// `every` (the bridge's session elsewhere goes on meanwhile).
-async fn probe_primary(url: String, every: Duration, needed: Duration, back: tokio::sync::oneshot::Sender<()>) {
-    let Ok(ep) = crate::config::Endpoint::parse(&url) else {
-        return;
-    };
-    let mut up_since: Option<Instant> = None;
-    loop {
-        tokio::time::sleep(every).await;
-        let reachable = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect((ep.host.as_str(), ep.port)),
-        )
-        .await
-        .is_ok_and(|c| c.is_ok());
-        if !reachable {
-            up_since = None;
-            continue;
-        }
-        if up_since.get_or_insert_with(Instant::now).elapsed() >= needed {
-            let _ = back.send(());
-            return;
-        }
     }
 }

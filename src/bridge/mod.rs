@@ -3,6 +3,7 @@
 //! spool before the local publisher is acknowledged. Bridges are started, changed and removed
 //! on reload without touching the others; a spool outlives its bridge's restarts.
 
+mod failover;
 pub mod link;
 pub mod rules;
 pub mod spool;
