@@ -37,6 +37,40 @@ pub struct Link {
     pub bus: Bus,
 }
 
+/// Why a connection to the upstream ended (or never came up), and so what `run` does next.
+#[derive(Debug)]
+enum Exit {
+    /// The bridge stops (reload, shutdown): the task ends.
+    Stopped,
+    /// An admin paused or restarted the bridge: connect again at once (once resumed), to the
+    /// same address, the backoff from its start.
+    Kicked,
+    /// The primary address has been back long enough: connect to it at once.
+    FailBack,
+    /// The connection failed or broke, for this reason: the next address at once, or the
+    /// backoff after a whole round of them.
+    Failed(String),
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Exit::Stopped => f.write_str("stopped"),
+            Exit::Kicked => f.write_str("paused or restarted by an admin"),
+            Exit::FailBack => f.write_str("the primary address is back"),
+            Exit::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The upstream's answer to our CONNECT.
+struct Connack {
+    session_present: bool,
+    /// Its Maximum Packet Size and Receive Maximum (MQTT 5), if it gave them.
+    max_packet: Option<u32>,
+    receive_max: Option<u16>,
+}
+
 /// What was handed to rumqttc and not yet seen going out.
 enum Submitted {
     Spooled { id: i64, qos: u8 },
@@ -58,8 +92,6 @@ fn digest(b: &[u8]) -> u64 {
 }
 
 const ECHO_WINDOW: Duration = Duration::from_secs(10);
-/// How `serve` ends when an admin paused or restarted the bridge.
-const ADMIN_KICK: &str = "paused or restarted by an admin";
 /// How long a resumed session's QoS 2 messages may take to finish before the bridge starts over.
 const RESUME_WITHIN: Duration = Duration::from_secs(10);
 /// The user property `backlog.mark` adds: when the message was accepted, ms since the epoch.
@@ -101,9 +133,6 @@ impl Reader {
         true
     }
 }
-
-/// How `serve` ends when the primary address has been back long enough.
-const FAIL_BACK: &str = "the primary address is back";
 
 impl Echoes {
     fn sent(&mut self, topic: &str, payload: &[u8]) {
@@ -156,7 +185,6 @@ impl Pace {
 
 impl Link {
     pub async fn run(mut self, stop: CancellationToken) {
-        let name = self.cfg.name.clone();
         let inbound: Vec<(String, u8)> = self
             .rules
             .iter()
@@ -165,125 +193,151 @@ impl Link {
         let urls = self.cfg.endpoints().into_iter().map(String::from).collect();
         let mut failover = Failover::new(urls, self.cfg.failover.round_robin);
         loop {
-            // Paused by an admin: stay away from the upstream until resumed.
-            while self.stats.paused.load(Ordering::Relaxed) {
-                self.publish_state().await;
-                tokio::select! {
-                    _ = self.stats.kick.notified() => {}
-                    _ = stop.cancelled() => return,
-                }
+            if self.paused(&stop).await {
+                return;
             }
             self.url = failover.url().to_string();
-            // Reads certificates and the password file: off the async threads.
-            let (cfg, id, topic, url) = (
-                self.cfg.clone(),
-                self.client_id.clone(),
-                self.status_topic.clone(),
-                self.url.clone(),
-            );
-            let made = tokio::task::spawn_blocking(move || Upstream::new(&cfg, &url, &id, &topic)).await;
-            let mut up = match made.map_err(anyhow::Error::from).and_then(|r| r) {
-                Ok(u) => u,
-                Err(e) => {
-                    self.failed(&format!("{e:#}"));
-                    if self.next_address(&mut failover, &stop).await {
-                        return;
-                    }
-                    continue;
+            // The connection is dropped only when the next one is tried (after the backoff).
+            let (_up, exit) = match self.connect(&stop).await {
+                Ok((mut up, connack)) => {
+                    let exit = self.connected(&mut up, connack, &mut failover, &inbound, &stop).await;
+                    (Some(up), exit)
                 }
+                // Never connected: nothing to say upstream, nothing new on the state topic.
+                Err(Exit::Stopped) => return,
+                // Before the CONNACK: pause or connect again at once, the backoff as it was.
+                Err(Exit::Kicked) => continue,
+                Err(exit) => (None, exit),
             };
-            // Connect.
-            let connected = loop {
-                tokio::select! {
-                    ev = up.poll() => match ev {
-                        Ok(UpEvent::Connected { session_present, max_packet, receive_max }) => break Ok((session_present, max_packet, receive_max)),
-                        Ok(_) => {}
-                        Err(e) => break Err(e),
-                    },
-                    _ = self.stats.kick.notified() => break Err(ADMIN_KICK.to_string()),
-                    _ = stop.cancelled() => return,
-                }
-            };
-            let (session_present, server_max, receive_max) = match connected {
-                Ok(s) => s,
-                Err(e) if e == ADMIN_KICK => continue,
-                Err(e) => {
-                    self.failed(&e);
-                    if self.next_address(&mut failover, &stop).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            match failover.connected() {
-                Arrival::First => {}
-                Arrival::Again => {
-                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-                Arrival::Moved => {
-                    self.stats.failovers.fetch_add(1, Ordering::Relaxed);
-                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            *self.stats.url.lock().expect("stats lock") = Some(self.url.clone());
-            let session_start = Instant::now();
-            self.stats.connected.store(true, Ordering::Relaxed);
-            self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
-            log::info!(
-                "bridge {name}: connected to {} (session present: {session_present})",
-                self.url
-            );
-            self.publish_state().await;
-            // The smaller of ours and the upstream's limit applies to every message sent.
-            let ours = self.cfg.max_packet_size.0 as usize;
-            let limit = server_max.map_or(ours, |m| (m as usize).min(ours));
-            // On another address than the primary (and not round robin): watch the primary.
-            let (back_tx, back_rx) = tokio::sync::oneshot::channel();
-            let probe = failover.primary_to_watch().map(|primary| {
-                let f = &self.cfg.failover;
-                tokio::spawn(probe_primary(
-                    primary.to_string(),
-                    f.probe.0,
-                    f.fail_back_after.0,
-                    back_tx,
-                ))
-            });
-            // No more in flight than the upstream's Receive Maximum allows (MQTT 5).
-            let window = receive_max.map_or(self.cfg.inflight, |r| r.min(self.cfg.inflight)) as usize;
-            let end = self
-                .serve(&mut up, session_present, &inbound, limit, window, back_rx, &stop)
-                .await;
-            if let Some(p) = probe {
-                p.abort();
-            }
-            failover.ended(session_start.elapsed());
-            self.stats.connected.store(false, Ordering::Relaxed);
-            self.stats.stalled.store(false, Ordering::Relaxed);
-            self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
-            match end {
-                Ok(()) => {
-                    // Stopped (serve said goodbye upstream).
+            match exit {
+                // Goodbye said upstream.
+                Exit::Stopped => {
                     self.publish_state().await;
                     return;
                 }
-                Err(e) if e == ADMIN_KICK || e == FAIL_BACK => {
-                    // Then pause or connect again at once (to the primary when failing back;
-                    // what was in flight is re-sent there).
-                    log::info!("bridge {name}: {e}, left {}", self.url);
+                // Pause or connect again at once (to the primary when failing back; what was in
+                // flight is re-sent there).
+                Exit::Kicked | Exit::FailBack => {
+                    log::info!("bridge {}: {exit}, left {}", self.cfg.name, self.url);
                     failover.reset_backoff();
-                    if e == FAIL_BACK {
+                    if matches!(exit, Exit::FailBack) {
                         failover.fail_back();
                     }
                     self.publish_state().await;
                 }
-                Err(e) => {
-                    self.failed(&e);
+                Exit::Failed(why) => {
+                    self.failed(&why);
                     if self.next_address(&mut failover, &stop).await {
                         return;
                     }
                 }
             }
         }
+    }
+
+    /// While an admin has the bridge paused: stays away from the upstream until resumed. True
+    /// when stopped meanwhile.
+    async fn paused(&mut self, stop: &CancellationToken) -> bool {
+        while self.stats.paused.load(Ordering::Relaxed) {
+            self.publish_state().await;
+            tokio::select! {
+                _ = self.stats.kick.notified() => {}
+                _ = stop.cancelled() => return true,
+            }
+        }
+        false
+    }
+
+    /// Connects to `self.url` and waits for the CONNACK. `Err`: why not (`Failed`), or an
+    /// admin's kick or the stop came first.
+    async fn connect(&mut self, stop: &CancellationToken) -> Result<(Upstream, Connack), Exit> {
+        // Reads certificates and the password file: off the async threads.
+        let (cfg, id, topic, url) = (
+            self.cfg.clone(),
+            self.client_id.clone(),
+            self.status_topic.clone(),
+            self.url.clone(),
+        );
+        let made = tokio::task::spawn_blocking(move || Upstream::new(&cfg, &url, &id, &topic)).await;
+        let mut up = made
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+            .map_err(|e| Exit::Failed(format!("{e:#}")))?;
+        loop {
+            tokio::select! {
+                ev = up.poll() => match ev {
+                    Ok(UpEvent::Connected { session_present, max_packet, receive_max }) => {
+                        return Ok((up, Connack { session_present, max_packet, receive_max }));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(Exit::Failed(e)),
+                },
+                _ = self.stats.kick.notified() => return Err(Exit::Kicked),
+                _ = stop.cancelled() => return Err(Exit::Stopped),
+            }
+        }
+    }
+
+    /// One connection from its CONNACK to its end: the counters and the state topic, the
+    /// limits that apply, the probe of the primary for the fail back, and the session itself.
+    async fn connected(
+        &mut self,
+        up: &mut Upstream,
+        connack: Connack,
+        failover: &mut Failover,
+        inbound: &[(String, u8)],
+        stop: &CancellationToken,
+    ) -> Exit {
+        let start = Instant::now();
+        match failover.connected() {
+            Arrival::First => {}
+            Arrival::Again => {
+                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            Arrival::Moved => {
+                self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        *self.stats.url.lock().expect("stats lock") = Some(self.url.clone());
+        self.stats.connected.store(true, Ordering::Relaxed);
+        self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
+        log::info!(
+            "bridge {}: connected to {} (session present: {})",
+            self.cfg.name,
+            self.url,
+            connack.session_present
+        );
+        self.publish_state().await;
+        // The smaller of ours and the upstream's limit applies to every message sent.
+        let ours = self.cfg.max_packet_size.0 as usize;
+        let limit = connack.max_packet.map_or(ours, |m| (m as usize).min(ours));
+        // No more in flight than the upstream's Receive Maximum allows (MQTT 5).
+        let window = connack
+            .receive_max
+            .map_or(self.cfg.inflight, |r| r.min(self.cfg.inflight)) as usize;
+        // On another address than the primary (and not round robin): watch the primary.
+        let (back_tx, back_rx) = tokio::sync::oneshot::channel();
+        let probe = failover.primary_to_watch().map(|primary| {
+            let f = &self.cfg.failover;
+            tokio::spawn(probe_primary(
+                primary.to_string(),
+                f.probe.0,
+                f.fail_back_after.0,
+                back_tx,
+            ))
+        });
+        let exit = self
+            .serve(up, connack.session_present, inbound, limit, window, back_rx, stop)
+            .await;
+        if let Some(p) = probe {
+            p.abort();
+        }
+        failover.ended(start.elapsed());
+        self.stats.connected.store(false, Ordering::Relaxed);
+        self.stats.stalled.store(false, Ordering::Relaxed);
+        self.stats.since_ms.store(now_ms(), Ordering::Relaxed);
+        exit
     }
 
     /// After a failure on the address in use: the next address at once, or the backoff once
@@ -339,7 +393,7 @@ impl Link {
         }
     }
 
-    /// Runs one connected session until it breaks (`Err`) or the bridge stops (`Ok`).
+    /// Runs one connected session until it ends, and says why.
     #[allow(clippy::too_many_arguments)]
     async fn serve(
         &mut self,
@@ -350,7 +404,7 @@ impl Link {
         window: usize,
         fail_back: tokio::sync::oneshot::Receiver<()>,
         stop: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Exit {
         // Fires only when the probe says so (a probe that is not running never does).
         let fail_back = async {
             if fail_back.await.is_err() {
@@ -364,7 +418,7 @@ impl Link {
         let not_kept = Arc::new(tokio::sync::Notify::new());
         // Saying goodbye (stop, admin, fail back): how it will end, and by when. Events are
         // handled as usual meanwhile, so what rumqttc still sends is recorded.
-        let mut leaving: Option<(Result<(), String>, Instant)> = None;
+        let mut leaving: Option<(Exit, Instant)> = None;
         // The spool in id order; with `backlog.live_first` a second reader takes what came in
         // after the connection, on topics that had nothing waiting, ahead of the first.
         let mut main = Reader::from(0);
@@ -445,7 +499,7 @@ impl Link {
                 greeted = true;
                 if !up.subscribe(inbound) {
                     self.record(&mut marks, &mut acks);
-                    return Err("cannot queue SUBSCRIBE".into());
+                    return Exit::Failed("cannot queue SUBSCRIBE".into());
                 }
                 if self.say(up, b"online") {
                     submitted.push_back(Submitted::Other);
@@ -516,7 +570,7 @@ impl Link {
             self.record(&mut marks, &mut acks);
             if !resuming.is_empty() && Instant::now() >= resume_by && leaving.is_none() {
                 // Going on would let new packet ids meet theirs: start over instead.
-                return Err(format!(
+                return Exit::Failed(format!(
                     "the upstream did not finish {} QoS 2 messages of the resumed session within {RESUME_WITHIN:?}",
                     resuming.len()
                 ));
@@ -529,7 +583,7 @@ impl Link {
                         // Leaving: the goodbye ends that way too.
                         return match leaving.take() {
                             Some((end, _)) => end,
-                            None => Err(e),
+                            None => Exit::Failed(e),
                         };
                     }
                     Ok(UpEvent::Sent(pkid)) => match submitted.pop_front() {
@@ -552,14 +606,14 @@ impl Link {
                             // Not now: the upstream freed the id; a reconnect sends it again.
                             if let Err(e) = self.refusal(refused) {
                                 self.record(&mut marks, &mut acks);
-                                return Err(e);
+                                return e;
                             }
                             if refused_for_good {
                                 // rumqttc keeps the refused message's in-flight slot for good:
                                 // a new connection gives it back.
                                 acks.push(id);
                                 self.record(&mut marks, &mut acks);
-                                return Err("upstream refused a QoS 2 message; reconnecting".into());
+                                return Exit::Failed("upstream refused a QoS 2 message; reconnecting".into());
                             }
                             marks.push((id, pkid, true));
                         }
@@ -569,14 +623,14 @@ impl Link {
                         if let Some((id, _, _)) = in_flight.remove(&pkid) {
                             if let Err(e) = self.refusal(refused) {
                                 self.record(&mut marks, &mut acks);
-                                return Err(e);
+                                return e;
                             }
                             acks.push(id);
                         }
                         if reset {
                             // A PUBCOMP with a failure code: rumqttc keeps its slot for good.
                             self.record(&mut marks, &mut acks);
-                            return Err("the upstream answered PUBREL with a failure code; reconnecting".into());
+                            return Exit::Failed("the upstream answered PUBREL with a failure code; reconnecting".into());
                         }
                     }
                     Ok(UpEvent::Message { topic, payload, qos, retain, props, ack }) => {
@@ -659,11 +713,11 @@ impl Link {
                 }
                 _ = not_kept.notified() => {
                     self.record(&mut marks, &mut acks);
-                    return Err("an inbound message could not be kept locally; reconnecting so the upstream sends it again".into());
+                    return Exit::Failed("an inbound message could not be kept locally; reconnecting so the upstream sends it again".into());
                 }
-                _ = stats.kick.notified(), if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Err(ADMIN_KICK.into())),
-                _ = &mut fail_back, if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Err(FAIL_BACK.into())),
-                _ = stop.cancelled(), if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Ok(())),
+                _ = stats.kick.notified(), if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Exit::Kicked),
+                _ = &mut fail_back, if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Exit::FailBack),
+                _ = stop.cancelled(), if leaving.is_none() => self.leave(up, &mut leaving, &mut submitted, Exit::Stopped),
             }
         }
     }
@@ -677,9 +731,9 @@ impl Link {
     /// An upstream's MQTT 5 refusal of a message in flight: `Err` (ends the connection; the
     /// message stays and goes again) when it is for now (quota, busy); counted and logged when
     /// it is for good, and the message is the caller's to drop.
-    fn refusal(&self, refused: Option<(String, bool)>) -> Result<(), String> {
+    fn refusal(&self, refused: Option<(String, bool)>) -> Result<(), Exit> {
         match refused {
-            Some((why, false)) => Err(format!("upstream refused a message for now: {why}")),
+            Some((why, false)) => Err(Exit::Failed(format!("upstream refused a message for now: {why}"))),
             Some((why, true)) => {
                 self.stats.dropped_refused.fetch_add(1, Ordering::Relaxed);
                 log::warn!("bridge {}: upstream refused a message: {why}", self.cfg.name);
@@ -700,9 +754,9 @@ impl Link {
     fn leave(
         &self,
         up: &Upstream,
-        leaving: &mut Option<(Result<(), String>, Instant)>,
+        leaving: &mut Option<(Exit, Instant)>,
         submitted: &mut VecDeque<Submitted>,
-        end: Result<(), String>,
+        end: Exit,
     ) {
         if self.say(up, b"offline") {
             submitted.push_back(Submitted::Other);
