@@ -6,6 +6,7 @@
 mod failover;
 pub mod link;
 pub mod rules;
+mod session;
 pub mod spool;
 mod upstream;
 
