@@ -3,8 +3,10 @@
 //! spool before the local publisher is acknowledged. Bridges are started, changed and removed
 //! on reload without touching the others; a spool outlives its bridge's restarts.
 
+mod failover;
 pub mod link;
 pub mod rules;
+mod session;
 pub mod spool;
 mod upstream;
 
