@@ -485,7 +485,7 @@ pub(super) fn validate(gateway_id: &str, b: &Bridge, before: &[Bridge]) -> Resul
         return e(".max_packet_size", "must be between 64B and 256MiB".into());
     }
     if let Some(t) = &b.status_topic {
-        if !crate::broker::topics::valid_topic(t) {
+        if !crate::topic::valid_topic(t) {
             return e(".status_topic", format!("`{t}` is not a topic name"));
         }
     }

@@ -38,7 +38,7 @@ pub struct Verifier {
 
 pub(super) fn validate(g: &Grants) -> Result<(), (String, String)> {
     for (i, p) in g.prices.iter().enumerate() {
-        if !crate::broker::topics::valid_filter(&p.topic) {
+        if !crate::topic::valid_filter(&p.topic) {
             return Err((
                 format!("grants.prices[{i}].topic"),
                 format!("`{}` is not a topic filter", p.topic),

@@ -526,7 +526,7 @@ impl Config {
                 ("deny.subscribe", &r.deny.subscribe),
             ] {
                 for (j, f) in filters.iter().enumerate() {
-                    if !crate::broker::topics::valid_filter(f) {
+                    if !crate::topic::valid_filter(f) {
                         return err(
                             format!("{key}.{kind}[{j}]"),
                             format!("`{f}` is not a valid MQTT topic filter"),

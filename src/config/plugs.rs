@@ -144,7 +144,7 @@ pub(super) fn validate(p: &Plugs) -> Result<(), (String, String)> {
         ("state", &p.topics.state),
         ("set", &p.topics.set),
     ] {
-        if !t.contains("{name}") || !crate::broker::topics::valid_topic(&PlugTopics::fill(t, "x")) {
+        if !t.contains("{name}") || !crate::topic::valid_topic(&PlugTopics::fill(t, "x")) {
             return e(
                 format!("topics.{k}"),
                 format!("`{t}` must be a topic with `{{name}}` in it"),
