@@ -3,6 +3,7 @@
 //!
 //! The types here are the config reference: every field says what it is for.
 
+pub mod acl;
 mod bridges;
 mod devices;
 mod error;
@@ -11,6 +12,7 @@ mod plugs;
 pub mod snap;
 mod units;
 
+pub use acl::Who;
 pub use bridges::*;
 pub use devices::Devices;
 pub use error::ConfigError;
@@ -234,7 +236,7 @@ pub struct User {
 pub struct AclRule {
     /// `*` everyone, `anonymous`, `user:*` any logged-in user, `user:NAME`, `client:ID`
     /// (`client:` takes a trailing `*`).
-    pub who: String,
+    pub who: Who,
     pub allow: AclAllow,
     /// What this rule forbids, in the same shape; a deny that matches wins over any allow.
     /// Subscribing exactly a denied filter (or one inside it) is refused, and a wider
@@ -341,7 +343,7 @@ impl Default for Broker {
             }],
             users: vec![],
             acl: vec![AclRule {
-                who: "*".into(),
+                who: Who::Everyone,
                 allow: AclAllow {
                     publish: vec!["#".into()],
                     subscribe: vec!["#".into()],
@@ -507,9 +509,6 @@ impl Config {
         }
         for (i, r) in b.acl.iter().enumerate() {
             let key = format!("broker.acl[{i}]");
-            if let Err(e) = crate::broker::auth::Who::parse(&r.who) {
-                return err(format!("{key}.who"), e);
-            }
             for (j, on) in r.on.iter().enumerate() {
                 let addr = on.parse::<std::net::SocketAddr>().ok();
                 if !b.listeners.iter().any(|l| Some(l.bind.0) == addr) {
@@ -597,6 +596,20 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_yaml(text, Path::new("t.yaml"))
+    }
+
+    #[test]
+    fn acl_subjects_are_read_typed_and_a_bad_one_is_named_where_it_stands() {
+        let c = parse("broker:\n  acl:\n    - { who: \"user:alice\", allow: { publish: [\"a\"] } }\n").unwrap();
+        assert_eq!(c.broker.acl[0].who, Who::User("alice".into()));
+        let e = parse("broker:\n  acl:\n    - allow: { publish: [\"#\"] }\n      who: \"client:\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t.yaml:4: key `broker.acl[0].who`: `client:` is not a rule subject: \
+             use `*`, `anonymous`, `user:*`, `user:NAME` or `client:ID`"
+        );
     }
 
     #[test]
