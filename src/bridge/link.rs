@@ -2,12 +2,12 @@
 //! order and delete each message only when the upstream acknowledged it, bring inbound
 //! messages into the local broker, and report state.
 
-use super::rules::Rule;
 use super::spool::{now_ms, Spool};
 use super::upstream::{UpEvent, Upstream};
 use super::LinkStats;
 use crate::broker::Bus;
 use crate::config;
+use crate::config::rules::Rule;
 use bytes::Bytes;
 use rand::Rng;
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -4,15 +4,14 @@
 //! on reload without touching the others; a spool outlives its bridge's restarts.
 
 pub mod link;
-pub mod rules;
 pub mod spool;
 mod upstream;
 
 use crate::broker::{Bus, Incoming, Shared, Tap};
 use crate::config;
 use anyhow::Result;
+use config::rules::Rule;
 use link::{Link, Live};
-use rules::Rule;
 use spool::Spool;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -293,12 +292,7 @@ impl Bridges {
     async fn prepare(&mut self, raw: &config::Bridge) -> Result<Prepared> {
         let (spool, stats) = self.spool(raw).await?;
         let b = &raw.expanded(&self.gateway_id);
-        let rules: Arc<Vec<Rule>> = Arc::new(
-            b.rules
-                .iter()
-                .map(|r| Rule::compile(r).expect("validated with the config"))
-                .collect(),
-        );
+        let rules: Arc<Vec<Rule>> = Arc::new(b.compiled.clone());
         let (live_tx, live_rx) = mpsc::channel(1024);
         let tap = Arc::new(BridgeTap {
             name: b.name.clone(),

@@ -9,6 +9,7 @@ mod devices;
 mod error;
 mod grants;
 mod plugs;
+pub mod rules;
 pub mod snap;
 mod units;
 
@@ -402,8 +403,9 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what the types alone cannot. Returns the key path and the reason.
-    fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks what the types alone cannot, and keeps what checking made (each bridge's compiled
+    /// rules). Returns the key path and the reason.
+    fn validate(&mut self) -> Result<(), (String, String)> {
         let err = |key: String, reason: String| Err((key, reason));
         let id = &self.gateway.id;
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
@@ -581,8 +583,8 @@ impl Config {
         devices::validate(&self.devices)?;
         plugs::validate(&self.plugs)?;
         grants::validate(&self.grants)?;
-        for (i, b) in self.bridges.iter().enumerate() {
-            bridges::validate(&self.gateway.id, b, &self.bridges[..i])
+        for i in 0..self.bridges.len() {
+            self.bridges[i].compiled = bridges::validate(&self.gateway.id, &self.bridges[i], &self.bridges[..i])
                 .map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
         }
         Ok(())
@@ -655,6 +657,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("dashboard.origins[0]"), "{e}");
+    }
+
+    #[test]
+    fn bridges_keep_their_rules_compiled_as_they_run() {
+        let c = parse(
+            "gateway:\n  id: g1\nbridges:\n  - name: cloud\n    url: \"mqtt://a\"\n    remote_prefix: \"sites/{gateway.id}/\"\n    \
+             rules:\n      - { direction: out, local: \"a/+\", remote: \"up/{1}\" }\n      - { direction: in, local: \"cmd/#\", remote: \"cmd/#\" }\n",
+        )
+        .unwrap();
+        let rules = &c.bridges[0].compiled;
+        assert_eq!(rules.len(), 2);
+        let out = rules[0].out.as_ref().unwrap();
+        assert_eq!(out.map("a/x").as_deref(), Some("sites/g1/up/x"));
+        let inbound = rules[1].inbound.as_ref().unwrap();
+        assert_eq!(inbound.filter(), "sites/g1/cmd/#");
+        assert_eq!(inbound.map("sites/g1/cmd/plug/on").as_deref(), Some("cmd/plug/on"));
     }
 
     #[test]
