@@ -76,6 +76,11 @@ pub struct Dashboard {
 /// Where the dashboard listens unless told otherwise.
 pub const DEFAULT_DASHBOARD_BIND: &str = "127.0.0.1:8080";
 
+/// How long (ms) the router may leave the gateway's probe unrouted before the gateway stops
+/// feeding the systemd watchdog and the dashboard's `/healthz` reports it. Fixed, not a
+/// setting; it sits here because both the gateway and the dashboard it starts read it.
+pub const ROUTER_SILENCE_MS: i64 = 20_000;
+
 impl Default for Dashboard {
     fn default() -> Self {
         Dashboard {
