@@ -18,7 +18,7 @@ pub use bridges::*;
 pub use devices::Devices;
 pub use error::ConfigError;
 pub use grants::{Grants, Price, Verifier};
-pub use plugs::{PlugTopics, Plugs, StaticPlug};
+pub use plugs::{plug_slug, PlugTopics, Plugs, StaticPlug};
 pub use units::{Bind, Dur, Rate, Size};
 
 use serde::{Deserialize, Serialize};
