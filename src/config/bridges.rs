@@ -1,4 +1,4 @@
-//! Config of the upstream bridges (see `crate::bridge`).
+//! Config of the upstream bridges (they run in `src/bridge/`).
 
 use super::rules::Rule;
 use super::{Dur, Rate, Size};

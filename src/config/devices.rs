@@ -1,4 +1,4 @@
-//! Config of the device service (see `crate::devices`).
+//! Config of the device service (the service is in `src/devices/`).
 
 use super::{Dur, Size};
 use serde::{Deserialize, Serialize};

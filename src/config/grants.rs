@@ -1,4 +1,4 @@
-//! Config of time-limited access grants (see `crate::grants`).
+//! Config of time-limited access grants (the service is in `src/grants/`).
 
 use super::Dur;
 use serde::{Deserialize, Serialize};
