@@ -3,7 +3,7 @@
 
 use crate::bridge::Bridges;
 use crate::broker::{Broker, Bus};
-use crate::config::Config;
+use crate::config::{Config, ROUTER_SILENCE_MS};
 use crate::devices::service::DeviceService;
 use crate::system::notify;
 use anyhow::{Context, Result};
@@ -160,9 +160,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
 }
 
 /// How often the router is sent a probe message; the watchdog wants one back within
-/// `ROUTER_SILENCE_MS`.
+/// [`ROUTER_SILENCE_MS`].
 const PROBE_EVERY: Duration = Duration::from_secs(2);
-pub const ROUTER_SILENCE_MS: i64 = 20_000;
 
 /// `outpost/<id>/status`: retained `online` while the gateway serves, `offline` when it stops.
 /// Beside it, a probe that goes through the router and back, so the watchdog and `/healthz`

@@ -11,3 +11,4 @@ pub mod plugs;
 pub mod provision;
 pub mod status;
 pub mod system;
+pub mod topic;

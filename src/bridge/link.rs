@@ -4,13 +4,13 @@
 //! the link's counters and its local state topic.
 
 use super::failover::{probe_primary, Arrival, Failover, Next};
-use super::rules::Rule;
 use super::session::{Echoes, Session};
 use super::spool::{now_ms, Spool};
 use super::upstream::{UpEvent, Upstream};
 use super::LinkStats;
 use crate::broker::Bus;
 use crate::config;
+use crate::config::rules::Rule;
 use bytes::Bytes;
 use rand::Rng;
 use std::sync::atomic::Ordering;

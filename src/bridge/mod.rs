@@ -5,7 +5,6 @@
 
 mod failover;
 pub mod link;
-pub mod rules;
 mod session;
 pub mod spool;
 mod upstream;
@@ -13,8 +12,8 @@ mod upstream;
 use crate::broker::{Bus, Incoming, Shared, Tap};
 use crate::config;
 use anyhow::Result;
+use config::rules::Rule;
 use link::{Link, Live};
-use rules::Rule;
 use spool::Spool;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -295,12 +294,7 @@ impl Bridges {
     async fn prepare(&mut self, raw: &config::Bridge) -> Result<Prepared> {
         let (spool, stats) = self.spool(raw).await?;
         let b = &raw.expanded(&self.gateway_id);
-        let rules: Arc<Vec<Rule>> = Arc::new(
-            b.rules
-                .iter()
-                .map(|r| Rule::compile(r).expect("validated with the config"))
-                .collect(),
-        );
+        let rules: Arc<Vec<Rule>> = Arc::new(b.compiled.clone());
         let (live_tx, live_rx) = mpsc::channel(1024);
         let tap = Arc::new(BridgeTap {
             name: b.name.clone(),

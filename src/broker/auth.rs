@@ -6,35 +6,10 @@ use crate::config;
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use std::collections::HashMap;
 
-/// Whom an ACL rule applies to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Who {
-    Everyone,
-    Anonymous,
-    AnyUser,
-    User(String),
-    /// A client id, with an optional trailing `*`.
-    Client(String),
-}
+pub use crate::config::Who;
 
+/// How a subject (parsed with the config) meets a connection.
 impl Who {
-    pub fn parse(s: &str) -> Result<Who, String> {
-        Ok(match s {
-            "*" => Who::Everyone,
-            "anonymous" => Who::Anonymous,
-            "user:*" => Who::AnyUser,
-            _ => match s.split_once(':') {
-                Some(("user", name)) if !name.is_empty() => Who::User(name.to_string()),
-                Some(("client", id)) if !id.is_empty() => Who::Client(id.to_string()),
-                _ => {
-                    return Err(format!(
-                        "`{s}` is not a rule subject: use `*`, `anonymous`, `user:*`, `user:NAME` or `client:ID`"
-                    ))
-                }
-            },
-        })
-    }
-
     pub fn applies(&self, id: &Identity) -> bool {
         match self {
             Who::Everyone => true,
@@ -112,7 +87,7 @@ impl Policy {
                 .acl
                 .iter()
                 .map(|r| Rule {
-                    who: Who::parse(&r.who).expect("validated with the config"),
+                    who: r.who.clone(),
                     on: r
                         .on
                         .iter()
@@ -251,7 +226,7 @@ mod tests {
             }],
             acl: vec![
                 AclRule {
-                    who: "user:*".into(),
+                    who: Who::AnyUser,
                     on: vec![],
                     allow: AclAllow {
                         publish: vec!["devices/{username}/#".into()],
@@ -260,7 +235,7 @@ mod tests {
                     deny: AclAllow::default(),
                 },
                 AclRule {
-                    who: "anonymous".into(),
+                    who: Who::Anonymous,
                     on: vec![],
                     allow: AclAllow {
                         publish: vec![],

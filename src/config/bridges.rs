@@ -1,5 +1,6 @@
-//! Config of the upstream bridges (see `crate::bridge`).
+//! Config of the upstream bridges (they run in `src/bridge/`).
 
+use super::rules::Rule;
 use super::{Dur, Rate, Size};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -37,6 +38,10 @@ pub struct Bridge {
     #[serde(default = "keep_alive")]
     pub keep_alive: Dur,
     pub rules: Vec<BridgeRule>,
+    /// `rules` compiled as they run (gateway facts and `remote_prefix` filled in), in the same
+    /// order. Made when the config is read ([`super::Config::from_yaml`]); not written in the file.
+    #[serde(skip)]
+    pub compiled: Vec<Rule>,
     #[serde(default)]
     pub spool: Spool,
     /// Cap on messages sent upstream per second (e.g. after an outage); none by default.
@@ -360,8 +365,8 @@ impl Endpoint {
     }
 }
 
-/// Checks one bridge; returns the key below `bridges[i]` and the reason.
-pub(super) fn validate(gateway_id: &str, b: &Bridge, before: &[Bridge]) -> Result<(), (String, String)> {
+/// Checks one bridge and returns its compiled rules; or the key below `bridges[i]` and the reason.
+pub(super) fn validate(gateway_id: &str, b: &Bridge, before: &[Bridge]) -> Result<Vec<Rule>, (String, String)> {
     let e = |k: &str, r: String| Err((k.to_string(), r));
     if let Some(c) = b.client_id.as_ref().filter(|c| c.trim().is_empty()) {
         return e(".client_id", format!("`{c}` is empty"));
@@ -443,6 +448,7 @@ pub(super) fn validate(gateway_id: &str, b: &Bridge, before: &[Bridge]) -> Resul
     if b.rules.is_empty() {
         return e(".rules", "a bridge needs at least one rule".into());
     }
+    let mut compiled = Vec::with_capacity(b.rules.len());
     for (j, r) in b.rules.iter().enumerate() {
         if r.qos > 2 {
             return e(
@@ -450,9 +456,7 @@ pub(super) fn validate(gateway_id: &str, b: &Bridge, before: &[Bridge]) -> Resul
                 format!("{} is not a QoS (0, 1 or 2)", r.qos),
             );
         }
-        if let Err(reason) = crate::bridge::rules::Rule::compile(r) {
-            return e(&format!(".rules[{j}]"), reason);
-        }
+        compiled.push(Rule::compile(r).map_err(|reason| (format!(".rules[{j}]"), reason))?);
     }
     if b.spool.max_bytes.0 < 4096 {
         return e(".spool.max_bytes", "must be at least 4KiB".into());
@@ -485,9 +489,9 @@ pub(super) fn validate(gateway_id: &str, b: &Bridge, before: &[Bridge]) -> Resul
         return e(".max_packet_size", "must be between 64B and 256MiB".into());
     }
     if let Some(t) = &b.status_topic {
-        if !crate::broker::topics::valid_topic(t) {
+        if !crate::topic::valid_topic(t) {
             return e(".status_topic", format!("`{t}` is not a topic name"));
         }
     }
-    Ok(())
+    Ok(compiled)
 }

@@ -1,4 +1,4 @@
-//! Config of the device service (see `crate::devices`).
+//! Config of the device service (the service is in `src/devices/`).
 
 use super::{Dur, Size};
 use serde::{Deserialize, Serialize};
@@ -55,14 +55,14 @@ pub(super) fn validate(d: &Devices) -> Result<(), (String, String)> {
         ("device_topic", &d.device_topic),
         ("controller_topic", &d.controller_topic),
     ] {
-        if t.is_empty() || !crate::broker::topics::valid_topic(t) || t.starts_with('$') {
+        if t.is_empty() || !crate::topic::valid_topic(t) || t.starts_with('$') {
             return e(k, format!("`{t}` is not a topic name"));
         }
     }
     for (k, list) in [("publish", &d.publish), ("subscribe", &d.subscribe)] {
         for (i, f) in list.iter().enumerate() {
             let probe = f.replace("{id}", "x").replace("{base}", "x");
-            if !crate::broker::topics::valid_filter(&probe) {
+            if !crate::topic::valid_filter(&probe) {
                 return e(&format!("{k}[{i}]"), format!("`{f}` is not a topic filter"));
             }
         }

@@ -36,13 +36,19 @@ impl ConfigError {
     pub(super) fn from_serde(file: &Path, text: &str, e: serde_path_to_error::Error<serde_yaml::Error>) -> Self {
         let key = e.path().to_string();
         let inner = e.into_inner();
-        let line = inner.location().map(|l| l.line()).or_else(|| locate(text, &key));
+        let mut line = inner.location().map(|l| l.line()).or_else(|| locate(text, &key));
         let mut reason = inner.to_string();
         if let Some(at) = reason.rfind(" at line ") {
             reason.truncate(at);
         }
         // serde_yaml sometimes prefixes the path itself; it is already in `key`.
         if let Some(rest) = reason.strip_prefix(&format!("{key}: ")) {
+            reason = rest.to_string();
+        } else if let Some((_, rest)) = reason.split_once(": ").filter(|(node, _)| is_parent(node, &key)) {
+            // A value our own types refused (a subject, a size): serde_yaml names the mapping it
+            // was in and points at that mapping's first line. The key path says which value, so
+            // its line is looked up as for the errors `validate` finds.
+            line = locate(text, &key).or(line);
             reason = rest.to_string();
         }
         ConfigError::Invalid {
@@ -69,6 +75,11 @@ impl ConfigError {
             ConfigError::Read { .. } => None,
         }
     }
+}
+
+/// `node` is a proper prefix of the key path `key` (`broker.acl[0]` of `broker.acl[0].who`).
+fn is_parent(node: &str, key: &str) -> bool {
+    !node.is_empty() && key.strip_prefix(node).is_some_and(|rest| rest.starts_with(['.', '[']))
 }
 
 enum Seg<'a> {
@@ -173,6 +184,7 @@ pub(crate) fn locate(text: &str, path: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::locate;
+    use std::path::Path;
 
     const TEXT: &str = "gateway:\n  id: a\nbroker:\n  listeners:\n    - { bind: \"127.0.0.1:1\", protocol: mqtt }\n    - bind: \"0.0.0.0:2\"\n      protocol: mqtt\n  users: []\n";
 
@@ -185,5 +197,25 @@ mod tests {
         assert_eq!(locate(TEXT, "broker.listeners[1].protocol"), Some(7));
         assert_eq!(locate(TEXT, "broker.users"), Some(8));
         assert_eq!(locate(TEXT, "broker.nothing"), None);
+    }
+
+    #[test]
+    fn a_value_refused_inside_a_mapping_is_named_at_its_own_line() {
+        let text = "broker:\n  limits:\n    max_connections: 5\n    max_packet_size: lots\n";
+        let e = super::super::Config::from_yaml(text, Path::new("t.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("t.yaml:4: key `broker.limits.max_packet_size`: `lots` is not a size"),
+            "{e}"
+        );
+        let text = "broker:\n  limits:\n    max_conections: 5\n";
+        let e = super::super::Config::from_yaml(text, Path::new("t.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("t.yaml:3: key `broker.limits.max_conections`: unknown field"),
+            "{e}"
+        );
     }
 }

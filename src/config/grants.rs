@@ -1,4 +1,4 @@
-//! Config of time-limited access grants (see `crate::grants`).
+//! Config of time-limited access grants (the service is in `src/grants/`).
 
 use super::Dur;
 use serde::{Deserialize, Serialize};
@@ -38,7 +38,7 @@ pub struct Verifier {
 
 pub(super) fn validate(g: &Grants) -> Result<(), (String, String)> {
     for (i, p) in g.prices.iter().enumerate() {
-        if !crate::broker::topics::valid_filter(&p.topic) {
+        if !crate::topic::valid_filter(&p.topic) {
             return Err((
                 format!("grants.prices[{i}].topic"),
                 format!("`{}` is not a topic filter", p.topic),

@@ -3,19 +3,22 @@
 //!
 //! The types here are the config reference: every field says what it is for.
 
+pub mod acl;
 mod bridges;
 mod devices;
 mod error;
 mod grants;
 mod plugs;
+pub mod rules;
 pub mod snap;
 mod units;
 
+pub use acl::Who;
 pub use bridges::*;
 pub use devices::Devices;
 pub use error::ConfigError;
 pub use grants::{Grants, Price, Verifier};
-pub use plugs::{PlugTopics, Plugs, StaticPlug};
+pub use plugs::{plug_slug, PlugTopics, Plugs, StaticPlug};
 pub use units::{Bind, Dur, Rate, Size};
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +75,11 @@ pub struct Dashboard {
 
 /// Where the dashboard listens unless told otherwise.
 pub const DEFAULT_DASHBOARD_BIND: &str = "127.0.0.1:8080";
+
+/// How long (ms) the router may leave the gateway's probe unrouted before the gateway stops
+/// feeding the systemd watchdog and the dashboard's `/healthz` reports it. Fixed, not a
+/// setting; it sits here because both the gateway and the dashboard it starts read it.
+pub const ROUTER_SILENCE_MS: i64 = 20_000;
 
 impl Default for Dashboard {
     fn default() -> Self {
@@ -234,7 +242,7 @@ pub struct User {
 pub struct AclRule {
     /// `*` everyone, `anonymous`, `user:*` any logged-in user, `user:NAME`, `client:ID`
     /// (`client:` takes a trailing `*`).
-    pub who: String,
+    pub who: Who,
     pub allow: AclAllow,
     /// What this rule forbids, in the same shape; a deny that matches wins over any allow.
     /// Subscribing exactly a denied filter (or one inside it) is refused, and a wider
@@ -353,7 +361,7 @@ impl Default for Broker {
             }],
             users: vec![],
             acl: vec![AclRule {
-                who: "*".into(),
+                who: Who::Everyone,
                 allow: AclAllow {
                     publish: vec!["#".into()],
                     subscribe: vec!["#".into()],
@@ -412,8 +420,9 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what the types alone cannot. Returns the key path and the reason.
-    fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks what the types alone cannot, and keeps what checking made (each bridge's compiled
+    /// rules). Returns the key path and the reason.
+    fn validate(&mut self) -> Result<(), (String, String)> {
         let err = |key: String, reason: String| Err((key, reason));
         let id = &self.gateway.id;
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
@@ -519,9 +528,6 @@ impl Config {
         }
         for (i, r) in b.acl.iter().enumerate() {
             let key = format!("broker.acl[{i}]");
-            if let Err(e) = crate::broker::auth::Who::parse(&r.who) {
-                return err(format!("{key}.who"), e);
-            }
             for (j, on) in r.on.iter().enumerate() {
                 let addr = on.parse::<std::net::SocketAddr>().ok();
                 if !b.listeners.iter().any(|l| Some(l.bind.0) == addr) {
@@ -538,7 +544,7 @@ impl Config {
                 ("deny.subscribe", &r.deny.subscribe),
             ] {
                 for (j, f) in filters.iter().enumerate() {
-                    if !crate::broker::topics::valid_filter(f) {
+                    if !crate::topic::valid_filter(f) {
                         return err(
                             format!("{key}.{kind}[{j}]"),
                             format!("`{f}` is not a valid MQTT topic filter"),
@@ -603,8 +609,8 @@ impl Config {
         devices::validate(&self.devices)?;
         plugs::validate(&self.plugs)?;
         grants::validate(&self.grants)?;
-        for (i, b) in self.bridges.iter().enumerate() {
-            bridges::validate(&self.gateway.id, b, &self.bridges[..i])
+        for i in 0..self.bridges.len() {
+            self.bridges[i].compiled = bridges::validate(&self.gateway.id, &self.bridges[i], &self.bridges[..i])
                 .map_err(|(k, r)| (format!("bridges[{i}]{k}"), r))?;
         }
         Ok(())
@@ -618,6 +624,65 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_yaml(text, Path::new("t.yaml"))
+    }
+
+    #[test]
+    fn acl_subjects_are_read_typed_and_a_bad_one_is_named_where_it_stands() {
+        let c = parse("broker:\n  acl:\n    - { who: \"user:alice\", allow: { publish: [\"a\"] } }\n").unwrap();
+        assert_eq!(c.broker.acl[0].who, Who::User("alice".into()));
+        let e = parse("broker:\n  acl:\n    - allow: { publish: [\"#\"] }\n      who: \"client:\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t.yaml:4: key `broker.acl[0].who`: `client:` is not a rule subject: \
+             use `*`, `anonymous`, `user:*`, `user:NAME` or `client:ID`"
+        );
+    }
+
+    /// The config is read by every part of the gateway and so depends on none of them: a file
+    /// here that names a runtime module brings back a circle (and a check that runs twice).
+    #[test]
+    fn config_names_no_runtime_module() {
+        const RUNTIME: [&str; 8] = [
+            "broker",
+            "bridge",
+            "gateway",
+            "dashboard",
+            "plugs",
+            "devices",
+            "grants",
+            "provision",
+        ];
+        fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    files(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(path);
+                }
+            }
+        }
+        let mut sources = vec![];
+        files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config"), &mut sources);
+        assert!(sources.len() > 5, "{sources:?}");
+        let mut found = vec![];
+        for file in &sources {
+            let text = std::fs::read_to_string(file).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                for m in RUNTIME {
+                    let path = format!("crate::{m}");
+                    let named = line
+                        .match_indices(&path)
+                        .any(|(at, _)| !line[at + path.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_'));
+                    if named {
+                        found.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+                    }
+                }
+            }
+        }
+        assert!(found.is_empty(), "config names runtime modules:\n{}", found.join("\n"));
     }
 
     #[test]
@@ -663,6 +728,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("dashboard.origins[0]"), "{e}");
+    }
+
+    #[test]
+    fn bridges_keep_their_rules_compiled_as_they_run() {
+        let c = parse(
+            "gateway:\n  id: g1\nbridges:\n  - name: cloud\n    url: \"mqtt://a\"\n    remote_prefix: \"sites/{gateway.id}/\"\n    \
+             rules:\n      - { direction: out, local: \"a/+\", remote: \"up/{1}\" }\n      - { direction: in, local: \"cmd/#\", remote: \"cmd/#\" }\n",
+        )
+        .unwrap();
+        let rules = &c.bridges[0].compiled;
+        assert_eq!(rules.len(), 2);
+        let out = rules[0].out.as_ref().unwrap();
+        assert_eq!(out.map("a/x").as_deref(), Some("sites/g1/up/x"));
+        let inbound = rules[1].inbound.as_ref().unwrap();
+        assert_eq!(inbound.filter(), "sites/g1/cmd/#");
+        assert_eq!(inbound.map("sites/g1/cmd/plug/on").as_deref(), Some("cmd/plug/on"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Config of the WeMo-style smart plugs (see `crate::plugs`).
+//! Config of the WeMo-style smart plugs (the pollers are in `src/plugs/`).
 
 use super::Dur;
 use serde::{Deserialize, Serialize};
@@ -122,7 +122,7 @@ pub(super) fn validate(p: &Plugs) -> Result<(), (String, String)> {
         }
     }
     for (i, s) in p.statics.iter().enumerate() {
-        if crate::plugs::wemo::slug(&s.name) != s.name {
+        if plug_slug(&s.name) != s.name {
             return e(
                 format!("static[{i}].name"),
                 format!("`{}` must be lower case letters, digits and `-`", s.name),
@@ -144,7 +144,7 @@ pub(super) fn validate(p: &Plugs) -> Result<(), (String, String)> {
         ("state", &p.topics.state),
         ("set", &p.topics.set),
     ] {
-        if !t.contains("{name}") || !crate::broker::topics::valid_topic(&PlugTopics::fill(t, "x")) {
+        if !t.contains("{name}") || !crate::topic::valid_topic(&PlugTopics::fill(t, "x")) {
             return e(
                 format!("topics.{k}"),
                 format!("`{t}` must be a topic with `{{name}}` in it"),
@@ -152,4 +152,37 @@ pub(super) fn validate(p: &Plugs) -> Result<(), (String, String)> {
         }
     }
     Ok(())
+}
+
+/// A plug name fit for a topic level: lower case, `-` for anything else. Discovery names the
+/// plugs it finds with it; a static plug's name must already be one.
+pub fn plug_slug(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s.trim_matches('-').to_string();
+    if s.is_empty() {
+        "plug".into()
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plug_slug;
+
+    #[test]
+    fn slugs_fit_a_topic_level() {
+        assert_eq!(plug_slug("Living Room Lamp"), "living-room-lamp");
+        assert_eq!(plug_slug("  #+/ "), "plug");
+        assert_eq!(plug_slug("kettle-2"), "kettle-2");
+    }
 }

@@ -94,7 +94,7 @@ impl View {
     pub fn health(&self) -> Vec<String> {
         let mut problems = vec![];
         let silent = crate::bridge::spool::now_ms() - self.router_contact.load(Ordering::Relaxed);
-        if silent > crate::gateway::ROUTER_SILENCE_MS {
+        if silent > crate::config::ROUTER_SILENCE_MS {
             problems.push(format!(
                 "router has not routed the gateway's probe for {} s",
                 silent / 1000

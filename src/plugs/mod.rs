@@ -94,7 +94,7 @@ pub fn start(cfg: config::Plugs, shared: Arc<broker::Shared>, bus: Bus, stop: Ca
                     let h = host.clone();
                     match tokio::task::spawn_blocking(move || client.setup(&h, port)).await {
                         Ok(Ok(setup)) => {
-                            let name = wemo::slug(&setup.name);
+                            let name = config::plug_slug(&setup.name);
                             if ctx.status.lock().expect("plugs lock").contains_key(&name) {
                                 continue;
                             }

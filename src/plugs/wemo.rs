@@ -211,26 +211,6 @@ pub fn parse_setup(text: &str) -> Result<Setup, WemoError> {
     })
 }
 
-/// A plug name fit for a topic level: lower case, `-` for anything else.
-pub fn slug(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let s = s.trim_matches('-').to_string();
-    if s.is_empty() {
-        "plug".into()
-    } else {
-        s
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,12 @@
 //! Bridge rules: which topics cross a bridge and what they are called on the other side.
 //! A source filter captures what its wildcards matched (`{1}` the first `+`, `{#}` the `#`
 //! tail) and a template fills them in, so topics can be renamed, prefixed and flattened.
+//!
+//! Compiled once, when the config is read: a rule that does not compile is a config error, and
+//! each [`Bridge`](super::Bridge) keeps its compiled rules for the bridge to run.
 
-use crate::broker::topics;
-use crate::config::{BridgeRule, Direction};
+use super::{BridgeRule, Direction};
+use crate::topic as topics;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Part {
@@ -15,7 +18,7 @@ enum Part {
 }
 
 /// Source filter plus target template.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
     filter: String,
     /// Per level of the template: its parts.
@@ -222,7 +225,7 @@ impl Mapping {
 }
 
 /// A compiled rule.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     /// Local topic → remote topic, for `out` and `both`.
     pub out: Option<Mapping>,
