@@ -9,10 +9,13 @@
 //!   [`MESSAGES_PER_POLL`] per poll before the task yields, so a flood of control frames neither
 //!   overflows the stack nor starves the other tasks of the runtime.
 //! - **Memory:** a frame or message over the broker's `max_packet_size` (plus a little for the
-//!   MQTT header) is refused by tungstenite; its read buffer is small ([`READ_BUFFER`]) and its
-//!   write buffer is capped ([`config`]), so pongs to a peer that never reads cannot pile up.
-//! - **A peer that does not read is dropped:** after [`MAX_UNANSWERED_PINGS`] pings whose pongs
-//!   could not be written out, the stream fails ([`Violation::PingsUnread`]).
+//!   MQTT header) is refused by tungstenite. It reserves a frame's declared length when the
+//!   header arrives, so a connection may hold up to that much, as a TCP client's partly sent
+//!   packet does. Writes go out as messages of at most [`CHUNK`] bytes into a write buffer
+//!   capped a little above that ([`config`]), so pongs to a peer that never reads cannot pile up.
+//! - **A peer that does not read is dropped:** after [`MAX_UNANSWERED_PINGS`] pings in a row
+//!   while not a byte could be written to it, the stream fails ([`Violation::PingsUnread`]).
+//!   A peer that reads slowly is the writer's to judge (its write timeout).
 //! - **Text frames** end the connection: MQTT over WebSocket is binary only [MQTT-6.0.0-1].
 //!
 //! Every such end is counted in `Metrics::websocket_violations`. Both halves of a split
@@ -30,6 +33,7 @@ use async_tungstenite::WebSocketStream;
 use futures_util::{Sink, Stream};
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -40,7 +44,10 @@ pub const MESSAGES_PER_POLL: usize = 64;
 pub const MAX_UNANSWERED_PINGS: u32 = 256;
 /// tungstenite's read buffer per connection (its default is 128 KiB).
 const READ_BUFFER: usize = 4 * 1024;
-/// Room in the write buffer beside one whole MQTT packet: frame headers and queued pongs.
+/// The most bytes one binary message carries toward the client: MQTT over WebSocket is a byte
+/// stream, and a packet may span messages.
+pub const CHUNK: usize = 16 * 1024;
+/// Room in the write buffer beside one chunk: frame headers, a pong, a close.
 const WRITE_SLACK: usize = 16 * 1024;
 
 /// Why a WebSocket peer was cut off.
@@ -71,9 +78,9 @@ pub fn config(max_packet: usize) -> WebSocketConfig {
     let max = max_packet + 64;
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        // Every write of the connection's writer is one whole batch: send it at once.
+        // Each chunk is sent at once; the buffer holds one chunk and what waits beside it.
         .write_buffer_size(0)
-        .max_write_buffer_size(max + WRITE_SLACK)
+        .max_write_buffer_size(CHUNK + WRITE_SLACK)
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
 }
@@ -106,8 +113,13 @@ where
         }
         Ok(resp)
     };
-    let ws = async_tungstenite::tokio::accept_hdr_async_with_config(stream, pick, Some(config(max_packet))).await?;
-    Ok(WsBytes::new(ws, metrics))
+    let written = Arc::new(AtomicU64::new(0));
+    let counted = Counted {
+        inner: stream,
+        written: written.clone(),
+    };
+    let ws = async_tungstenite::tokio::accept_hdr_async_with_config(counted, pick, Some(config(max_packet))).await?;
+    Ok(WsBytes::new(ws, written, metrics))
 }
 
 /// A stream whose upgrade was answered elsewhere (the dashboard's `/mqtt`), as the server side.
@@ -115,26 +127,36 @@ pub async fn upgraded<S>(stream: S, max_packet: usize, metrics: Arc<Metrics>) ->
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let ws = WebSocketStream::from_raw_socket(TokioAdapter::new(stream), Role::Server, Some(config(max_packet))).await;
-    WsBytes::new(ws, metrics)
+    let written = Arc::new(AtomicU64::new(0));
+    let counted = Counted {
+        inner: stream,
+        written: written.clone(),
+    };
+    let ws = WebSocketStream::from_raw_socket(TokioAdapter::new(counted), Role::Server, Some(config(max_packet))).await;
+    WsBytes::new(ws, written, metrics)
 }
 
 /// The binary messages of a WebSocket as one byte stream; each write is one binary message.
 pub struct WsBytes<S> {
-    ws: WebSocketStream<TokioAdapter<S>>,
+    ws: WebSocketStream<TokioAdapter<Counted<S>>>,
     /// What is left of the last binary message after a short read.
     pending: Bytes,
-    /// Pings in a row whose pongs could not be flushed.
+    /// Pings in a row that found the socket full and not a byte written since the last one.
     unanswered: u32,
+    /// Bytes written to the socket so far (by tungstenite), and the count at the last ping.
+    written: Arc<AtomicU64>,
+    written_at_ping: u64,
     metrics: Arc<Metrics>,
 }
 
 impl<S> WsBytes<S> {
-    fn new(ws: WebSocketStream<TokioAdapter<S>>, metrics: Arc<Metrics>) -> Self {
+    fn new(ws: WebSocketStream<TokioAdapter<Counted<S>>>, written: Arc<AtomicU64>, metrics: Arc<Metrics>) -> Self {
         WsBytes {
             ws,
             pending: Bytes::new(),
             unanswered: 0,
+            written,
+            written_at_ping: 0,
             metrics,
         }
     }
@@ -146,13 +168,22 @@ impl<S> WsBytes<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsBytes<S> {
-    /// After a ping: push its pong out. A peer that never reads fills the socket, and the pongs
-    /// stop going out; after [`MAX_UNANSWERED_PINGS`] of those it is cut off.
+    /// After a ping: push its pong out. A peer that never reads fills the socket, and nothing
+    /// goes out any more; after [`MAX_UNANSWERED_PINGS`] pings of those it is cut off. A slow
+    /// reader takes some bytes between pings and is not.
     fn answer_ping(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match Pin::new(&mut self.ws).poll_flush(cx) {
-            Poll::Ready(Ok(())) => self.unanswered = 0,
+        let pending = match Pin::new(&mut self.ws).poll_flush(cx) {
+            Poll::Ready(Ok(())) => false,
             Poll::Ready(Err(e)) => return Err(self.io_error(e)),
-            Poll::Pending => self.unanswered += 1,
+            Poll::Pending => true,
+        };
+        let written = self.written.load(Ordering::Relaxed);
+        let moved = written != self.written_at_ping;
+        self.written_at_ping = written;
+        if pending && !moved {
+            self.unanswered += 1;
+        } else {
+            self.unanswered = 0;
         }
         if self.unanswered > MAX_UNANSWERED_PINGS {
             return Err(self.violation(Violation::PingsUnread));
@@ -166,6 +197,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsBytes<S> {
             WsError::ConnectionClosed | WsError::AlreadyClosed => io::ErrorKind::BrokenPipe.into(),
             // The peer went away without a close handshake: common, and no attack.
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => io::ErrorKind::UnexpectedEof.into(),
+            // Our own writes are chunked to fit: never the peer's doing.
+            WsError::WriteBufferFull(_) => io::Error::other("WebSocket write buffer full"),
             other => {
                 Metrics::inc(&self.metrics.websocket_violations);
                 io::Error::new(io::ErrorKind::InvalidData, format!("{}: {other}", Violation::Protocol))
@@ -205,13 +238,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsBytes<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
+    /// Sends at most [`CHUNK`] bytes as one binary message, once everything before it (a pong
+    /// included) is out of the write buffer.
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Err(e) = ready!(Pin::new(&mut this.ws).poll_ready(cx)) {
+        if let Err(e) = ready!(Pin::new(&mut this.ws).poll_flush(cx)) {
             return Poll::Ready(Err(this.io_error(e)));
         }
-        match Pin::new(&mut this.ws).start_send(Message::binary(buf.to_vec())) {
-            Ok(()) => Poll::Ready(Ok(buf.len())),
+        let n = buf.len().min(CHUNK);
+        match Pin::new(&mut this.ws).start_send(Message::binary(buf[..n].to_vec())) {
+            Ok(()) => Poll::Ready(Ok(n)),
             Err(e) => Poll::Ready(Err(this.io_error(e))),
         }
     }
@@ -224,6 +260,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         Pin::new(&mut this.ws).poll_close(cx).map_err(|e| this.io_error(e))
+    }
+}
+
+/// The socket under tungstenite, counting the bytes written to it: progress a reader shows.
+pub struct Counted<S> {
+    inner: S,
+    written: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -363,6 +427,102 @@ mod tests {
         let mut got = [0u8; 6];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(got, [0x82, 4, 0x20, 2, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_write_larger_than_the_write_buffer_goes_out_whole_in_chunks() {
+        // The attack review's D1: a batch of deliveries over the write buffer's cap was refused
+        // (and counted as the peer's fault).
+        let (mut ws, mut client, metrics) = pair(1 << 20).await;
+        let big: Vec<u8> = (0..300 * 1024u32).map(|i| i as u8).collect();
+        let sent = big.clone();
+        let writer = tokio::spawn(async move {
+            ws.write_all(&sent).await.unwrap();
+            ws.flush().await.unwrap();
+            ws
+        });
+        // Server frames: 0x82, then a 16- or 64-bit length, then the payload.
+        let mut got = vec![];
+        while got.len() < big.len() {
+            let mut h = [0u8; 2];
+            client.read_exact(&mut h).await.unwrap();
+            assert_eq!(h[0], 0x82, "a binary message");
+            let len = match h[1] {
+                126 => client.read_u16().await.unwrap() as usize,
+                127 => client.read_u64().await.unwrap() as usize,
+                n => n as usize,
+            };
+            assert!(len <= CHUNK);
+            let mut p = vec![0u8; len];
+            client.read_exact(&mut p).await.unwrap();
+            got.extend(p);
+        }
+        writer.await.unwrap();
+        assert!(got == big, "the bytes arrived changed");
+        assert_eq!(Metrics::get(&metrics.websocket_violations), 0);
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_that_pings_is_not_taken_for_one_that_never_reads() {
+        // The attack review's D3: deliveries backed up behind a slow reader made every ping
+        // count as unanswered.
+        let (ws, client, metrics) = pair(8 * 1024).await;
+        let (mut srd, mut swr) = tokio::io::split(ws);
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        let pinger = tokio::spawn(async move {
+            for i in 0..1000u32 {
+                let five: Vec<u8> = (0..5)
+                    .flat_map(|k| frame(true, 0x9, &(i * 5 + k).to_be_bytes()))
+                    .collect();
+                if cwr.write_all(&five).await.is_err() {
+                    return None;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            Some(cwr)
+        });
+        // The server side reads (and so answers pings) while it writes 512 KiB, both halves in
+        // one task as a connection runs them.
+        let server = tokio::spawn(async move {
+            let reader = async {
+                let mut b = [0u8; 64];
+                loop {
+                    match srd.read(&mut b).await {
+                        Ok(0) => return,
+                        Ok(_) => continue,
+                        Err(e) => panic!("the server's read failed: {e}"),
+                    }
+                }
+            };
+            let data = vec![1u8; 512 << 10];
+            let writer = swr.write_all(&data);
+            tokio::select! {
+                _ = reader => panic!("the reader ended first"),
+                w = writer => w,
+            }
+        });
+        // The client reads slowly: 1 KiB every millisecond or so, for half a second and more.
+        let mut n = 0usize;
+        let mut b = vec![0u8; 1024];
+        while n < 512 << 10 {
+            match crd.read(&mut b).await.unwrap() {
+                0 => break,
+                k => n += k,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let _ = pinger.await;
+        assert_eq!(
+            Metrics::get(&metrics.websocket_violations),
+            0,
+            "a slow reader was cut off"
+        );
+        server.await.unwrap().unwrap();
+        assert_eq!(
+            Metrics::get(&metrics.websocket_violations),
+            0,
+            "a slow reader was cut off"
+        );
     }
 
     #[derive(Debug, Clone)]

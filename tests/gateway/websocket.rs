@@ -176,3 +176,46 @@ async fn text_frames_and_oversized_frames_close_only_that_websocket() {
     let counted = violations_reach(&gw, 2).await;
     assert!(counted >= 2, "text and oversized frames are counted: {counted}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_subscriber_gets_a_large_retained_set_whole() {
+    // The attack review of the adapter (D1): 80 x 4 KB retained messages to a `#` subscriber on
+    // `/mqtt` went out as one oversized write, and the client was cut off with nothing.
+    let (port, ws) = (free_port(), free_port());
+    let _gw = Gateway::start(&format!(
+        "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n    - {{ bind: \"127.0.0.1:{ws}\", protocol: ws }}\n"
+    ));
+    let (p, pev) = connect(opts(port, "retainer")).await.unwrap();
+    let _d = drive(pev);
+    for i in 0..300 {
+        p.publish(format!("big/{i}"), rumqttc::QoS::AtLeastOnce, true, vec![b'r'; 4000])
+            .await
+            .unwrap();
+    }
+    // The retained set is in once a plain client sees all of it.
+    let (c, mut cev) = connect(opts(port, "check")).await.unwrap();
+    subscribe(&c, &mut cev, "big/#", rumqttc::QoS::AtMostOnce).await;
+    let mut n = 0;
+    while n < 300 && next_publish(&mut cev, Duration::from_secs(5)).await.is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 300);
+
+    let mut o = rumqttc::MqttOptions::new("ws-wide", format!("ws://127.0.0.1:{ws}/mqtt"), ws);
+    o.set_transport(rumqttc::Transport::Ws);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (w, mut wev) = connect(o).await.unwrap();
+    subscribe(&w, &mut wev, "#", rumqttc::QoS::AtLeastOnce).await;
+    let mut got = 0;
+    while got < 300 {
+        match next_publish(&mut wev, Duration::from_secs(10)).await {
+            Some((t, body, true)) if t.starts_with("big/") => {
+                assert_eq!(body.len(), 4000);
+                got += 1;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(got, 300, "the WebSocket subscriber got {got} of 300 retained messages");
+}
