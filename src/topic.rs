@@ -7,12 +7,20 @@
 
 /// A topic name a client may publish to: non-empty, no wildcards, no NUL.
 pub fn valid_topic(topic: &str) -> bool {
-    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+    !topic.is_empty() && !topic.contains(['+', '#', '\0']) && levels(topic) <= MAX_LEVELS
+}
+
+/// The most levels a topic name or filter may have (as Mosquitto's limit): deeper ones are
+/// refused, so no client makes the index or the matcher walk thousands of levels.
+pub const MAX_LEVELS: usize = 200;
+
+fn levels(s: &str) -> usize {
+    s.bytes().filter(|b| *b == b'/').count() + 1
 }
 
 /// A topic filter: `+` fills a whole level, `#` only the last whole level.
 pub fn valid_filter(filter: &str) -> bool {
-    if filter.is_empty() || filter.contains('\0') {
+    if filter.is_empty() || filter.contains('\0') || levels(filter) > MAX_LEVELS {
         return false;
     }
     let levels: Vec<&str> = filter.split('/').collect();
@@ -77,6 +85,16 @@ pub fn covers(outer: &str, inner: &str) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn topics_and_filters_deeper_than_the_limit_are_refused() {
+        let deep = |n: usize| vec!["a"; n].join("/");
+        assert!(valid_topic(&deep(MAX_LEVELS)));
+        assert!(!valid_topic(&deep(MAX_LEVELS + 1)));
+        assert!(!valid_topic(&deep(10_000)));
+        assert!(valid_filter(&(deep(MAX_LEVELS - 1) + "/#")));
+        assert!(!valid_filter(&(deep(MAX_LEVELS) + "/#")));
+    }
 
     #[test]
     fn filters_and_topics() {

@@ -7,11 +7,15 @@
 //!   for the newcomer, so sockets that trickle a byte at a time (slowloris) cannot keep real
 //!   clients out: a real client finishes in milliseconds, long before enough newer sockets
 //!   arrive to push it out.
-//! - **Password checks** (argon2: ~20 MiB and tens of ms each) run two at a time.
-//! - **Back-off** after failed logins, per user name and (off loopback) per source address.
+//! - **Password checks** (argon2: ~20 MiB and tens of ms each) run two at a time, and one at a
+//!   time per source address, so one address guessing passwords leaves a check free for others.
+//! - **Back-off** after failed logins, per source address and user name together: a guesser at
+//!   one address is slowed down as that user from that address only, so it cannot lock the
+//!   real user (or a device) out from elsewhere, nor lock out other users behind its address.
 
 use super::metrics::Metrics;
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,8 +42,10 @@ pub struct Admission {
     pending: Arc<Pending>,
     /// Password checks running at once.
     auth_slots: Semaphore,
-    /// Recent failed logins by source address and by user name, for back-off.
-    failures: Mutex<HashMap<String, Failures>>,
+    /// Recent failed logins by source address and user name, for back-off.
+    failures: Mutex<HashMap<(IpAddr, String), Failures>>,
+    /// Source addresses with a password check running or waiting for a slot.
+    checking: Checking,
     metrics: Arc<Metrics>,
 }
 
@@ -86,6 +92,7 @@ impl Admission {
             pending: Arc::default(),
             auth_slots: Semaphore::new(AUTH_SLOTS),
             failures: Mutex::new(HashMap::new()),
+            checking: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -100,9 +107,26 @@ impl Admission {
         self.sessions.clone().try_acquire_owned().ok()
     }
 
-    /// Waits for one of the few password-check slots.
-    pub async fn password_check(&self) -> Option<SemaphorePermit<'_>> {
-        self.auth_slots.acquire().await.ok()
+    /// Waits for one of the few password-check slots, after the one slot of `source`.
+    pub async fn password_check(&self, source: IpAddr) -> Option<CheckSlot<'_>> {
+        let mine = self
+            .checking
+            .lock()
+            .expect("checking lock")
+            .entry(source)
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone();
+        // The guard first: a wait cut short (an evicted socket) still tidies the address's entry.
+        let mut guard = CheckSlot {
+            _slot: None,
+            source: Some((None, source, &self.checking)),
+        };
+        let permit = mine.acquire_owned().await.ok()?;
+        if let Some(s) = guard.source.as_mut() {
+            s.0 = Some(permit);
+        }
+        guard._slot = Some(self.auth_slots.acquire().await.ok()?);
+        Some(guard)
     }
 
     /// Takes a pre-login slot, evicting the oldest pending socket if none is free. `None` when
@@ -138,37 +162,58 @@ impl Admission {
     }
 
     /// Is a login from `source` as `user` in back-off after failures? Returns how long is left.
-    pub fn login_backoff(&self, source: Option<&str>, user: Option<&str>) -> Option<Duration> {
+    pub fn login_backoff(&self, source: IpAddr, user: &str) -> Option<Duration> {
         let now = std::time::Instant::now();
         let f = self.failures.lock().expect("failures lock");
-        [source.map(|s| format!("src:{s}")), user.map(|u| format!("user:{u}"))]
-            .into_iter()
-            .flatten()
-            .filter_map(|k| f.get(&k).filter(|x| x.until > now).map(|x| x.until - now))
-            .max()
+        f.get(&(source, user.to_string()))
+            .filter(|x| x.until > now)
+            .map(|x| x.until - now)
     }
 
-    /// Records a login's outcome: failures grow a back-off per source and per user (doubling
-    /// past the first few, up to 30 s); a success clears the user's.
-    pub fn login_result(&self, source: Option<&str>, user: Option<&str>, ok: bool) {
+    /// Records a login's outcome: failures grow a back-off for this source and user (doubling
+    /// past the first few, up to 30 s); a success clears it.
+    pub fn login_result(&self, source: IpAddr, user: &str, ok: bool) {
         let now = std::time::Instant::now();
         let mut f = self.failures.lock().expect("failures lock");
         if f.len() > 10_000 {
             f.retain(|_, x| x.until > now);
         }
-        let keys = [source.map(|s| format!("src:{s}")), user.map(|u| format!("user:{u}"))];
-        for k in keys.into_iter().flatten() {
-            if ok {
-                f.remove(&k);
-                continue;
-            }
-            let e = f.entry(k).or_insert(Failures { count: 0, until: now });
-            e.count += 1;
-            let wait = match e.count.checked_sub(FREE_FAILURES) {
-                None => Duration::ZERO,
-                Some(n) => (Duration::from_millis(250) * 2u32.saturating_pow(n.min(8))).min(MAX_BACKOFF),
-            };
-            e.until = now + wait;
+        let key = (source, user.to_string());
+        if ok {
+            f.remove(&key);
+            return;
+        }
+        let e = f.entry(key).or_insert(Failures { count: 0, until: now });
+        e.count += 1;
+        let wait = match e.count.checked_sub(FREE_FAILURES) {
+            None => Duration::ZERO,
+            Some(n) => (Duration::from_millis(250) * 2u32.saturating_pow(n.min(8))).min(MAX_BACKOFF),
+        };
+        e.until = now + wait;
+    }
+}
+
+/// Each source address's own password-check slot, while it has a check running or waiting.
+type Checking = Mutex<HashMap<IpAddr, Arc<Semaphore>>>;
+
+/// A password-check slot, and its source address's own; the address's entry goes with its
+/// last holder.
+pub struct CheckSlot<'a> {
+    _slot: Option<SemaphorePermit<'a>>,
+    source: Option<(Option<OwnedSemaphorePermit>, IpAddr, &'a Checking)>,
+}
+
+impl Drop for CheckSlot<'_> {
+    fn drop(&mut self) {
+        let Some((permit, ip, map)) = self.source.take() else {
+            return;
+        };
+        drop(permit);
+        drop(self._slot.take());
+        let mut m = map.lock().expect("checking lock");
+        // Only the map holds it now: nobody checks or waits from this address.
+        if m.get(&ip).is_some_and(|s| Arc::strong_count(s) == 1) {
+            m.remove(&ip);
         }
     }
 }

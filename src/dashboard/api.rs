@@ -97,7 +97,13 @@ impl Logins {
     }
 
     /// Who the `Authorization` header says, `Err` for wrong credentials.
-    pub async fn caller(&self, shared: &Shared, settings: &Settings, header: Option<&str>) -> Result<Caller, ()> {
+    pub async fn caller(
+        &self,
+        shared: &Shared,
+        settings: &Settings,
+        header: Option<&str>,
+        peer: std::net::IpAddr,
+    ) -> Result<Caller, ()> {
         let Some(h) = header else {
             return Ok(Caller::Nobody);
         };
@@ -127,7 +133,7 @@ impl Logins {
                 return Ok(Caller::User(user.to_string()));
             }
         }
-        let _slot = shared.admission().password_check().await.ok_or(())?;
+        let _slot = shared.admission().password_check(peer).await.ok_or(())?;
         let (u, p) = (user.to_string(), pass.to_string());
         let good = tokio::task::spawn_blocking(move || policy.verify_password(&u, &p))
             .await

@@ -310,7 +310,11 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
         || (!ctx.open && matches!(path.as_str(), "/metrics" | "/info.json"));
     let caller = if needs_caller {
         let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        match ctx.logins.caller(&ctx.door.shared, &ctx.settings, header).await {
+        match ctx
+            .logins
+            .caller(&ctx.door.shared, &ctx.settings, header, peer.ip())
+            .await
+        {
             Ok(c) => c,
             Err(()) => {
                 let user = header

@@ -36,11 +36,11 @@ async fn alice(port: u16) -> Bystander {
 
 /// A raw socket logged in as mallory with MQTT 5 and the given Receive Maximum; reads its
 /// CONNACK and nothing after unless the test does.
-fn mallory5(port: u16, id: &str, receive_max: u16) -> TcpStream {
+fn mallory5(port: u16, id: &str, receive_max: u16, keep_alive: u16) -> TcpStream {
     let mut props = v5::ConnectProperties::new();
     props.receive_maximum = Some(receive_max);
     let c = v5::Connect {
-        keep_alive: 60,
+        keep_alive,
         client_id: id.into(),
         clean_start: true,
         properties: Some(props),
@@ -85,7 +85,7 @@ async fn subscribing_again_and_again_to_a_big_retained_message_pauses_nobody() {
         .await
         .expect("quiet round trips");
 
-    let mut m = mallory5(port, "mallory-rm1", 1);
+    let mut m = mallory5(port, "mallory-rm1", 1, 60);
     let mut b = BytesMut::new();
     let mut p = v5::Publish::new("devices/mallory/blob", Q5::AtLeastOnce, vec![7u8; 200 * 1024], None);
     p.retain = true;
@@ -168,4 +168,216 @@ async fn one_users_subscribers_that_never_read_cost_only_that_user() {
         "one user's queues past its share: {r}"
     );
     drop(stalled);
+}
+
+/// A 3.1.1 CONNECT as `user` from the loopback address `from` (127.0.0.x); the CONNACK code,
+/// or `None` when the socket closed or nothing came within 5 s.
+fn login_from(port: u16, from: [u8; 4], id: &str, user: &str, pw: &str) -> Option<u8> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from((from, 0)).into()).unwrap();
+    sock.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .ok()?;
+    let mut s: TcpStream = sock.into();
+    let mut c = v4::Connect::new(id);
+    c.set_login(user, pw);
+    let mut b = BytesMut::new();
+    v4::Packet::Connect(c).write(&mut b, 1 << 20).unwrap();
+    s.write_all(&b).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).ok()?;
+    Some(ack[3])
+}
+
+#[test]
+fn a_password_guesser_locks_out_neither_the_user_nor_its_neighbours() {
+    // Issue 29, point 5: while 127.0.0.2 guesses alice's password (and a device's), alice gets
+    // in from 127.0.0.1, and mallory, behind the guesser's own address, gets in too.
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let port = free_port();
+    let gw = Gateway::start(&two_users(port, "{}"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let guesses = Arc::new(AtomicUsize::new(0));
+    let guessers: Vec<_> = (0..4)
+        .map(|t| {
+            let (stop, guesses) = (stop.clone(), guesses.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let code = login_from(
+                        port,
+                        [127, 0, 0, 2],
+                        &format!("g{t}-{n}"),
+                        "alice",
+                        &format!("guess{n}"),
+                    );
+                    assert_ne!(code, Some(0), "a guess got in");
+                    guesses.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut alice_in = 0;
+    for i in 0..25 {
+        alice_in += (login_from(port, [127, 0, 0, 1], &format!("alice-{i}"), "alice", "alice-pw") == Some(0)) as usize;
+    }
+    let neighbour = login_from(port, [127, 0, 0, 2], "m-1", "mallory", "mallory-pw");
+    stop.store(true, Ordering::Relaxed);
+    for g in guessers {
+        g.join().unwrap();
+    }
+    assert_eq!(alice_in, 25, "alice got in {alice_in} of 25 times during the guessing");
+    assert_eq!(neighbour, Some(0), "a user behind the guesser's address was locked out");
+    // The status file is written every 2 s.
+    let end = std::time::Instant::now() + Duration::from_secs(6);
+    let mut st = gw.status();
+    while st["broker"]["logins_throttled"].as_u64().unwrap_or(0) == 0 && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+        st = gw.status();
+    }
+    assert!(
+        st["broker"]["logins_throttled"].as_u64().unwrap_or(0) > 0,
+        "the guesser was slowed down: {} guesses, {}",
+        guesses.load(Ordering::Relaxed),
+        st["broker"]
+    );
+    // The guesser, as alice, is still in back-off from its own address: refused.
+    let last = login_from(port, [127, 0, 0, 2], "g-last", "alice", "alice-pw");
+    assert!(matches!(last, Some(c) if c != 0), "{last:?}");
+}
+
+#[test]
+fn topics_deeper_than_200_levels_are_refused() {
+    // Issue 29, point 6.
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let deep = vec!["a"; 10_000].join("/");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut b = BytesMut::new();
+    v4::Packet::Connect(v4::Connect::new("deep"))
+        .write(&mut b, 1 << 20)
+        .unwrap();
+    let mut sub = v4::Subscribe::new(&deep, rumqttc::QoS::AtMostOnce);
+    sub.pkid = 1;
+    sub.write(&mut b).unwrap();
+    s.write_all(&b).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = [0u8; 9];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got[4..], &[0x90, 3, 0, 1, 0x80], "SUBACK refuses the deep filter");
+    b.clear();
+    v4::Publish::new(&deep, rumqttc::QoS::AtMostOnce, "x")
+        .write(&mut b)
+        .unwrap();
+    s.write_all(&b).unwrap();
+    assert!(
+        closes_within(&mut s, Duration::from_secs(5)),
+        "a 10,000-level topic was taken"
+    );
+}
+
+#[test]
+fn more_open_qos2_publishes_than_receive_maximum_close_with_0x93() {
+    // Issue 29, point 6 (Paho's test_flow_control2): 101 QoS 2 PUBLISHes, no PUBREL, against
+    // a Receive Maximum of 100.
+    let port = free_port();
+    let _gw = Gateway::start(&open_broker(port));
+    let c = v5::Connect {
+        keep_alive: 60,
+        client_id: "qos2-flood".into(),
+        clean_start: true,
+        properties: None,
+    };
+    let mut b = BytesMut::new();
+    c.write(&None, &None, &mut b).unwrap();
+    for pkid in 1..=101u16 {
+        let mut p = v5::Publish::new("q2/flood", Q5::ExactlyOnce, &b"x"[..], None);
+        p.pkid = pkid;
+        p.write(&mut b).unwrap();
+    }
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(&b).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut all = vec![];
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..n]);
+    }
+    // CONNACK, then PUBRECs, then a DISCONNECT with 0x93.
+    let packets = split_packets(&all);
+    let recs = packets.iter().filter(|(first, _)| first >> 4 == 5).count();
+    assert!(recs <= 100, "{recs} PUBRECs: more than the Receive Maximum");
+    let last = packets.last().expect("packets came back");
+    assert_eq!(
+        (last.0, last.1.first()),
+        (0xe0, Some(&0x93)),
+        "the last packet is DISCONNECT 0x93"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_acknowledges_is_cut_off_while_messages_wait() {
+    // Issue 29, point 6: Receive Maximum 1, the one delivery never acknowledged, more waiting:
+    // cut off after the write timeout (1.5 x keep-alive, 30 s at least), not kept for ever.
+    let port = free_port();
+    let gw = Gateway::start(&two_users(port, "{}"));
+    let mut m = mallory5(port, "mallory-noack", 1, 10);
+    let mut b = BytesMut::new();
+    let mut sub = v5::Subscribe::new(v5::Filter::new("devices/mallory/#", Q5::AtLeastOnce), None);
+    sub.pkid = 1;
+    sub.write(&mut b).unwrap();
+    m.write_all(&b).unwrap();
+    let mut o = opts(port, "mallory-pub2");
+    o.set_credentials("mallory", "mallory-pw");
+    let (p, pev) = connect(o).await.unwrap();
+    let _d = drive(pev);
+    for i in 0..5 {
+        p.publish("devices/mallory/x", rumqttc::QoS::AtLeastOnce, false, vec![i; 10])
+            .await
+            .unwrap();
+    }
+    // It pings (so its keep-alive never runs out) and reads, but never acknowledges.
+    let mut pinger = m.try_clone().unwrap();
+    std::thread::spawn(move || {
+        while pinger.write_all(&[0xc0, 0]).is_ok() {
+            std::thread::sleep(Duration::from_secs(3));
+        }
+    });
+    let started = std::time::Instant::now();
+    let closed = tokio::task::spawn_blocking(move || closes_within(&mut m, Duration::from_secs(45)))
+        .await
+        .unwrap();
+    let after = started.elapsed();
+    assert!(closed, "a subscriber that never acknowledged was kept over 45 s");
+    assert!(after >= Duration::from_secs(25), "cut off too early: {after:?}");
+    assert!(gw.log().contains("no acknowledgement in"), "the log says why");
+}
+
+/// Whole MQTT packets as (first byte, body).
+fn split_packets(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = vec![];
+    while b.len() >= 2 {
+        let (mut len, mut mul, mut i) = (0usize, 1usize, 1);
+        loop {
+            let d = b[i];
+            len += (d & 0x7f) as usize * mul;
+            mul *= 128;
+            i += 1;
+            if d & 0x80 == 0 {
+                break;
+            }
+        }
+        if b.len() < i + len {
+            break;
+        }
+        out.push((b[0], b[i..i + len].to_vec()));
+        b = &b[i + len..];
+    }
+    out
 }

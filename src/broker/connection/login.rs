@@ -173,10 +173,9 @@ async fn authenticate(
         .username
         .as_ref()
         .is_some_and(|u| !policy.has_user(u) && shared.access.device_login(u, "").is_some());
-    // Back-off after failed logins, per user and (off loopback) per source address: refused
-    // at once, without a password check.
-    let source = (!peer.ip().is_loopback()).then(|| peer.ip().to_string());
-    let source = source.as_deref();
+    // Back-off after failed logins, per source address and user together: refused at once,
+    // without a password check.
+    let source = peer.ip();
     let Some(user) = &connect.username else {
         if !door.listener.anonymous {
             return Err((
@@ -186,7 +185,7 @@ async fn authenticate(
         }
         return Ok(false);
     };
-    if let Some(left) = shared.admission.login_backoff(source, Some(user)) {
+    if let Some(left) = shared.admission.login_backoff(source, user) {
         Metrics::inc(&shared.metrics.logins_throttled);
         return Err((
             Refusal::BadCredentials,
@@ -201,14 +200,14 @@ async fn authenticate(
         if !ok {
             password_check(door, policy, String::new(), pass, prelogin).await;
         }
-        shared.admission.login_result(source, Some(user), ok);
+        shared.admission.login_result(source, user, ok);
         return match ok {
             true => Ok(true),
             false => Err((Refusal::BadCredentials, format!("wrong password for device {user:?}"))),
         };
     }
     let ok = password_check(door, policy, user.clone(), pass, prelogin).await;
-    shared.admission.login_result(source, Some(user), ok);
+    shared.admission.login_result(source, user, ok);
     match ok {
         true => Ok(false),
         false => Err((
@@ -229,7 +228,13 @@ async fn password_check(
     prelogin: &PreLogin,
 ) -> bool {
     let shared = door.shared;
-    let Ok(Some(_slot)) = before_login(door.deadline, &prelogin.evict, shared.admission.password_check()).await else {
+    let Ok(Some(_slot)) = before_login(
+        door.deadline,
+        &prelogin.evict,
+        shared.admission.password_check(door.peer.ip()),
+    )
+    .await
+    else {
         return false;
     };
     Metrics::inc(&shared.metrics.password_checks);

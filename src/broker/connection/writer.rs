@@ -31,7 +31,11 @@ struct Writer<'a, W> {
     out: BytesMut,
     /// Topic aliases this connection set toward the client.
     aliases: HashMap<Arc<str>, u16>,
+    /// How long a client may go without reading (a write that does not finish) or, while
+    /// messages wait behind its full window, without acknowledging.
     write_timeout: Duration,
+    /// The session's delivered count when it last moved, and when that was.
+    progress: (u64, tokio::time::Instant),
 }
 
 /// Runs the writer until the connection ends; returns how.
@@ -48,6 +52,7 @@ pub(super) async fn writer<W: AsyncWrite + Unpin>(
         out: BytesMut::new(),
         aliases: HashMap::new(),
         write_timeout: Duration::from_secs((ctx.keep_alive as u64 * 3 / 2).max(30)),
+        progress: (0, tokio::time::Instant::now()),
     };
     if !w.resume() {
         return End::TakenOver;
@@ -122,6 +127,18 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
         kick: &CancellationToken,
         taken_over: &AtomicBool,
     ) -> Option<Closing> {
+        let session = &self.ctx.session;
+        let delivered = session.delivered.load(Ordering::Relaxed);
+        if delivered != self.progress.0 {
+            self.progress = (delivered, tokio::time::Instant::now());
+        }
+        // Messages wait behind a window the client never frees: it is given up as one that
+        // does not read, and its session keeps what waits (or ends, if clean).
+        let blocked = {
+            let st = session.lock();
+            !st.queue.is_empty() && st.inflight.len() >= self.ctx.receive_max
+        };
+        let stuck_at = self.progress.1 + self.write_timeout;
         tokio::select! {
             // The reader's replies first: once it is gone, nothing more is taken to write.
             biased;
@@ -130,6 +147,10 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
                 None => Some((None, End::ClientGone("reader ended".into()))),
             },
             _ = self.ctx.session.notify.notified() => None,
+            _ = tokio::time::sleep_until(stuck_at), if blocked => {
+                let why = format!("no acknowledgement in {:?} while messages wait", self.write_timeout);
+                Some((None, End::ClientGone(why)))
+            }
             _ = stop.cancelled() => Some((Some(Goodbye::ShuttingDown), End::Shutdown)),
             _ = kick.cancelled() => Some(if taken_over.load(Ordering::Relaxed) {
                 (Some(Goodbye::SessionTakenOver), End::TakenOver)

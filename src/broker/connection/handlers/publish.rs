@@ -29,8 +29,11 @@ pub(super) fn on_publish(ctx: &Ctx, st: &mut ReadState, p: Publish, waits: &mut 
     }
     if p.qos > 0 {
         st.unacked += 1;
+        // QoS 2 publishes stay open until their PUBREL: this one counts unless it is a resend
+        // of one already open.
         let qos2_open = if p.qos == 2 {
-            ctx.session.lock().incoming_qos2.len()
+            let st = ctx.session.lock();
+            st.incoming_qos2.len() + !st.incoming_qos2.contains(&p.pkid) as usize
         } else {
             0
         };
