@@ -4,9 +4,10 @@
 //!   `max_connections` + 256; logged-in clients hold one of `max_connections`.
 //! - **Pre-login slots.** Sockets that have not finished their handshake and CONNECT hold one of
 //!   a fixed number of pre-login slots. When all are taken, the oldest pending socket is evicted
-//!   for the newcomer, so sockets that trickle a byte at a time (slowloris) cannot keep real
-//!   clients out: a real client finishes in milliseconds, long before enough newer sockets
-//!   arrive to push it out.
+//!   for the newcomer if it has been logging in for [`EVICT_AFTER`] already, so sockets that
+//!   trickle a byte at a time (slowloris) cannot keep real clients out; when the oldest is
+//!   younger (a crowd of honest clients reconnecting at once), the newcomer waits for a slot
+//!   until its connect deadline instead: later, not never.
 //! - **Password checks** (argon2: ~20 MiB and tens of ms each) run two at a time, and one at a
 //!   time per source address, so one address guessing passwords leaves a check free for others.
 //! - **Back-off** after failed logins, per source address and user name together: a guesser at
@@ -20,10 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Sockets that may be logging in at once.
 const PRELOGIN_SLOTS: usize = 256;
+/// How long a socket may log in before a newcomer may push it out.
+pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 /// Password checks running at once.
 const AUTH_SLOTS: usize = 2;
 /// Failures allowed before back-off starts, and its longest wait.
@@ -60,7 +64,7 @@ struct Failures {
 /// Sockets still logging in, oldest first, each with the token that evicts it.
 #[derive(Default)]
 struct Pending {
-    queue: Mutex<VecDeque<(u64, CancellationToken)>>,
+    queue: Mutex<VecDeque<(u64, CancellationToken, Instant)>>,
     next: AtomicU64,
 }
 
@@ -79,7 +83,7 @@ impl Drop for PreLogin {
             .queue
             .lock()
             .expect("pending lock")
-            .retain(|(i, _)| *i != self.id);
+            .retain(|(i, _, _)| *i != self.id);
     }
 }
 
@@ -102,9 +106,11 @@ impl Admission {
         self.sockets.clone().try_acquire_owned().ok()
     }
 
-    /// A slot for a logged-in client, held until it disconnects; `None` at `max_connections`.
-    pub fn session(&self) -> Option<OwnedSemaphorePermit> {
-        self.sessions.clone().try_acquire_owned().ok()
+    /// A slot for a logged-in client, held until it disconnects. At `max_connections` it waits
+    /// for one: a crowd reconnecting at once finds the slots of its own last connections still
+    /// closing. The caller bounds the wait (the connect deadline).
+    pub async fn session(&self) -> Option<OwnedSemaphorePermit> {
+        self.sessions.clone().acquire_owned().await.ok()
     }
 
     /// Waits for one of the few password-check slots, after the one slot of `source`.
@@ -129,18 +135,25 @@ impl Admission {
         Some(guard)
     }
 
-    /// Takes a pre-login slot, evicting the oldest pending socket if none is free. `None` when
-    /// no slot could be had within a second (then the socket is closed).
-    pub async fn pre_login(&self) -> Option<PreLogin> {
+    /// Takes a pre-login slot, evicting the oldest pending socket if none is free and it has
+    /// been logging in for [`EVICT_AFTER`]. `None` when no slot could be had by `deadline`
+    /// (then the socket is closed).
+    pub async fn pre_login(&self, deadline: Instant) -> Option<PreLogin> {
         let permit = match self.prelogin.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                let oldest = self.pending.queue.lock().expect("pending lock").pop_front();
-                if let Some((_, token)) = oldest {
+                let oldest = {
+                    let mut q = self.pending.queue.lock().expect("pending lock");
+                    match q.front() {
+                        Some((_, _, since)) if since.elapsed() >= EVICT_AFTER => q.pop_front(),
+                        _ => None,
+                    }
+                };
+                if let Some((_, token, _)) = oldest {
                     token.cancel();
                     Metrics::inc(&self.metrics.prelogin_evicted);
                 }
-                tokio::time::timeout(Duration::from_secs(1), self.prelogin.clone().acquire_owned())
+                tokio::time::timeout_at(deadline, self.prelogin.clone().acquire_owned())
                     .await
                     .ok()?
                     .ok()?
@@ -152,7 +165,7 @@ impl Admission {
             .queue
             .lock()
             .expect("pending lock")
-            .push_back((id, evict.clone()));
+            .push_back((id, evict.clone(), Instant::now()));
         Some(PreLogin {
             _permit: permit,
             id,

@@ -17,6 +17,23 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Connections the kernel holds for the accept loop. A crowd of devices reconnecting at once
+/// (a power cut, an access point's restart) overflowed tokio's default of 1024 on loopback:
+/// overflowed handshakes hang for the client until its retries run out. The kernel caps this
+/// at `net.core.somaxconn` (4096 on current kernels).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
+}
+
 /// A bound listener, ready to accept.
 pub struct Listener {
     pub local: SocketAddr,
@@ -34,9 +51,7 @@ impl Listener {
             Some(t) => Some(tls_acceptor(t).with_context(|| format!("{name}: TLS setup"))?),
             None => None,
         };
-        let tcp = TcpListener::bind(cfg.bind.0)
-            .await
-            .with_context(|| format!("{name}: cannot bind {}", cfg.bind.0))?;
+        let tcp = listen(cfg.bind.0).with_context(|| format!("{name}: cannot bind {}", cfg.bind.0))?;
         let local = tcp.local_addr()?;
         Ok(Listener {
             local,
@@ -91,8 +106,11 @@ impl Listener {
                 self.protocol,
             );
             tracker.spawn(async move {
-                let Some(prelogin) = shared.admission.pre_login().await else {
-                    log::warn!("{}: no pre-login slot for {peer}; closing", info.name);
+                let Some(prelogin) = shared.admission.pre_login(deadline).await else {
+                    log::warn!(
+                        "{}: no pre-login slot for {peer} by its connect deadline; closing",
+                        info.name
+                    );
                     return;
                 };
                 accept_one(stream, peer, protocol, tls, info, shared, deadline, stop, prelogin).await;
@@ -169,7 +187,7 @@ impl super::FrontDoor {
         let deadline = Instant::now() + shared.limits.connect_timeout.0;
         let close = self.close.clone();
         self.tracker.spawn(async move {
-            let Some(prelogin) = shared.admission.pre_login().await else {
+            let Some(prelogin) = shared.admission.pre_login(deadline).await else {
                 return;
             };
             let max = shared.limits.max_packet_size.0 as usize;

@@ -646,3 +646,16 @@ pub fn assert_unhurt(quiet: Duration, under_attack: Option<Duration>, what: &str
         "{what}: a bystander's median round trip went from {quiet:?} to {hurt:?} (bound {bound:?})"
     );
 }
+
+/// Held by the tests that load the machine on purpose (storms, floods, attackers beside a
+/// bystander): one at a time, so one's load is not another's measurement. Other tests run
+/// beside them as usual. `heavy` for plain tests, `heavy_async` in async ones.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.blocking_lock()
+}
+
+pub async fn heavy_async() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}

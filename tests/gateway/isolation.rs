@@ -75,6 +75,7 @@ fn mallory4(port: u16, id: &str) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribing_again_and_again_to_a_big_retained_message_pauses_nobody() {
+    let _heavy = heavy_async().await;
     // Issue 29, point 2, scaled: a 16 MiB budget, 300 SUBSCRIBEs of a 200 KiB retained message
     // (60 MB of copies before the fix).
     let port = free_port();
@@ -114,6 +115,7 @@ async fn subscribing_again_and_again_to_a_big_retained_message_pauses_nobody() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_users_subscribers_that_never_read_cost_only_that_user() {
+    let _heavy = heavy_async().await;
     // Issue 29, point 2: sessions of one user that never read (nor acknowledge) fill only that
     // user's share (1 MiB of a 4 MiB budget), never the budget; its own publisher goes on.
     let port = free_port();
@@ -191,6 +193,7 @@ fn login_from(port: u16, from: [u8; 4], id: &str, user: &str, pw: &str) -> Optio
 
 #[test]
 fn a_password_guesser_locks_out_neither_the_user_nor_its_neighbours() {
+    let _heavy = heavy();
     // Issue 29, point 5: while 127.0.0.2 guesses alice's password (and a device's), alice gets
     // in from 127.0.0.1, and mallory, behind the guesser's own address, gets in too.
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -18,5 +18,6 @@ mod provisioning;
 mod pubsub;
 mod robustness;
 mod router;
+mod storm;
 mod websocket;
 mod wemo_sim;

@@ -738,6 +738,7 @@ fn real_clients_in(gw: &Gateway, port: u16, first: fn(usize, u64) -> Vec<u8>, ea
 
 #[test]
 fn real_clients_get_in_while_slowloris_sockets_hold_every_prelogin_slot() {
+    let _heavy = heavy();
     let port = free_port();
     let gw = Gateway::start(&open_broker(port));
     // Each socket sends one byte of a CONNECT, then nothing.
@@ -750,6 +751,7 @@ fn real_clients_get_in_while_slowloris_sockets_hold_every_prelogin_slot() {
 
 #[test]
 fn real_clients_get_in_while_password_guesses_queue_for_every_prelogin_slot() {
+    let _heavy = heavy();
     // Each socket sends a whole CONNECT with a password for a name nobody has (each costs a
     // password check, two at a time) and waits. A socket evicted for a newcomer while it waits
     // for a check must give its slot back at once: one held would make each newcomer wait for

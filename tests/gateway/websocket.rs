@@ -82,6 +82,7 @@ async fn violations_reach(gw: &Gateway, want: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ping_floods_that_never_read_are_cut_off_and_nobody_else_notices() {
+    let _heavy = heavy_async().await;
     let (port, ws, dport) = (free_port(), free_port(), free_port());
     let mut gw = Gateway::start(&format!(
         "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt }}\n    - {{ bind: \"127.0.0.1:{ws}\", protocol: ws }}\n\

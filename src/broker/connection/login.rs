@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 /// The longest keep-alive the broker accepts; MQTT 5 clients asking more are told this one.
 const MAX_KEEP_ALIVE: u16 = 3600;
+/// How long a login waits for a slot of `max_connections` before it is refused (server busy):
+/// long enough for a crowd's own previous connections to finish closing.
+const SESSION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Runs a step before login under the connect deadline; fails early if the socket is evicted
 /// for a newer one (see `admission`).
@@ -127,10 +130,14 @@ async fn admit<W: AsyncWrite + Unpin>(
             "MQTT 5 enhanced authentication is not offered".into(),
         )));
     }
-    let slot = shared
-        .admission
-        .session()
-        .ok_or(Some((Refusal::ServerBusy, "max_connections reached".to_string())))?;
+    let busy = || Some((Refusal::ServerBusy, "max_connections reached".to_string()));
+    // Waiting for a slot is bounded by the deadline and SESSION_WAIT, so a client over the
+    // limit hears why soon.
+    let until = door.deadline.min(Instant::now() + SESSION_WAIT);
+    let slot = match before_login(until, &prelogin.evict, shared.admission.session()).await {
+        Ok(Some(slot)) => slot,
+        _ => return Err(busy()),
+    };
     let policy = shared.access.policy();
     let device = authenticate(door, connect, &policy, prelogin).await.map_err(Some)?;
     let id = identify(door, connect, &policy, device).map_err(Some)?;
