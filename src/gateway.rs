@@ -251,6 +251,7 @@ impl StatusFile {
             "listeners": broker.local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "broker": broker_counters,
             "router": broker.shared.router().snapshot(),
+            "stores": broker.shared.stores(),
             "bridges": bridges.states(),
             "devices": &*self.devices.lock().expect("counters lock"),
             "clock_synchronized": crate::devices::clock_synchronized(),

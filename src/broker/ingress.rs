@@ -40,13 +40,18 @@ impl Shared {
         waits: &mut Vec<tokio::sync::oneshot::Receiver<()>>,
     ) {
         if msg.retain {
-            self.retained.put(Retained {
-                topic: msg.topic.to_string(),
-                payload: msg.payload.clone(),
-                qos: msg.qos,
-                props: msg.props.clone(),
-                expires_ms: msg.expires_ms,
-            });
+            let kept = self.retained.put(
+                Retained {
+                    topic: msg.topic.to_string(),
+                    payload: msg.payload.clone(),
+                    qos: msg.qos,
+                    props: msg.props.clone(),
+                    expires_ms: msg.expires_ms,
+                },
+                durable,
+            );
+            // A QoS 1/2 one is acknowledged only once it is on disk.
+            waits.extend(kept);
             self.router.retain(msg);
         }
         let m = Incoming {

@@ -36,6 +36,9 @@ pub struct Metrics {
     /// Password hashes checked (argon2): a wrong password, an unknown user and a device's wrong
     /// password each cost one, so the time of a refusal tells no one which names exist.
     pub password_checks: AtomicU64,
+    /// QoS 1/2 publishes not acknowledged because a copy could not be kept (a full disk):
+    /// refused with 0x97 (MQTT 5), or the connection closed unacknowledged (3.1.1).
+    pub publishes_not_kept: AtomicU64,
     /// Connections ended by a bug (a panic caught in their task); the rest carry on.
     pub session_panics: AtomicU64,
 }
@@ -70,6 +73,7 @@ impl Metrics {
             "inflight_exceeded": g(&self.inflight_exceeded),
             "websocket_violations": g(&self.websocket_violations),
             "session_panics": g(&self.session_panics),
+            "publishes_not_kept": g(&self.publishes_not_kept),
             "logins_throttled": g(&self.logins_throttled),
             "prelogin_evicted": g(&self.prelogin_evicted),
             "password_checks": g(&self.password_checks),

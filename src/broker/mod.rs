@@ -95,6 +95,17 @@ impl Shared {
         &self.events
     }
 
+    /// How the stores' writes go: for status and `/healthz`.
+    pub fn stores(&self) -> serde_json::Value {
+        let h = self.retained.health();
+        serde_json::json!({
+            "retained": {
+                "failing": h.failing.load(std::sync::atomic::Ordering::Relaxed),
+                "failures": h.failures.load(std::sync::atomic::Ordering::Relaxed),
+            }
+        })
+    }
+
     /// Puts the taps in force (the bridges' spools): every message entering after this passes
     /// them.
     pub fn set_taps(&self, taps: Vec<Arc<dyn Tap>>) {

@@ -1,13 +1,18 @@
 //! Retained messages on disk, so they survive a restart; the router keeps them in memory too.
 //! The broker records every retained PUBLISH it lets through; on start the store is
-//! loaded into the router before any client connects. Writes go to one thread in batches.
+//! loaded into the router before any client connects. Writes go to one thread in batches; a
+//! QoS 1/2 retained PUBLISH is acknowledged only once its batch is committed (`synchronous`
+//! FULL for such a batch), and a batch that cannot be written (a full disk) refuses them.
+//! Every batch is a fresh try, so the store recovers by itself when space comes back.
 
 use super::router::message::Props;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rusqlite::{params, Connection};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use tokio::sync::oneshot;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Retained {
@@ -25,10 +30,21 @@ pub struct Retained {
 #[derive(Clone)]
 pub struct RetainedStore {
     tx: mpsc::Sender<Op>,
+    health: Arc<Health>,
+}
+
+/// How the last writes went, for status and `/healthz`.
+#[derive(Default)]
+pub struct Health {
+    /// Batches that could not be written since start.
+    pub failures: AtomicU64,
+    /// Whether the last batch failed (cleared by the next one that is written).
+    pub failing: AtomicBool,
 }
 
 enum Op {
-    Put(Retained),
+    /// A retained message, and who waits for it to be on disk.
+    Put(Retained, Option<oneshot::Sender<()>>),
     Flush(mpsc::Sender<()>),
 }
 
@@ -80,15 +96,30 @@ impl RetainedStore {
             .filter(|r| r.expires_ms.is_none_or(|e| e > now))
             .collect();
         let (tx, rx) = mpsc::channel();
+        let health = Arc::new(Health::default());
+        let h = health.clone();
         std::thread::Builder::new()
             .name("retained-store".into())
-            .spawn(move || writer(db, rx))?;
-        Ok((RetainedStore { tx }, existing))
+            .spawn(move || writer(db, rx, &h))?;
+        Ok((RetainedStore { tx, health }, existing))
     }
 
-    /// Records a retained publish; an empty payload clears the topic.
-    pub fn put(&self, r: Retained) {
-        let _ = self.tx.send(Op::Put(r));
+    /// Records a retained publish; an empty payload clears the topic. With `durable`, returns
+    /// what fires once it is on disk (dropped unfired when it could not be written).
+    pub fn put(&self, r: Retained, durable: bool) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = match durable {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let _ = self.tx.send(Op::Put(r, tx));
+        rx
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// Waits until everything put so far is on disk.
@@ -100,19 +131,34 @@ impl RetainedStore {
     }
 }
 
-fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
+fn writer(mut db: Connection, rx: mpsc::Receiver<Op>, health: &Health) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let mut waiters = vec![];
+        let mut kept = vec![];
+        // A batch that carries acknowledgements is synced to the disk before they go out.
+        let durable = batch.iter().any(|op| matches!(op, Op::Put(_, Some(_))));
+        let sync = if durable { "FULL" } else { "NORMAL" };
         let res: rusqlite::Result<()> = (|| {
+            db.pragma_update(None, "synchronous", sync)?;
             let tx = db.transaction()?;
             for op in batch {
-                match op {
-                    Op::Put(r) if r.payload.is_empty() => {
+                let r = match op {
+                    Op::Put(r, w) => {
+                        kept.extend(w);
+                        r
+                    }
+                    Op::Flush(w) => {
+                        waiters.push(w);
+                        continue;
+                    }
+                };
+                match r {
+                    r if r.payload.is_empty() => {
                         tx.execute("DELETE FROM retained WHERE topic = ?1", params![r.topic])?;
                     }
-                    Op::Put(r) => {
+                    r => {
                         tx.execute(
                             "INSERT INTO retained (topic, payload, qos, props, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                              ON CONFLICT(topic) DO UPDATE SET payload = excluded.payload, qos = excluded.qos,
@@ -126,13 +172,28 @@ fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
                             ],
                         )?;
                     }
-                    Op::Flush(w) => waiters.push(w),
                 }
             }
             tx.commit()
         })();
-        if let Err(e) = res {
-            log::error!("retained store: write failed: {e}");
+        match res {
+            Ok(()) => {
+                if health.failing.swap(false, Ordering::Relaxed) {
+                    log::info!("retained store: writing again");
+                }
+                for k in kept {
+                    let _ = k.send(());
+                }
+            }
+            Err(e) => {
+                // The waiting publishers are not acknowledged (their receivers see the senders
+                // dropped): they are refused, or publish again.
+                health.failures.fetch_add(1, Ordering::Relaxed);
+                health.failing.store(true, Ordering::Relaxed);
+                log::error!(
+                    "retained store: write failed: {e}; QoS 1/2 retained publishes refused until it writes again"
+                );
+            }
         }
         for w in waiters {
             let _ = w.send(());
@@ -144,34 +205,40 @@ fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
 mod tests {
     use super::*;
 
+    impl RetainedStore {
+        fn put_now(&self, r: Retained) {
+            self.put(r, false);
+        }
+    }
+
     #[test]
     fn put_replace_clear_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
         let (s, existing) = RetainedStore::open(&path).unwrap();
         assert!(existing.is_empty());
-        s.put(Retained {
+        s.put_now(Retained {
             topic: "a".into(),
             payload: Bytes::from_static(b"1"),
             qos: 1,
             props: None,
             expires_ms: None,
         });
-        s.put(Retained {
+        s.put_now(Retained {
             topic: "a".into(),
             payload: Bytes::from_static(b"2"),
             qos: 0,
             props: None,
             expires_ms: None,
         });
-        s.put(Retained {
+        s.put_now(Retained {
             topic: "b".into(),
             payload: Bytes::from_static(b"x"),
             qos: 0,
             props: None,
             expires_ms: None,
         });
-        s.put(Retained {
+        s.put_now(Retained {
             topic: "b".into(),
             payload: Bytes::new(),
             qos: 0,
@@ -213,8 +280,8 @@ mod tests {
             props,
             expires_ms: Some(now + 60_000),
         };
-        s.put(keep.clone());
-        s.put(Retained {
+        s.put_now(keep.clone());
+        s.put_now(Retained {
             topic: "gone".into(),
             payload: Bytes::from_static(b"2"),
             qos: 1,

@@ -102,6 +102,18 @@ pub fn render(doc: &Value) -> String {
             &b["session_panics"],
         ),
         (
+            "outpost_publishes_not_kept_total",
+            "counter",
+            "QoS 1/2 publishes not acknowledged because a copy could not be kept (a full disk).",
+            &b["publishes_not_kept"],
+        ),
+        (
+            "outpost_retained_store_write_failures_total",
+            "counter",
+            "Batches the retained store could not write.",
+            &doc["stores"]["retained"]["failures"],
+        ),
+        (
             "outpost_claims_refused_total",
             "counter",
             "Grant claims refused.",

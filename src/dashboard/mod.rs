@@ -101,6 +101,11 @@ impl View {
             ));
         }
         let status = self.status.load();
+        if status["stores"]["retained"]["failing"] == true {
+            problems.push(
+                "retained store: its last write failed (a full disk?); QoS 1/2 retained publishes are refused".into(),
+            );
+        }
         let bridges: Vec<&str> = status["bridges"]
             .as_array()
             .map(|a| a.iter().filter_map(|b| b["name"].as_str()).collect())

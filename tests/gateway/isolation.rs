@@ -384,3 +384,155 @@ fn split_packets(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
     }
     out
 }
+
+/// A tmpfs of `size` mounted over `at` for as long as it lives, holding what `at` held (mounting
+/// needs root, as CI runs).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn over(at: &std::path::Path, size: &str) -> Tmpfs {
+        let keep = tempfile::tempdir().unwrap();
+        let cp = |from: &std::path::Path, to: &std::path::Path| {
+            let st = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(from)
+                .arg(to)
+                .status()
+                .unwrap();
+            assert!(st.success());
+        };
+        cp(&at.join("."), keep.path());
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs over {} needs root", at.display());
+        cp(&keep.path().join("."), at);
+        Tmpfs(at.to_path_buf())
+    }
+
+    /// Fills it up but for `leave` bytes.
+    fn fill(&self, leave: u64) -> std::path::PathBuf {
+        let filler = self.0.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            let st = nix_statvfs_free(&self.0);
+            if st <= leave + chunk.len() as u64 {
+                break;
+            }
+            if f.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = f.sync_all();
+        filler
+    }
+}
+
+/// Free bytes of the file system at `p` (`df` in bytes).
+fn nix_statvfs_free(p: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A QoS 1 PUBLISH (MQTT 5) on a raw socket; the PUBACK's reason code, or `None` when the
+/// connection closed instead.
+fn publish5(s: &mut TcpStream, topic: &str, pkid: u16, retain: bool, body: &[u8]) -> Option<u8> {
+    let mut p = v5::Publish::new(topic, Q5::AtLeastOnce, body.to_vec(), None);
+    p.pkid = pkid;
+    p.retain = retain;
+    let mut b = BytesMut::new();
+    p.write(&mut b).unwrap();
+    s.write_all(&b).ok()?;
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).ok()?;
+    let mut rest = vec![0u8; head[1] as usize];
+    s.read_exact(&mut rest).ok()?;
+    assert_eq!(head[0], 0x40, "a PUBACK");
+    assert_eq!(&rest[..2], &pkid.to_be_bytes());
+    Some(rest.get(2).copied().unwrap_or(0))
+}
+
+#[test]
+fn a_full_disk_refuses_a_retained_publish_instead_of_acknowledging_it_and_recovers() {
+    // Issue 29, point 3: on a full data directory a retained QoS 1 PUBLISH got its PUBACK and
+    // was gone after a restart.
+    let port = free_port();
+    let mut gw = Gateway::start(&two_users(port, "{}"));
+    assert!(gw.stop());
+    let disk = Tmpfs::over(&gw.dir.path().join("data"), "16m");
+    gw.start_again();
+    let filler = disk.fill(0);
+
+    let mut m = mallory5(port, "mallory-disk", 10, 60);
+    // 200 KiB: more than the room left in the store's files (a few bytes may still fit).
+    assert_eq!(
+        publish5(&mut m, "devices/mallory/r", 1, true, &[b'n'; 200 * 1024]),
+        Some(0x97),
+        "a retained publish that could not be stored was acknowledged"
+    );
+    // The connection goes on, and a plain (not retained, not persistent) publish is taken.
+    assert_eq!(publish5(&mut m, "devices/mallory/live", 2, false, b"x"), Some(0));
+    // /healthz says why (the status file is written every 2 s).
+    let url = format!("http://127.0.0.1:{}/healthz", gw.dashboard.unwrap());
+    let end = std::time::Instant::now() + Duration::from_secs(6);
+    let mut code = 0;
+    while std::time::Instant::now() < end {
+        code = match ureq::get(&url).call() {
+            Ok(r) => r.status().as_u16(),
+            Err(ureq::Error::StatusCode(c)) => c,
+            Err(_) => 0,
+        };
+        if code == 503 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(code, 503, "/healthz while the store cannot write");
+    // Counted (the status file cannot be written on this disk: /metrics has it from memory).
+    let metrics = ureq::get(&format!("http://127.0.0.1:{}/metrics", gw.dashboard.unwrap()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let not_kept = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_publishes_not_kept_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(not_kept >= Some(1.0), "outpost_publishes_not_kept_total: {not_kept:?}");
+
+    // Space comes back: the next retained publish is stored and acknowledged.
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(publish5(&mut m, "devices/mallory/r", 3, true, b"kept"), Some(0));
+    drop(m);
+    assert!(gw.stop(), "{}", gw.log());
+    gw.start_again();
+    let mut o = opts(port, "alice-check");
+    o.set_credentials("mallory", "mallory-pw");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let got = rt.block_on(async {
+        let (c, mut ev) = connect(o).await.unwrap();
+        subscribe(&c, &mut ev, "devices/mallory/r", rumqttc::QoS::AtLeastOnce).await;
+        next_publish(&mut ev, Duration::from_secs(5)).await
+    });
+    assert_eq!(got, Some(("devices/mallory/r".into(), b"kept".to_vec(), true)));
+    drop(gw);
+    drop(disk);
+}

@@ -5,7 +5,7 @@
 
 use super::handlers::{on_packet, ReadState, Step};
 use super::{Ctx, End, Out};
-use crate::broker::codec::{self, Frame, FrameError, Goodbye};
+use crate::broker::codec::{self, AckCode, Frame, FrameError, Goodbye, Proto};
 use crate::broker::metrics::Metrics;
 use bytes::BytesMut;
 use std::collections::VecDeque;
@@ -28,8 +28,22 @@ const GATHER_MAX: usize = 1024;
 /// What one round of the reader gathers before it hands acks over.
 #[derive(Default)]
 struct Batch {
-    acks: Vec<bytes::Bytes>,
+    acks: Vec<Ack>,
     waits: Vec<oneshot::Receiver<()>>,
+}
+
+/// A reply waiting to go out. A PUBLISH's ack says which of the batch's waits are its own
+/// (those before `waits_end` and after the previous PUBLISH's): it goes out only if all of
+/// them fired.
+struct Ack {
+    bytes: bytes::Bytes,
+    publish: Option<PublishAck>,
+}
+
+struct PublishAck {
+    qos: u8,
+    pkid: u16,
+    waits_end: usize,
 }
 
 /// The reader half of one connection.
@@ -90,14 +104,14 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
             match ready_now(self.crd.read_buf(&mut self.cbuf)).await {
                 None => break,
                 Some(Ok(0)) => {
-                    flush_acks(&self.tx, &mut b.acks, &mut b.waits).await;
+                    flush_acks(self.ctx, &self.tx, &mut b).await;
                     return Err(End::ClientClosed);
                 }
                 Some(Ok(n)) => Metrics::add(&self.ctx.shared.metrics.bytes_in, n as u64),
                 Some(Err(e)) => return Err(End::ClientGone(format!("read: {e}"))),
             }
         }
-        if !flush_acks(&self.tx, &mut b.acks, &mut b.waits).await {
+        if !flush_acks(self.ctx, &self.tx, &mut b).await {
             return Err(End::ClientGone(STORE_FAILED.into()));
         }
         Ok(())
@@ -189,14 +203,24 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
         let step = on_packet(self.ctx, &mut self.st, &frame, &mut b.waits);
         match step {
             Step::Reply(r) => {
-                b.acks.push(r);
+                b.acks.push(Ack {
+                    bytes: r,
+                    publish: None,
+                });
+                return Ok(());
+            }
+            Step::Accepted { qos, pkid } => {
+                let bytes = codec::publish_ack(self.ctx.proto, qos, pkid, AckCode::Success);
+                let waits_end = b.waits.len();
+                let publish = Some(PublishAck { qos, pkid, waits_end });
+                b.acks.push(Ack { bytes, publish });
                 return Ok(());
             }
             Step::Nothing => return Ok(()),
             _ => {}
         }
         // Whatever comes next goes out after the acks of what came before it.
-        if !flush_acks(&self.tx, &mut b.acks, &mut b.waits).await {
+        if !flush_acks(self.ctx, &self.tx, b).await {
             // A normal DISCONNECT stays one (its will is discarded); anything else ends here.
             return Err(match step {
                 Step::End(End::Disconnected) => End::Disconnected,
@@ -213,7 +237,7 @@ impl<R: AsyncRead + Unpin> Reader<'_, R> {
                 Err(End::Protocol(what))
             }
             Step::End(end) => Err(end),
-            Step::Reply(_) | Step::Nothing => Ok(()),
+            Step::Reply(_) | Step::Accepted { .. } | Step::Nothing => Ok(()),
         }
     }
 }
@@ -228,23 +252,37 @@ async fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
     .await
 }
 
-/// Waits for the durable copies, then hands the acks to the writer. False when a copy failed
-/// (the acks are not sent: the client will publish again).
-async fn flush_acks(
-    tx: &mpsc::Sender<Out>,
-    acks: &mut Vec<bytes::Bytes>,
-    waits: &mut Vec<oneshot::Receiver<()>>,
-) -> bool {
-    let mut ok = true;
-    for w in waits.drain(..) {
-        ok &= w.await.is_ok();
+/// Waits for the durable copies, then hands the acks to the writer. A PUBLISH whose copies
+/// could not all be kept (a full disk) is not acknowledged: an MQTT 5 client is told so
+/// (PUBACK or PUBREC 0x97, quota exceeded), and the batch goes on; for a 3.1.1 client, which
+/// has no such ack, false is returned and the connection ends (it will publish again).
+async fn flush_acks(ctx: &Ctx, tx: &mpsc::Sender<Out>, b: &mut Batch) -> bool {
+    let mut kept = Vec::with_capacity(b.waits.len());
+    for w in b.waits.drain(..) {
+        kept.push(w.await.is_ok());
     }
-    if !ok {
-        acks.clear();
-        return false;
-    }
-    for a in acks.drain(..) {
-        if tx.send(Out::Bytes(a)).await.is_err() {
+    let mut from = 0;
+    for a in b.acks.drain(..) {
+        let bytes = match a.publish {
+            Some(p) if !kept[from..p.waits_end].iter().all(|k| *k) => {
+                from = p.waits_end;
+                Metrics::inc(&ctx.shared.metrics.publishes_not_kept);
+                if ctx.proto == Proto::V4 {
+                    return false;
+                }
+                if p.qos == 2 {
+                    // The exchange ends with this PUBREC: no PUBREL follows.
+                    ctx.session.lock().incoming_qos2.remove(&p.pkid);
+                }
+                codec::publish_ack(ctx.proto, p.qos, p.pkid, AckCode::QuotaExceeded)
+            }
+            Some(p) => {
+                from = p.waits_end;
+                a.bytes
+            }
+            None => a.bytes,
+        };
+        if tx.send(Out::Bytes(bytes)).await.is_err() {
             return false;
         }
     }

@@ -28,6 +28,11 @@ pub(super) struct ReadState {
 /// What one client packet leads to.
 pub(super) enum Step {
     Reply(bytes::Bytes),
+    /// A QoS 1/2 PUBLISH taken in: acknowledged once what it added to the waits has fired.
+    Accepted {
+        qos: u8,
+        pkid: u16,
+    },
     SubAck(bytes::Bytes, Vec<(Target, Arc<Message>)>),
     Nothing,
     Close(Goodbye, &'static str),

@@ -74,7 +74,7 @@ pub(super) fn on_publish(ctx: &Ctx, st: &mut ReadState, p: Publish, waits: &mut 
     shared.ingress(&msg, qos > 0, waits);
     match qos {
         0 => Step::Nothing,
-        q => Step::Reply(codec::publish_ack(proto, q, pkid, AckCode::Success)),
+        qos => Step::Accepted { qos, pkid },
     }
 }
 
