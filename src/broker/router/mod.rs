@@ -337,7 +337,11 @@ impl Router {
     ) -> Arc<Session> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let key: Arc<str> = Arc::from(key);
-        let user = self.user_total(identity.username.as_deref().unwrap_or(""));
+        // The gateway's own sessions are no user's: they count apart from anonymous clients.
+        let user = match internal {
+            true => self.user_total("$outpost"),
+            false => self.user_total(identity.username.as_deref().unwrap_or("")),
+        };
         let s = Arc::new(Session::new(
             id,
             key.clone(),

@@ -277,7 +277,10 @@ impl Session {
             Some(DropReason::QueueFull)
         } else if st.away && self.away_total.load(Ordering::Relaxed) + cost > limits.away_bytes {
             Some(DropReason::AwayBudget)
-        } else if !self.internal && self.user_total.load(Ordering::Relaxed) + cost > limits.user_bytes {
+        } else if !self.internal && self.user_total.load(Ordering::Relaxed) >= limits.user_bytes {
+            // Past the share before this one (it may take the share over by one message, as
+            // the budget's pause does): so a share equal to the budget never drops before the
+            // budget pauses.
             Some(DropReason::UserShare)
         } else {
             None
