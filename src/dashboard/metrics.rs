@@ -102,6 +102,24 @@ pub fn render(doc: &Value) -> String {
             &b["session_panics"],
         ),
         (
+            "outpost_logins_throttled_total",
+            "counter",
+            "Logins refused without a password check: that address and user name were in back-off.",
+            &b["logins_throttled"],
+        ),
+        (
+            "outpost_prelogin_evicted_total",
+            "counter",
+            "Sockets closed while logging in to make room for a newer one (all pre-login slots taken).",
+            &b["prelogin_evicted"],
+        ),
+        (
+            "outpost_password_checks_total",
+            "counter",
+            "Password hashes checked (argon2).",
+            &b["password_checks"],
+        ),
+        (
             "outpost_publishes_not_kept_total",
             "counter",
             "QoS 1/2 publishes not acknowledged because a copy could not be kept (a full disk).",
