@@ -151,14 +151,19 @@ async fn a_plug_that_changes_port_is_followed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_plug_does_not_delay_another() {
-    let hung = SimPlug::start("Hung", "HUNG000001", 10_000).await;
+    // The hung plug has an address of its own. A plug never seen answering has no identity
+    // yet, so the gateway looks for it on the other WeMo ports of its host (49151-49159, as
+    // real plugs move after a reboot) and takes whatever WeMo answers there: on 127.0.0.1 that
+    // was, now and then, another test's simulated plug that drew one of those ports, and its
+    // readings came out as `sensor/hung/live`.
+    let hung = SimPlug::start_on("127.0.0.31", "Hung", "HUNG000001", 10_000).await;
     let fine = SimPlug::start("Fine", "FINE000001", 20_000).await;
     hung.set(|s| s.mode = Mode::Hang);
     let port = free_port();
     let _gw = Gateway::start(&plugs_yaml(
         port,
         &format!(
-            "  static:\n    - {{ name: hung, host: 127.0.0.1, port: {} }}\n    - {{ name: fine, host: 127.0.0.1, port: {} }}\n",
+            "  static:\n    - {{ name: hung, host: 127.0.0.31, port: {} }}\n    - {{ name: fine, host: 127.0.0.1, port: {} }}\n",
             hung.port(),
             fine.port()
         ),

@@ -32,6 +32,7 @@ pub struct SimPlug {
     pub ssdp: std::net::SocketAddr,
     server: Mutex<tokio::task::JoinHandle<()>>,
     name: String,
+    ip: String,
 }
 
 const ENVELOPE: &str = "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>\n";
@@ -50,6 +51,12 @@ fn setup_xml(name: &str, udn: &str) -> String {
 
 impl SimPlug {
     pub async fn start(name: &str, serial: &str, power_mw: u64) -> SimPlug {
+        SimPlug::start_on("127.0.0.1", name, serial, power_mw).await
+    }
+
+    /// A plug whose HTTP port is on loopback address `ip`: every sim is on 127.0.0.1 otherwise,
+    /// and a real plug is alone at its address.
+    pub async fn start_on(ip: &str, name: &str, serial: &str, power_mw: u64) -> SimPlug {
         let udn = format!("uuid:Insight-1_0-{serial}");
         let state = Arc::new(Mutex::new(SimState {
             on: true,
@@ -58,7 +65,7 @@ impl SimPlug {
             port: 0,
             actions: vec![],
         }));
-        let server = Mutex::new(Self::serve(state.clone(), name.to_string(), udn.clone()).await);
+        let server = Mutex::new(Self::serve(ip, state.clone(), name.to_string(), udn.clone()).await);
         let ssdp_sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let ssdp = ssdp_sock.local_addr().unwrap();
         {
@@ -83,11 +90,12 @@ impl SimPlug {
             ssdp,
             server,
             name: name.to_string(),
+            ip: ip.to_string(),
         }
     }
 
-    async fn serve(state: Arc<Mutex<SimState>>, name: String, udn: String) -> tokio::task::JoinHandle<()> {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    async fn serve(ip: &str, state: Arc<Mutex<SimState>>, name: String, udn: String) -> tokio::task::JoinHandle<()> {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         state.lock().unwrap().port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
@@ -209,7 +217,7 @@ impl SimPlug {
     /// Closes the HTTP port and opens another (plugs do this after reboots).
     pub async fn move_port(&self) {
         self.server.lock().unwrap().abort();
-        let h = Self::serve(self.state.clone(), self.name.clone(), self.udn.clone()).await;
+        let h = Self::serve(&self.ip, self.state.clone(), self.name.clone(), self.udn.clone()).await;
         *self.server.lock().unwrap() = h;
     }
 
