@@ -1,10 +1,11 @@
 //! The daemon's life: start the broker, announce readiness, serve until SIGTERM/SIGINT,
-//! reload users and ACLs on SIGHUP, then drain and say goodbye on the status topic.
+//! reload on SIGHUP (see [`crate::reload`]), then drain and say goodbye on the status topic.
 
 use crate::bridge::Bridges;
 use crate::broker::{Broker, Bus};
 use crate::config::{Config, ROUTER_SILENCE_MS};
 use crate::devices::service::DeviceService;
+use crate::reload;
 use crate::system::notify;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -13,8 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Runs the gateway until a stop signal. `config_path` is re-read on SIGHUP.
-pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
+/// Runs the gateway until a stop signal. `config_path` is re-read on SIGHUP, with `data_dir`
+/// (the command line's `--data-dir`) over the file's, as at start.
+pub async fn run(cfg: Config, config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<()> {
     let started = std::time::Instant::now();
     crate::system::memory::return_large_blocks();
     crate::system::fds::check(cfg.broker.limits.max_connections)?;
@@ -90,6 +92,11 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
         tokio::spawn(d.run(broker.front_door(), view, stop_dashboard.clone()));
     }
     let mut status_tick = tokio::time::interval(Duration::from_secs(2));
+    let source = reload::Source {
+        path: config_path,
+        data_dir,
+    };
+    let mut running = cfg.clone();
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -126,20 +133,8 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 notify::reloading();
-                match &config_path {
-                    Some(p) => match Config::load(p) {
-                        Ok(new) => {
-                            broker.reload(&new);
-                            match bridges.apply(&new.bridges).await {
-                                Ok(()) => log::info!("reloaded users, ACLs and bridges from {}", p.display()),
-                                Err(e) => log::error!("reload: bridges: {e:#}"),
-                            }
-                        }
-                        Err(e) => log::error!("reload refused, keeping the running config: {e}"),
-                    },
-                    None => log::info!("SIGHUP: running on the built-in config, nothing to reload"),
-                }
-                notify::ready("serving (reloaded)");
+                let outcome = reload::reload(&source, &mut running, &broker, &mut bridges).await;
+                reload::report(&source, &outcome);
             }
         }
     }

@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod grants;
 pub mod plugs;
 pub mod provision;
+pub mod reload;
 pub mod status;
 pub mod system;
 pub mod topic;

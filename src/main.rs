@@ -254,8 +254,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(p) => Config::load(p)?,
                 None => Config::builtin(),
             };
-            if let Some(d) = data_dir {
-                cfg.gateway.data_dir = d;
+            if let Some(d) = &data_dir {
+                cfg.gateway.data_dir = d.clone();
             }
             outpost::system::logging::init(cfg.log.level.filter());
             if let Some(snap) = outpost::config::snap::SnapEnv::from_env() {
@@ -270,7 +270,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .enable_all()
                 .thread_name("outpost")
                 .build()?;
-            rt.block_on(outpost::gateway::run(cfg, config))?;
+            rt.block_on(outpost::gateway::run(cfg, config, data_dir))?;
             // Blocking threads (stores, plug polls) may still be finishing; give them a second.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
             Ok(ExitCode::SUCCESS)

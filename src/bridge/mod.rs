@@ -1,7 +1,8 @@
 //! Upstream bridges: each one a client of a cloud broker, fed by a [`Tap`] on the local broker
 //! that maps topics by the bridge's rules and writes outbound messages to the bridge's durable
 //! spool before the local publisher is acknowledged. Bridges are started, changed and removed
-//! on reload without touching the others; a spool outlives its bridge's restarts.
+//! on reload without touching the others, in two steps (prepare what can fail, then commit);
+//! a spool outlives its bridge's restarts.
 
 mod failover;
 pub mod link;
@@ -168,6 +169,13 @@ struct Prepared {
     link: Link,
 }
 
+/// What [`Bridges::prepare`] made ready and [`Bridges::commit`] puts in force: the bridges
+/// wanted, and those of them that are new or changed, ready to run.
+pub struct BridgePlan {
+    wanted: Vec<config::Bridge>,
+    prepared: Vec<Prepared>,
+}
+
 /// All bridges of the gateway.
 pub struct Bridges {
     shared: Arc<Shared>,
@@ -219,32 +227,62 @@ impl Bridges {
         }
     }
 
-    async fn spool(&mut self, b: &config::Bridge) -> Result<(Spool, Arc<LinkStats>)> {
-        if let Some((cfg, s, stats)) = self.spools.get_mut(&b.name) {
-            if *cfg != b.spool {
-                s.reconfigure(b.spool.clone());
-                *cfg = b.spool.clone();
-            }
+    /// The spool and counters `b` runs with: those already open under its name, or a spool
+    /// opened now (kept only if the plan is committed; dropped, it closes its file). Changes
+    /// nothing that runs: new bounds for a kept spool are put in force by [`Bridges::commit`].
+    async fn spool(&self, b: &config::Bridge) -> Result<(Spool, Arc<LinkStats>)> {
+        if let Some((_, s, stats)) = self.spools.get(&b.name) {
             return Ok((s.clone(), stats.clone()));
         }
         let (path, cfg, name) = (self.dir.join(format!("{}.db", b.name)), b.spool.clone(), b.name.clone());
-        let s = tokio::task::spawn_blocking(move || Spool::open(&path, cfg, &name)).await??;
-        let stats = Arc::new(LinkStats::default());
-        self.spools
-            .insert(b.name.clone(), (b.spool.clone(), s.clone(), stats.clone()));
-        Ok((s, stats))
+        let s = tokio::task::spawn_blocking(move || Spool::open(&path, cfg, &name))
+            .await?
+            .map_err(|e| e.context(format!("bridge {}", b.name)))?;
+        Ok((s, Arc::new(LinkStats::default())))
     }
 
-    /// Makes the running bridges match `wanted`: new ones start, changed ones restart with
-    /// their spool kept, removed ones stop (their spool stays on disk for when they return).
-    /// If a new bridge cannot be prepared, nothing changes.
+    /// Makes the running bridges match `wanted` (see [`Bridges::prepare`] and
+    /// [`Bridges::commit`]). If a bridge cannot be prepared, nothing changes.
     pub async fn apply(&mut self, wanted: &[config::Bridge]) -> Result<()> {
+        let plan = self.prepare(wanted).await?;
+        self.commit(plan).await;
+        Ok(())
+    }
+
+    /// The first half of a reload: everything that can fail (opening the spools of new
+    /// bridges, building their taps and links), with nothing running touched. Dropping the
+    /// plan undoes it (a spool file made for a new bridge stays on disk, empty, as the spools
+    /// of removed bridges do).
+    pub async fn prepare(&self, wanted: &[config::Bridge]) -> Result<BridgePlan> {
         let mut prepared = vec![];
         for b in wanted {
             if self.running.get(&b.name).is_some_and(|r| r.cfg == *b) {
                 continue;
             }
-            prepared.push(self.prepare(b).await?);
+            prepared.push(self.prepare_one(b).await?);
+        }
+        Ok(BridgePlan {
+            wanted: wanted.to_vec(),
+            prepared,
+        })
+    }
+
+    /// The second half, which cannot fail: new ones start, changed ones restart with their
+    /// spool kept, removed ones stop (their spool stays on disk for when they return).
+    pub async fn commit(&mut self, plan: BridgePlan) {
+        let BridgePlan { wanted, prepared } = plan;
+        for p in &prepared {
+            match self.spools.get_mut(&p.cfg.name) {
+                Some((cfg, s, _)) if *cfg != p.cfg.spool => {
+                    s.reconfigure(p.cfg.spool.clone());
+                    *cfg = p.cfg.spool.clone();
+                }
+                Some(_) => {}
+                None => {
+                    let entry = (p.cfg.spool.clone(), p.tap.spool.clone(), p.tap.stats.clone());
+                    self.spools.insert(p.cfg.name.clone(), entry);
+                }
+            }
         }
         // Install every tap at once (those of unchanged bridges, and the new ones), so no
         // message falls between an old bridge and its replacement.
@@ -288,10 +326,9 @@ impl Bridges {
             .iter()
             .map(|(n, r)| (n.clone(), r.tap.stats.clone()))
             .collect();
-        Ok(())
     }
 
-    async fn prepare(&mut self, raw: &config::Bridge) -> Result<Prepared> {
+    async fn prepare_one(&self, raw: &config::Bridge) -> Result<Prepared> {
         let (spool, stats) = self.spool(raw).await?;
         let b = &raw.expanded(&self.gateway_id);
         let rules: Arc<Vec<Rule>> = Arc::new(b.compiled.clone());

@@ -16,6 +16,7 @@ mod paho;
 mod plugs;
 mod provisioning;
 mod pubsub;
+mod reload;
 mod robustness;
 mod router;
 mod storm;
