@@ -6,9 +6,11 @@
 //! Every batch is a fresh try, so the store recovers by itself when space comes back.
 
 use super::router::message::Props;
+use crate::system::sqlite;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rusqlite::{params, Connection};
+use rusqlite_migration::M;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -49,22 +51,19 @@ enum Op {
 }
 
 fn open(path: &Path) -> Result<Connection> {
-    let db = Connection::open(path).with_context(|| format!("opening retained store {}", path.display()))?;
+    let mut db = Connection::open(path).with_context(|| format!("opening retained store {}", path.display()))?;
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "NORMAL")?;
-    db.execute_batch(
-        "CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL)",
-    )?;
-    // Columns added later; an older outpost (after a snap revert) reads the table as before.
-    let cols: Vec<String> = db
-        .prepare("SELECT name FROM pragma_table_info('retained')")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for (col, ty) in [("props", "TEXT"), ("expires_ms", "INTEGER")] {
-        if !cols.iter().any(|c| c == col) {
-            db.execute_batch(&format!("ALTER TABLE retained ADD COLUMN {col} {ty}"))?;
-        }
-    }
+    // Only added nullable columns, so an older outpost (after a snap revert) reads the table
+    // as before (see `system::sqlite`).
+    let steps = vec![
+        M::up(
+            "CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL)",
+        ),
+        sqlite::add_column("retained", "props", "TEXT"),
+        sqlite::add_column("retained", "expires_ms", "INTEGER"),
+    ];
+    sqlite::migrate(&mut db, &format!("retained store {}", path.display()), steps)?;
     Ok(db)
 }
 
@@ -305,14 +304,34 @@ mod tests {
         )
         .unwrap();
         drop(db);
-        let (_s, existing) = RetainedStore::open(&path).unwrap();
+        let (s, existing) = RetainedStore::open(&path).unwrap();
         assert_eq!(existing.len(), 1);
         assert_eq!((existing[0].topic.as_str(), existing[0].props.is_none()), ("old", true));
-        // What an older outpost reads still works on the extended table.
+        let new = Retained {
+            topic: "new".into(),
+            payload: Bytes::from_static(b"2"),
+            qos: 0,
+            props: Props::from_parts(None, Some("text/plain".into()), None, None, vec![]),
+            expires_ms: Some(super::super::router::message::now_ms() + 60_000),
+        };
+        s.put_now(new.clone());
+        s.flush();
+        drop(s);
+        // What an older outpost reads and writes still works on the extended table.
         let db = Connection::open(&path).unwrap();
+        db.execute(
+            "INSERT INTO retained (topic, payload, qos) VALUES ('older', x'42', 1)",
+            [],
+        )
+        .unwrap();
         let n: i64 = db
             .query_row("SELECT count(*) FROM retained WHERE qos = 1", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(n, 2);
+        drop(db);
+        let (_s, existing) = RetainedStore::open(&path).unwrap();
+        let topics: Vec<_> = existing.iter().map(|r| r.topic.as_str()).collect();
+        assert_eq!(topics, ["new", "old", "older"]);
+        assert_eq!(existing[0], new);
     }
 }
