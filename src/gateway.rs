@@ -108,7 +108,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<()> {
             let mut tick = tokio::time::interval(every / 2);
             loop {
                 tick.tick().await;
-                if crate::bridge::spool::now_ms() - contact.load(Ordering::Relaxed) < ROUTER_SILENCE_MS {
+                if crate::system::clock::now_ms() - contact.load(Ordering::Relaxed) < ROUTER_SILENCE_MS {
                     notify::watchdog();
                 } else {
                     log::error!(
@@ -181,7 +181,7 @@ impl StatusTopic {
             .await;
         let probe = format!("$SYS/outpost/{id}/probe");
         let mut client = broker.shared.local_client("status-probe", std::slice::from_ref(&probe));
-        let last_contact = Arc::new(AtomicI64::new(crate::bridge::spool::now_ms()));
+        let last_contact = Arc::new(AtomicI64::new(crate::system::clock::now_ms()));
         let contact = last_contact.clone();
         let probe_bus = bus.clone();
         let task = tokio::spawn(async move {
@@ -189,7 +189,7 @@ impl StatusTopic {
             loop {
                 tokio::select! {
                     _ = tick.tick() => probe_bus.publish(&probe, bytes::Bytes::new(), 0, false, None).await,
-                    _ = client.recv() => contact.store(crate::bridge::spool::now_ms(), Ordering::Relaxed),
+                    _ = client.recv() => contact.store(crate::system::clock::now_ms(), Ordering::Relaxed),
                 }
             }
         });
@@ -229,11 +229,7 @@ impl StatusFile {
 
     fn write(&self, broker: &Broker, bridges: &Bridges) {
         let now = std::time::SystemTime::now();
-        let secs = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        };
+        let secs = |t| crate::system::clock::since_epoch(t).as_secs();
         let mut broker_counters = broker.shared.metrics().snapshot();
         // Withheld by access checks, at routing and when a queued message goes out.
         broker_counters["delivery_denied"] = broker

@@ -5,6 +5,7 @@
 
 use crate::broker::router::message::Props;
 use crate::config::{Spool as SpoolConfig, WhenFull};
+use crate::system::clock::now_ms;
 use crate::system::sqlite;
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 /// A message for upstream, as stored.
@@ -92,13 +93,6 @@ pub struct Spool {
     pub stats: Arc<Stats>,
     /// Woken when messages are appended.
     pub appended: Arc<Notify>,
-}
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn size_of(topic: &str, payload: &[u8]) -> u64 {

@@ -85,7 +85,7 @@ impl RetainedStore {
             rows.collect::<Result<Vec<_>, _>>()?
         };
         // Expired while the gateway was down: gone from the table too.
-        let now = super::router::message::now_ms();
+        let now = crate::system::clock::now_ms();
         db.execute(
             "DELETE FROM retained WHERE expires_ms IS NOT NULL AND expires_ms <= ?1",
             params![now],
@@ -264,7 +264,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
         let (s, _) = RetainedStore::open(&path).unwrap();
-        let now = super::super::router::message::now_ms();
+        let now = crate::system::clock::now_ms();
         let props = Props::from_parts(
             Some(1),
             Some("text/plain".into()),
@@ -312,7 +312,7 @@ mod tests {
             payload: Bytes::from_static(b"2"),
             qos: 0,
             props: Props::from_parts(None, Some("text/plain".into()), None, None, vec![]),
-            expires_ms: Some(super::super::router::message::now_ms() + 60_000),
+            expires_ms: Some(crate::system::clock::now_ms() + 60_000),
         };
         s.put_now(new.clone());
         s.flush();

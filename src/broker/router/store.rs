@@ -175,7 +175,7 @@ impl SessionStore {
 }
 
 fn load(db: &Connection) -> Result<Vec<Restored>> {
-    let now = super::message::now_ms();
+    let now = crate::system::clock::now_ms();
     let mut out = vec![];
     let mut q = db.prepare("SELECT key, username, client_id, listener, device, expiry, detached_ms FROM sessions")?;
     let rows = q.query_map([], |r| {
