@@ -255,12 +255,10 @@ impl StatusFile {
             "claims_refused": crate::grants::service::CLAIMS_REFUSED.load(std::sync::atomic::Ordering::Relaxed),
             "provisioning_frames_refused": crate::provision::protocol::REFUSED.load(std::sync::atomic::Ordering::Relaxed),
         });
-        let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
         self.latest.store(Arc::new(doc));
-        let res = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = res {
-            log::warn!("cannot write {}: {e}", self.path.display());
+        if let Err(e) = crate::system::jsonfile::replace(&self.path, &bytes) {
+            log::warn!("cannot write {}: {e:#}", self.path.display());
         }
     }
 }
