@@ -133,7 +133,6 @@ impl Spool {
             })?;
         stats.queued.store(count as u64, Ordering::Relaxed);
         stats.queued_bytes.store(bytes as u64, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
         let appended = Arc::new(Notify::new());
         let mut w = Writer {
             db,
@@ -146,9 +145,7 @@ impl Spool {
             synced: true,
         };
         w.refresh_oldest();
-        std::thread::Builder::new()
-            .name(format!("spool-{name}"))
-            .spawn(move || w.run(rx))?;
+        let tx = sqlite::spawn_writer(format!("spool-{name}"), w)?;
         Ok(Spool { tx, stats, appended })
     }
 
@@ -244,32 +241,28 @@ struct Writer {
     synced: bool,
 }
 
-impl Writer {
-    fn run(&mut self, rx: mpsc::Receiver<Op>) {
-        let mut last_expiry = std::time::Instant::now();
-        loop {
-            match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(first) => {
-                    let mut batch = vec![first];
-                    batch.extend(rx.try_iter().take(10_000));
-                    self.handle(batch);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => self.sync(),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.sync();
-                    return;
-                }
-            }
-            // Busy or idle, old messages go once a second, and what was committed without an
-            // fsync is synced at least that often.
-            if last_expiry.elapsed() >= Duration::from_secs(1) {
-                last_expiry = std::time::Instant::now();
-                self.expire();
-                self.sync();
-            }
-        }
+impl sqlite::Batches for Writer {
+    type Op = Op;
+    const TICK: Option<Duration> = Some(Duration::from_secs(1));
+
+    fn write(&mut self, batch: Vec<Op>) {
+        self.handle(batch);
     }
 
+    /// Idle for a second, or at the end: what was committed without an fsync is synced.
+    fn idle(&mut self) {
+        self.sync();
+    }
+
+    /// Busy or idle, old messages go once a second, and what was committed without an fsync
+    /// is synced at least that often.
+    fn every(&mut self) {
+        self.expire();
+        self.sync();
+    }
+}
+
+impl Writer {
     fn handle(&mut self, batch: Vec<Op>) {
         let mut appends = vec![];
         let mut waiters = vec![];

@@ -94,12 +94,12 @@ impl RetainedStore {
             .into_iter()
             .filter(|r| r.expires_ms.is_none_or(|e| e > now))
             .collect();
-        let (tx, rx) = mpsc::channel();
         let health = Arc::new(Health::default());
-        let h = health.clone();
-        std::thread::Builder::new()
-            .name("retained-store".into())
-            .spawn(move || writer(db, rx, &h))?;
+        let writer = Writer {
+            db,
+            health: health.clone(),
+        };
+        let tx = sqlite::spawn_writer("retained-store".into(), writer)?;
         Ok((RetainedStore { tx, health }, existing))
     }
 
@@ -130,10 +130,19 @@ impl RetainedStore {
     }
 }
 
-fn writer(mut db: Connection, rx: mpsc::Receiver<Op>, health: &Health) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
+/// What the writer thread owns.
+struct Writer {
+    db: Connection,
+    health: Arc<Health>,
+}
+
+impl sqlite::Batches for Writer {
+    type Op = Op;
+    /// Everything queued goes into one batch.
+    const MORE: usize = usize::MAX;
+
+    fn write(&mut self, batch: Vec<Op>) {
+        let (db, health) = (&mut self.db, &self.health);
         let mut waiters = vec![];
         let mut kept = vec![];
         // A batch that carries acknowledgements is synced to the disk before they go out.

@@ -91,10 +91,7 @@ impl SessionStore {
             .query_row("SELECT MAX(id) FROM messages", [], |r| r.get(0))
             .optional()?
             .flatten();
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("session-store".into())
-            .spawn(move || writer(db, rx))?;
+        let tx = sqlite::spawn_writer("session-store".into(), Writer(db))?;
         Ok((
             SessionStore {
                 tx,
@@ -260,11 +257,14 @@ fn load(db: &Connection) -> Result<Vec<Restored>> {
     Ok(out)
 }
 
-fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        // Group commit: whatever else is waiting goes into the same transaction.
-        batch.extend(rx.try_iter().take(10_000));
+/// The writer thread's connection.
+struct Writer(Connection);
+
+impl sqlite::Batches for Writer {
+    type Op = Op;
+
+    fn write(&mut self, mut batch: Vec<Op>) {
+        let db = &mut self.0;
         let res: rusqlite::Result<()> = (|| {
             let tx = db.transaction()?;
             for op in &batch {
