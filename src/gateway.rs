@@ -115,7 +115,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, data_dir: Option<Pat
             let mut tick = tokio::time::interval(every / 2);
             loop {
                 tick.tick().await;
-                if crate::bridge::spool::now_ms() - contact.load(Ordering::Relaxed) < ROUTER_SILENCE_MS {
+                if crate::system::clock::now_ms() - contact.load(Ordering::Relaxed) < ROUTER_SILENCE_MS {
                     notify::watchdog();
                 } else {
                     log::error!(
@@ -176,7 +176,7 @@ impl StatusTopic {
             .await;
         let probe = format!("$SYS/outpost/{id}/probe");
         let mut client = broker.shared.local_client("status-probe", std::slice::from_ref(&probe));
-        let last_contact = Arc::new(AtomicI64::new(crate::bridge::spool::now_ms()));
+        let last_contact = Arc::new(AtomicI64::new(crate::system::clock::now_ms()));
         let contact = last_contact.clone();
         let probe_bus = bus.clone();
         let task = tokio::spawn(async move {
@@ -184,7 +184,7 @@ impl StatusTopic {
             loop {
                 tokio::select! {
                     _ = tick.tick() => probe_bus.publish(&probe, bytes::Bytes::new(), 0, false, None).await,
-                    _ = client.recv() => contact.store(crate::bridge::spool::now_ms(), Ordering::Relaxed),
+                    _ = client.recv() => contact.store(crate::system::clock::now_ms(), Ordering::Relaxed),
                 }
             }
         });
@@ -224,11 +224,7 @@ impl StatusFile {
 
     fn write(&self, broker: &Broker, bridges: &Bridges) {
         let now = std::time::SystemTime::now();
-        let secs = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        };
+        let secs = |t| crate::system::clock::since_epoch(t).as_secs();
         let mut broker_counters = broker.shared.metrics().snapshot();
         // Withheld by access checks, at routing and when a queued message goes out.
         broker_counters["delivery_denied"] = broker
@@ -254,12 +250,10 @@ impl StatusFile {
             "claims_refused": crate::grants::service::CLAIMS_REFUSED.load(std::sync::atomic::Ordering::Relaxed),
             "provisioning_frames_refused": crate::provision::protocol::REFUSED.load(std::sync::atomic::Ordering::Relaxed),
         });
-        let tmp = self.path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
         self.latest.store(Arc::new(doc));
-        let res = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, &self.path));
-        if let Err(e) = res {
-            log::warn!("cannot write {}: {e}", self.path.display());
+        if let Err(e) = crate::system::jsonfile::replace(&self.path, &bytes) {
+            log::warn!("cannot write {}: {e:#}", self.path.display());
         }
     }
 }

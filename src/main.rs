@@ -384,7 +384,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     duration,
                     publish,
                 } => {
-                    let now = outpost::grants::now_secs();
+                    let now = outpost::system::clock::now_secs();
                     let secs = humantime::parse_duration(&duration)
                         .map_err(|e| anyhow::anyhow!("--for `{duration}`: {e}"))?
                         .as_secs();
@@ -404,7 +404,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("grant {} until {}", g.id, g.expires);
                 }
                 GrantAction::List => {
-                    let now = outpost::grants::now_secs();
+                    let now = outpost::system::clock::now_secs();
                     println!(
                         "{:<14} {:<20} {:<28} {:<10} {:<8} SOURCE",
                         "GRANT", "WHO", "TOPIC", "RIGHTS", "STATE"

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 use std::fmt::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 fn ago(secs: i64) -> String {
     match secs {
@@ -24,7 +24,7 @@ fn bytes(n: u64) -> String {
 }
 
 pub fn render(doc: &Value, now: SystemTime) -> String {
-    let now_s = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let now_s = crate::system::clock::since_epoch(now).as_secs() as i64;
     let now_ms = now_s * 1000;
     let u = |v: &Value| v.as_u64().unwrap_or(0);
     let mut out = String::new();
@@ -197,7 +197,7 @@ mod tests {
                           "oldest_age_s": 42.0, "sent": 10, "received": 1, "reconnects": 2,
                           "dropped": {"expired": 1, "too_large": 2}, "last_error": "connection refused"}]
         });
-        let t = render(&doc, UNIX_EPOCH + std::time::Duration::from_secs(1101));
+        let t = render(&doc, std::time::UNIX_EPOCH + std::time::Duration::from_secs(1101));
         assert!(t.contains("gateway gw") && t.contains("up 100s"), "{t}");
         let line = t.lines().find(|l| l.starts_with("cloud")).unwrap();
         let cols: Vec<&str> = line.split_whitespace().collect();

@@ -5,12 +5,13 @@
 
 use super::failover::{probe_primary, Arrival, Failover, Next};
 use super::session::{Echoes, Session};
-use super::spool::{now_ms, Spool};
+use super::spool::Spool;
 use super::upstream::{UpEvent, Upstream};
 use super::LinkStats;
 use crate::broker::Bus;
 use crate::config;
 use crate::config::rules::Rule;
+use crate::system::clock::now_ms;
 use bytes::Bytes;
 use rand::Rng;
 use std::sync::atomic::Ordering;

@@ -62,7 +62,7 @@ pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value
     let sp = &spool.stats;
     let oldest = sp.oldest_ms.load(Ordering::Relaxed);
     let age = if oldest > 0 && sp.queued.load(Ordering::Relaxed) > 0 {
-        serde_json::json!(((spool::now_ms() - oldest).max(0) as f64) / 1000.0)
+        serde_json::json!(((crate::system::clock::now_ms() - oldest).max(0) as f64) / 1000.0)
     } else {
         serde_json::Value::Null
     };

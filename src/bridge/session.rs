@@ -7,9 +7,10 @@
 //! how it ends is a `link::Exit`.
 
 use super::link::{Exit, Link, Live, BACKLOG_MARK};
-use super::spool::{now_ms, Message, Spool};
+use super::spool::{Message, Spool};
 use super::upstream::{Ack, UpEvent, Upstream};
 use crate::broker::router::message::Props;
+use crate::system::clock::now_ms;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;

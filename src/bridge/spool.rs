@@ -5,14 +5,17 @@
 
 use crate::broker::router::message::Props;
 use crate::config::{Spool as SpoolConfig, WhenFull};
+use crate::system::clock::now_ms;
+use crate::system::sqlite;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rusqlite::{params, Connection};
+use rusqlite_migration::M;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 /// A message for upstream, as stored.
@@ -92,13 +95,6 @@ pub struct Spool {
     pub appended: Arc<Notify>,
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn size_of(topic: &str, payload: &[u8]) -> u64 {
     (topic.len() + payload.len()) as u64
 }
@@ -108,37 +104,28 @@ impl Spool {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let db = Connection::open(path).with_context(|| format!("opening spool {}", path.display()))?;
+        let mut db = Connection::open(path).with_context(|| format!("opening spool {}", path.display()))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a committed message survives power loss, not only a crash of outpost.
         db.pragma_update(None, "synchronous", "FULL")?;
-        db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS spool (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
-                retain INTEGER NOT NULL, ts INTEGER NOT NULL, size INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
-             INSERT OR IGNORE INTO meta VALUES ('format', 1);",
-        )
-        .with_context(|| format!("preparing spool {}", path.display()))?;
-        // Spools written by older versions gain the columns they lack: MQTT 5 properties (NULL:
-        // none) and, for QoS 2, the packet id a message went out with and whether the upstream
-        // sent PUBREC for it (what a resumed session must finish).
-        for (col, decl) in [
-            ("props", "TEXT"),
-            ("pkid", "INTEGER"),
-            ("rec", "INTEGER NOT NULL DEFAULT 0"),
-        ] {
-            let has: i64 = db.query_row(
-                "SELECT count(*) FROM pragma_table_info('spool') WHERE name = ?1",
-                [col],
-                |r| r.get(0),
-            )?;
-            if has == 0 {
-                db.execute_batch(&format!("ALTER TABLE spool ADD COLUMN {col} {decl}"))
-                    .with_context(|| format!("upgrading spool {}", path.display()))?;
-            }
-        }
+        // Later columns: MQTT 5 properties (NULL: none) and, for QoS 2, the packet id a message
+        // went out with and whether the upstream sent PUBREC for it (what a resumed session
+        // must finish). Each an older INSERT may leave out (nullable or with a default), so an
+        // older outpost (after a snap revert) uses the spool as before (see `system::sqlite`).
+        let steps = vec![
+            M::up(
+                "CREATE TABLE IF NOT EXISTS spool (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL,
+                    retain INTEGER NOT NULL, ts INTEGER NOT NULL, size INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+                 INSERT OR IGNORE INTO meta VALUES ('format', 1);",
+            ),
+            sqlite::add_column("spool", "props", "TEXT"),
+            sqlite::add_column("spool", "pkid", "INTEGER"),
+            sqlite::add_column("spool", "rec", "INTEGER NOT NULL DEFAULT 0"),
+        ];
+        sqlite::migrate(&mut db, &format!("spool {}", path.display()), steps)?;
         let stats = Arc::new(Stats::default());
         let (count, bytes): (i64, i64) =
             db.query_row("SELECT count(*), coalesce(sum(size), 0) FROM spool", [], |r| {
@@ -146,7 +133,6 @@ impl Spool {
             })?;
         stats.queued.store(count as u64, Ordering::Relaxed);
         stats.queued_bytes.store(bytes as u64, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel();
         let appended = Arc::new(Notify::new());
         let mut w = Writer {
             db,
@@ -159,9 +145,7 @@ impl Spool {
             synced: true,
         };
         w.refresh_oldest();
-        std::thread::Builder::new()
-            .name(format!("spool-{name}"))
-            .spawn(move || w.run(rx))?;
+        let tx = sqlite::spawn_writer(format!("spool-{name}"), w)?;
         Ok(Spool { tx, stats, appended })
     }
 
@@ -257,32 +241,28 @@ struct Writer {
     synced: bool,
 }
 
-impl Writer {
-    fn run(&mut self, rx: mpsc::Receiver<Op>) {
-        let mut last_expiry = std::time::Instant::now();
-        loop {
-            match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(first) => {
-                    let mut batch = vec![first];
-                    batch.extend(rx.try_iter().take(10_000));
-                    self.handle(batch);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => self.sync(),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    self.sync();
-                    return;
-                }
-            }
-            // Busy or idle, old messages go once a second, and what was committed without an
-            // fsync is synced at least that often.
-            if last_expiry.elapsed() >= Duration::from_secs(1) {
-                last_expiry = std::time::Instant::now();
-                self.expire();
-                self.sync();
-            }
-        }
+impl sqlite::Batches for Writer {
+    type Op = Op;
+    const TICK: Option<Duration> = Some(Duration::from_secs(1));
+
+    fn write(&mut self, batch: Vec<Op>) {
+        self.handle(batch);
     }
 
+    /// Idle for a second, or at the end: what was committed without an fsync is synced.
+    fn idle(&mut self) {
+        self.sync();
+    }
+
+    /// Busy or idle, old messages go once a second, and what was committed without an fsync
+    /// is synced at least that often.
+    fn every(&mut self) {
+        self.expire();
+        self.sync();
+    }
+}
+
+impl Writer {
     fn handle(&mut self, batch: Vec<Op>) {
         let mut appends = vec![];
         let mut waiters = vec![];
@@ -699,6 +679,19 @@ mod tests {
             ("old/t", &b"hi"[..], &None)
         );
         assert_eq!(got[1].props, props, "user properties in order, with duplicates");
+        drop(s);
+        // An older outpost's INSERT still works on the extended table.
+        Connection::open(&p)
+            .unwrap()
+            .execute(
+                "INSERT INTO spool (topic, payload, qos, retain, ts, size) VALUES ('older/t', x'6869', 1, 0, 2, 9)",
+                [],
+            )
+            .unwrap();
+        let s = Spool::open(&p, cfg(1 << 20, WhenFull::DropOldest), "t").unwrap();
+        let got = s.read(0, 10).await;
+        assert_eq!(got.len(), 3);
+        assert_eq!((got[2].topic.as_str(), &got[2].props), ("older/t", &None));
     }
 
     #[tokio::test]

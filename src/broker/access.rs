@@ -149,7 +149,7 @@ impl Access {
                 return false;
             }
         }
-        let now = crate::grants::now_secs();
+        let now = crate::system::clock::now_secs();
         let granted = |g: &crate::grants::Grant| match right {
             Right::Publish => g.allows_publish(id, topic, now),
             Right::Subscribe | Right::Read => g.allows_subscribe(id, topic, now),

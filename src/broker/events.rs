@@ -235,7 +235,7 @@ impl Events {
     }
 
     fn record(&self, origin: Origin, new: New) {
-        let now = super::router::message::now_ms();
+        let now = crate::system::clock::now_ms();
         let client_id = cut(new.client_id, MAX_NAME);
         let username = new.username.map(|u| cut(u, MAX_NAME));
         let topic = new.topic.map(|t| cut(t, MAX_TOPIC));

@@ -6,9 +6,11 @@
 //! Every batch is a fresh try, so the store recovers by itself when space comes back.
 
 use super::router::message::Props;
+use crate::system::sqlite;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rusqlite::{params, Connection};
+use rusqlite_migration::M;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -49,22 +51,19 @@ enum Op {
 }
 
 fn open(path: &Path) -> Result<Connection> {
-    let db = Connection::open(path).with_context(|| format!("opening retained store {}", path.display()))?;
+    let mut db = Connection::open(path).with_context(|| format!("opening retained store {}", path.display()))?;
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "NORMAL")?;
-    db.execute_batch(
-        "CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL)",
-    )?;
-    // Columns added later; an older outpost (after a snap revert) reads the table as before.
-    let cols: Vec<String> = db
-        .prepare("SELECT name FROM pragma_table_info('retained')")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for (col, ty) in [("props", "TEXT"), ("expires_ms", "INTEGER")] {
-        if !cols.iter().any(|c| c == col) {
-            db.execute_batch(&format!("ALTER TABLE retained ADD COLUMN {col} {ty}"))?;
-        }
-    }
+    // Only added nullable columns, so an older outpost (after a snap revert) reads the table
+    // as before (see `system::sqlite`).
+    let steps = vec![
+        M::up(
+            "CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL)",
+        ),
+        sqlite::add_column("retained", "props", "TEXT"),
+        sqlite::add_column("retained", "expires_ms", "INTEGER"),
+    ];
+    sqlite::migrate(&mut db, &format!("retained store {}", path.display()), steps)?;
     Ok(db)
 }
 
@@ -86,7 +85,7 @@ impl RetainedStore {
             rows.collect::<Result<Vec<_>, _>>()?
         };
         // Expired while the gateway was down: gone from the table too.
-        let now = super::router::message::now_ms();
+        let now = crate::system::clock::now_ms();
         db.execute(
             "DELETE FROM retained WHERE expires_ms IS NOT NULL AND expires_ms <= ?1",
             params![now],
@@ -95,12 +94,12 @@ impl RetainedStore {
             .into_iter()
             .filter(|r| r.expires_ms.is_none_or(|e| e > now))
             .collect();
-        let (tx, rx) = mpsc::channel();
         let health = Arc::new(Health::default());
-        let h = health.clone();
-        std::thread::Builder::new()
-            .name("retained-store".into())
-            .spawn(move || writer(db, rx, &h))?;
+        let writer = Writer {
+            db,
+            health: health.clone(),
+        };
+        let tx = sqlite::spawn_writer("retained-store".into(), writer)?;
         Ok((RetainedStore { tx, health }, existing))
     }
 
@@ -131,10 +130,19 @@ impl RetainedStore {
     }
 }
 
-fn writer(mut db: Connection, rx: mpsc::Receiver<Op>, health: &Health) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
+/// What the writer thread owns.
+struct Writer {
+    db: Connection,
+    health: Arc<Health>,
+}
+
+impl sqlite::Batches for Writer {
+    type Op = Op;
+    /// Everything queued goes into one batch.
+    const MORE: usize = usize::MAX;
+
+    fn write(&mut self, batch: Vec<Op>) {
+        let (db, health) = (&mut self.db, &self.health);
         let mut waiters = vec![];
         let mut kept = vec![];
         // A batch that carries acknowledgements is synced to the disk before they go out.
@@ -265,7 +273,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
         let (s, _) = RetainedStore::open(&path).unwrap();
-        let now = super::super::router::message::now_ms();
+        let now = crate::system::clock::now_ms();
         let props = Props::from_parts(
             Some(1),
             Some("text/plain".into()),
@@ -305,14 +313,34 @@ mod tests {
         )
         .unwrap();
         drop(db);
-        let (_s, existing) = RetainedStore::open(&path).unwrap();
+        let (s, existing) = RetainedStore::open(&path).unwrap();
         assert_eq!(existing.len(), 1);
         assert_eq!((existing[0].topic.as_str(), existing[0].props.is_none()), ("old", true));
-        // What an older outpost reads still works on the extended table.
+        let new = Retained {
+            topic: "new".into(),
+            payload: Bytes::from_static(b"2"),
+            qos: 0,
+            props: Props::from_parts(None, Some("text/plain".into()), None, None, vec![]),
+            expires_ms: Some(crate::system::clock::now_ms() + 60_000),
+        };
+        s.put_now(new.clone());
+        s.flush();
+        drop(s);
+        // What an older outpost reads and writes still works on the extended table.
         let db = Connection::open(&path).unwrap();
+        db.execute(
+            "INSERT INTO retained (topic, payload, qos) VALUES ('older', x'42', 1)",
+            [],
+        )
+        .unwrap();
         let n: i64 = db
             .query_row("SELECT count(*) FROM retained WHERE qos = 1", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(n, 2);
+        drop(db);
+        let (_s, existing) = RetainedStore::open(&path).unwrap();
+        let topics: Vec<_> = existing.iter().map(|r| r.topic.as_str()).collect();
+        assert_eq!(topics, ["new", "old", "older"]);
+        assert_eq!(existing[0], new);
     }
 }

@@ -42,7 +42,7 @@ impl Shared {
     /// Takes back the sessions the store kept; those whose expiry passed while the gateway was
     /// down are ended.
     pub(super) fn restore_sessions(self: &Arc<Self>, kept: Vec<router::store::Restored>) {
-        let now = router::message::now_ms();
+        let now = crate::system::clock::now_ms();
         let (mut n, mut msgs) = (0, 0);
         for r in kept {
             let left_ms = match r.expiry {

@@ -3,9 +3,10 @@
 
 use super::access::Right;
 use super::codec;
-use super::router::message::{now_ms, Message};
+use super::router::message::Message;
 use super::router::session::Session;
 use super::Shared;
+use crate::system::clock::now_ms;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

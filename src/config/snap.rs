@@ -200,10 +200,7 @@ pub fn apply(json: &str, out: &Path, common: Option<&Path>) -> Result<Outcome, S
     if std::fs::read_to_string(out).ok().as_deref() == Some(text.as_str()) {
         return Ok(Outcome::Unchanged);
     }
-    let tmp = out.with_extension("yaml.tmp");
-    std::fs::write(&tmp, &text)
-        .and_then(|_| std::fs::rename(&tmp, out))
-        .map_err(|e| format!("writing {}: {e}", out.display()))?;
+    crate::system::jsonfile::replace(out, text.as_bytes()).map_err(|e| format!("writing {}: {e:#}", out.display()))?;
     Ok(Outcome::Changed)
 }
 

@@ -175,7 +175,7 @@ pub fn readable(shared: &Shared, settings: &Settings, id: &Identity) -> Vec<Stri
             (_, false) => cands.push(f.clone()),
         }
     }
-    let now = crate::grants::now_secs();
+    let now = crate::system::clock::now_secs();
     for g in shared.access().grants().list.iter() {
         if g.subscribe && g.active(now) && g.applies(id) {
             cands.push(g.filter.clone());
@@ -291,7 +291,7 @@ impl Problems {
             r.pop_front();
         }
         r.push_back(Event {
-            at_ms: crate::bridge::spool::now_ms(),
+            at_ms: crate::system::clock::now_ms(),
             kind: kind.to_string(),
             count,
             detail,
@@ -336,7 +336,7 @@ impl Problems {
                 )
             })
             .collect();
-        let now = crate::bridge::spool::now_ms();
+        let now = crate::system::clock::now_ms();
         let bridges: Vec<Value> = status["bridges"]
             .as_array()
             .into_iter()

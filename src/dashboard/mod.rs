@@ -75,10 +75,7 @@ pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard:
     listeners.push(
         serde_json::json!({ "protocol": format!("{ws} (this port)"), "url": format!("{ws}://{dashboard}/mqtt") }),
     );
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let started = crate::system::clock::now_secs();
     serde_json::json!({
         "gateway": cfg.gateway.id,
         "version": env!("CARGO_PKG_VERSION"),
@@ -93,7 +90,7 @@ impl View {
     /// takes a write. Returns the problems otherwise.
     pub fn health(&self) -> Vec<String> {
         let mut problems = vec![];
-        let silent = crate::bridge::spool::now_ms() - self.router_contact.load(Ordering::Relaxed);
+        let silent = crate::system::clock::now_ms() - self.router_contact.load(Ordering::Relaxed);
         if silent > crate::config::ROUTER_SILENCE_MS {
             problems.push(format!(
                 "router has not routed the gateway's probe for {} s",

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// One device's counters, shown on its state topic and by `outpost devices show`.
@@ -213,7 +213,7 @@ impl DeviceService {
             .strip_prefix(&format!("{}/", self.cfg.device_topic))
             .or((rest == self.cfg.device_topic).then_some(""));
         let Some(suffix) = suffix else { return };
-        match l.receiver.receive(&payload, e2e::now_ns()) {
+        match l.receiver.receive(&payload, crate::system::clock::now_ns()) {
             Ok(plain) => {
                 // Never let a device's message come back as a command for it.
                 if suffix == "cmd" || suffix.starts_with("cmd/") {
@@ -230,7 +230,7 @@ impl DeviceService {
                     .await;
                 self.count(&id, |c| {
                     c.messages_in += 1;
-                    c.last_seen_ms = Some(crate::bridge::spool::now_ms());
+                    c.last_seen_ms = Some(crate::system::clock::now_ms());
                 });
             }
             Err(why) => {
@@ -246,7 +246,7 @@ impl DeviceService {
         let snapshot = self.counters.lock().expect("counters lock").clone();
         for id in live.keys() {
             let c = snapshot.get(id).cloned().unwrap_or_default();
-            let doc = serde_json::json!({ "id": id, "counters": c, "at": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) });
+            let doc = serde_json::json!({ "id": id, "counters": c, "at": crate::system::clock::now_secs() });
             self.bus
                 .publish(
                     &format!("{}/{id}/state", self.state_prefix),

@@ -41,9 +41,7 @@ pub struct GrantFile {
     pub grants: Vec<Grant>,
 }
 
-pub fn now_secs() -> u64 {
-    crate::devices::keystore::now_secs()
-}
+use crate::system::clock::now_secs;
 
 impl Grant {
     pub fn active(&self, now: u64) -> bool {

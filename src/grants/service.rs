@@ -41,7 +41,7 @@ impl GrantService {
     /// Installs the grants from the file (before clients are let in).
     pub fn load(&self) -> anyhow::Result<()> {
         let f: GrantFile = super::load(&self.path)?;
-        let now = super::now_secs();
+        let now = crate::system::clock::now_secs();
         let list = f.grants.into_iter().filter(|g| !g.revoked && g.expires > now).collect();
         self.shared.access().set_grants(GrantState { list });
         self.shared
@@ -140,7 +140,7 @@ impl GrantService {
     }
 
     fn grant_from(&self, m: &Value, source: &str, reference: Option<&str>) -> anyhow::Result<Grant> {
-        let now = super::now_secs();
+        let now = crate::system::clock::now_secs();
         let from = m["from"].as_u64().unwrap_or(now);
         let until = match (m["until"].as_u64(), m["for"].as_str()) {
             (Some(u), _) => u,
@@ -209,7 +209,7 @@ impl GrantService {
             return refuse(format!("payment `{reference}` not confirmed: {why}"));
         }
         let secs = price.per.0.as_secs().saturating_mul(units);
-        let request = json!({ "who": format!("user:{user}"), "topic": topic, "subscribe": true, "until": super::now_secs().saturating_add(secs) });
+        let request = json!({ "who": format!("user:{user}"), "topic": topic, "subscribe": true, "until": crate::system::clock::now_secs().saturating_add(secs) });
         match self.grant_from(&request, &format!("claim:{reference}"), Some(reference)) {
             Ok(g) => json!({ "ok": true, "grant": g }),
             Err(e) => refuse(e.to_string()),

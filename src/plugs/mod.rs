@@ -258,7 +258,7 @@ impl Plug {
                 }
                 _ = avg_tick.tick() => {
                     if let Some((w, n)) = avg.average(Instant::now()) {
-                        let doc = serde_json::json!({ "ts": crate::bridge::spool::now_ms(), "power_w": round(w), "samples": n, "window_s": cfg.average.0.as_secs_f64() });
+                        let doc = serde_json::json!({ "ts": crate::system::clock::now_ms(), "power_w": round(w), "samples": n, "window_s": cfg.average.0.as_secs_f64() });
                         self.ctx.bus.publish(&PlugTopics::fill(&cfg.topics.average, &self.name), Bytes::from(doc.to_string()), 0, false, None).await;
                     }
                 }
@@ -313,7 +313,7 @@ impl Plug {
 
     async fn published(&mut self, r: Reading, avg: &mut MovingAverage) {
         let topics = &self.ctx.cfg.topics;
-        let now_ms = crate::bridge::spool::now_ms();
+        let now_ms = crate::system::clock::now_ms();
         let (state, doc) = match r {
             Reading::Insight(i) => {
                 avg.add(Instant::now(), i.power_w);

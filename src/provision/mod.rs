@@ -141,7 +141,7 @@ pub async fn provision<T: Transport>(cfg: &Config, data_dir: &Path, req: &Reques
             d.hardware_id.as_deref().unwrap_or("not recorded")
         );
     }
-    if let Some(wait) = keystore::pairing_delay(&d, keystore::now_secs()) {
+    if let Some(wait) = keystore::pairing_delay(&d, crate::system::clock::now_secs()) {
         bail!(
             "device `{id}`: {} failed pairing attempt(s) in a row; the next is allowed in {wait} s (the wait doubles \
              with each failure, up to an hour; a success resets it)",
@@ -174,11 +174,11 @@ pub async fn provision<T: Transport>(cfg: &Config, data_dir: &Path, req: &Reques
             if rotating {
                 s.key = d.key.clone();
                 s.password = d.password.clone();
-                s.rotated = Some(keystore::now_secs());
+                s.rotated = Some(crate::system::clock::now_secs());
             }
             s.provisioned = true;
             s.hardware_id = Some(hw.to_string());
-            s.provisioned_at = Some(keystore::now_secs());
+            s.provisioned_at = Some(crate::system::clock::now_secs());
             s.pairing_failures = 0;
             s.last_pairing_failure = None;
             Ok(())
@@ -195,7 +195,7 @@ pub async fn provision<T: Transport>(cfg: &Config, data_dir: &Path, req: &Reques
             let n = keystore::update(&path, |ks| {
                 let s = ks.devices.iter_mut().find(|s| s.id == id).context("device removed")?;
                 s.pairing_failures += 1;
-                s.last_pairing_failure = Some(keystore::now_secs());
+                s.last_pairing_failure = Some(crate::system::clock::now_secs());
                 Ok(s.pairing_failures)
             })?;
             log::warn!("device {id}: provisioning failed after the code was tried ({n} in a row): {e}");

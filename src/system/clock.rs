@@ -1,4 +1,6 @@
-//! Is the system clock synchronized (NTP)? The mqtt-e2e time window needs a good clock.
+//! The wall clock: the one place the daemon reads the time since the epoch (`now_ms`,
+//! `now_secs`, `now_ns`), and whether the system clock is synchronized (NTP), which the
+//! mqtt-e2e time window needs.
 //!
 //! The kernel keeps the answer (its STA_UNSYNC flag) behind one interface only: `adjtimex`
 //! (or `clock_adjtime`). Reading with modes = 0 needs no privilege, but both calls are in
@@ -8,6 +10,27 @@
 //! snap), the answer comes from what a time daemon leaves readable, or is "cannot tell".
 
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long after the epoch `t` is; zero for a time before it (a clock set far back).
+pub fn since_epoch(t: SystemTime) -> Duration {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// Milliseconds since the epoch: message expiry, spool timestamps, contact times.
+pub fn now_ms() -> i64 {
+    since_epoch(SystemTime::now()).as_millis() as i64
+}
+
+/// Seconds since the epoch: grants, keystore dates, status documents.
+pub fn now_secs() -> u64 {
+    since_epoch(SystemTime::now()).as_secs()
+}
+
+/// Nanoseconds since the epoch: the mqtt-e2e timestamps.
+pub fn now_ns() -> i64 {
+    since_epoch(SystemTime::now()).as_nanos() as i64
+}
 
 /// `Some(true)` synchronized, `Some(false)` not, `None` the system will not say here.
 pub fn synchronized() -> Option<bool> {

@@ -9,3 +9,4 @@ pub mod logging;
 pub mod memory;
 pub mod notify;
 pub mod revert;
+pub mod sqlite;

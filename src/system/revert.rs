@@ -80,10 +80,7 @@ pub fn restore_newer(data_dir: &Path, copy_dir: &Path) -> Result<Vec<String>> {
                 copy_dir.display()
             ),
         }
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let secs = crate::system::clock::now_secs();
         let keep = data_dir.join("newer-formats").join(secs.to_string());
         std::fs::create_dir_all(&keep).with_context(|| format!("creating {}", keep.display()))?;
         std::fs::rename(&file, keep.join(name)).with_context(|| format!("moving {} aside", file.display()))?;

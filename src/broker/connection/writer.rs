@@ -6,8 +6,8 @@
 use super::{Ctx, End, Out};
 use crate::broker::codec::{self, Goodbye, OutPublish, Proto};
 use crate::broker::metrics::Metrics;
-use crate::broker::router::message::now_ms;
 use crate::broker::router::session::{Delivery, Taken};
+use crate::system::clock::now_ms;
 use bytes::BytesMut;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

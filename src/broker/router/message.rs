@@ -118,10 +118,3 @@ impl Message {
             .map(|e| ((e - now_ms).max(0) as u64).div_ceil(1000).min(u32::MAX as u64) as u32)
     }
 }
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}

@@ -387,7 +387,7 @@ impl Router {
             };
         }
         if let Some(store) = self.stored(session) {
-            store.detached(&session.key, message::now_ms(), expiry);
+            store.detached(&session.key, crate::system::clock::now_ms(), expiry);
         }
         Detached::Kept
     }
@@ -519,7 +519,7 @@ impl Router {
         if !send {
             return (existed, vec![]);
         }
-        let now = message::now_ms();
+        let now = crate::system::clock::now_ms();
         if !inner_filter.contains(['+', '#']) {
             let one = inner.retained.get(inner_filter).filter(|m| !m.expired(now)).cloned();
             return (existed, one.into_iter().collect());

@@ -8,8 +8,9 @@
 //! holds the same amount for this session. Only the writer of the current connection (`gen`)
 //! takes from the queue.
 
-use super::message::{now_ms, Message};
+use super::message::Message;
 use crate::broker::auth::Identity;
+use crate::system::clock::now_ms;
 use arc_swap::ArcSwap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -11,9 +11,11 @@
 use super::message::{Message, Props};
 use super::session::{Delivery, SubOpts};
 use crate::broker::auth::Identity;
+use crate::system::sqlite;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite_migration::M;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -56,11 +58,18 @@ pub struct Restored {
 }
 
 fn open_db(path: &Path) -> Result<Connection> {
-    let db = Connection::open(path).with_context(|| format!("opening session store {}", path.display()))?;
+    let mut db = Connection::open(path).with_context(|| format!("opening session store {}", path.display()))?;
     db.pragma_update(None, "journal_mode", "WAL")?;
     db.pragma_update(None, "synchronous", "FULL")?;
-    db.execute_batch(
-        "CREATE TABLE IF NOT EXISTS sessions (
+    // Only added nullable columns, so an older outpost (after a snap revert) reads the tables
+    // as before (see `system::sqlite`).
+    let steps = vec![M::up(FIRST_SCHEMA), sqlite::add_column("messages", "share", "TEXT")];
+    sqlite::migrate(&mut db, &format!("session store {}", path.display()), steps)?;
+    Ok(db)
+}
+
+/// The tables as the first release made them.
+const FIRST_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sessions (
             key TEXT PRIMARY KEY, username TEXT, client_id TEXT NOT NULL, listener TEXT NOT NULL,
             device INTEGER NOT NULL, expiry INTEGER NOT NULL, detached_ms INTEGER);
          CREATE TABLE IF NOT EXISTS subs (
@@ -71,17 +80,7 @@ fn open_db(path: &Path) -> Result<Connection> {
             pub_qos INTEGER NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, sub_ids TEXT NOT NULL,
             props TEXT, expires_ms INTEGER, pkid INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0);
          CREATE INDEX IF NOT EXISTS messages_by_key ON messages (key, id);
-         CREATE TABLE IF NOT EXISTS qos2_in (key TEXT NOT NULL, pkid INTEGER NOT NULL, PRIMARY KEY (key, pkid));",
-    )?;
-    // Added later, in place: an older outpost (after a snap revert) reads the table as before.
-    let has_share: bool = db
-        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'share'")?
-        .exists([])?;
-    if !has_share {
-        db.execute_batch("ALTER TABLE messages ADD COLUMN share TEXT")?;
-    }
-    Ok(db)
-}
+         CREATE TABLE IF NOT EXISTS qos2_in (key TEXT NOT NULL, pkid INTEGER NOT NULL, PRIMARY KEY (key, pkid));";
 
 impl SessionStore {
     /// Opens (or creates) the store and returns what it holds.
@@ -92,10 +91,7 @@ impl SessionStore {
             .query_row("SELECT MAX(id) FROM messages", [], |r| r.get(0))
             .optional()?
             .flatten();
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("session-store".into())
-            .spawn(move || writer(db, rx))?;
+        let tx = sqlite::spawn_writer("session-store".into(), Writer(db))?;
         Ok((
             SessionStore {
                 tx,
@@ -176,7 +172,7 @@ impl SessionStore {
 }
 
 fn load(db: &Connection) -> Result<Vec<Restored>> {
-    let now = super::message::now_ms();
+    let now = crate::system::clock::now_ms();
     let mut out = vec![];
     let mut q = db.prepare("SELECT key, username, client_id, listener, device, expiry, detached_ms FROM sessions")?;
     let rows = q.query_map([], |r| {
@@ -261,11 +257,14 @@ fn load(db: &Connection) -> Result<Vec<Restored>> {
     Ok(out)
 }
 
-fn writer(mut db: Connection, rx: mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        // Group commit: whatever else is waiting goes into the same transaction.
-        batch.extend(rx.try_iter().take(10_000));
+/// The writer thread's connection.
+struct Writer(Connection);
+
+impl sqlite::Batches for Writer {
+    type Op = Op;
+
+    fn write(&mut self, mut batch: Vec<Op>) {
+        let db = &mut self.0;
         let res: rusqlite::Result<()> = (|| {
             let tx = db.transaction()?;
             for op in &batch {
@@ -479,6 +478,54 @@ mod tests {
             .map(|m| (&*m.1.msg.topic, m.1.share.as_deref()))
             .collect();
         assert_eq!(topics, vec![("fine", Some("$share/g/fine"))]);
+    }
+
+    #[test]
+    fn tables_from_before_the_share_column_are_read_and_extended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch(FIRST_SCHEMA).unwrap();
+        db.execute_batch(
+            "INSERT INTO sessions VALUES ('u:c', NULL, 'c', '', 0, 60, 1000);
+             INSERT INTO subs VALUES ('u:c', 'a/#', 1, 0, 0, NULL);
+             INSERT INTO messages (id, key, topic, payload, pub_qos, qos, retain, sub_ids)
+               VALUES (7, 'u:c', 'a/b', x'41', 1, 1, 0, '');",
+        )
+        .unwrap();
+        drop(db);
+        let (s, kept) = SessionStore::open(&path).unwrap();
+        assert_eq!((kept.len(), kept[0].subs.len(), kept[0].messages.len()), (1, 1, 1));
+        let (id, d, pkid, _) = &kept[0].messages[0];
+        assert_eq!((*id, &*d.msg.topic, d.share.is_none(), *pkid), (7, "a/b", true, 0));
+        let key: Arc<str> = Arc::from("u:c");
+        assert_eq!(s.next_id(), 8);
+        s.enqueue(&key, 8, &delivery("a/c", Some("$share/g/a/#")), false);
+        s.sent(7, 3);
+        s.flush();
+        drop(s);
+        // An older outpost's queries still work on the extended table.
+        let db = Connection::open(&path).unwrap();
+        db.execute(
+            "INSERT INTO messages (id, key, topic, payload, pub_qos, qos, retain, sub_ids) VALUES (9, 'u:c', 'a/d', x'42', 1, 1, 0, '')",
+            [],
+        )
+        .unwrap();
+        drop(db);
+        let (_s, kept) = SessionStore::open(&path).unwrap();
+        let got: Vec<_> = kept[0]
+            .messages
+            .iter()
+            .map(|m| (m.0, &*m.1.msg.topic, m.1.share.as_deref(), m.2))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (7, "a/b", None, 3),
+                (8, "a/c", Some("$share/g/a/#"), 0),
+                (9, "a/d", None, 0)
+            ]
+        );
     }
 
     const NEVER_EXPIRES: u32 = u32::MAX;

@@ -6,8 +6,9 @@ use super::{ReadState, Step};
 use crate::broker::codec::{self, AckCode, Goodbye, Publish};
 use crate::broker::connection::{Ctx, TOPIC_ALIAS_MAX};
 use crate::broker::metrics::Metrics;
-use crate::broker::router::message::{now_ms, Message};
+use crate::broker::router::message::Message;
 use crate::broker::{topics, Right};
+use crate::system::clock::now_ms;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
