@@ -204,7 +204,7 @@ enum DeviceAction {
 
 /// The config (file or built-in) and the data folder (`--data-dir` wins over the config's).
 fn config_and_dir(config: Option<&std::path::Path>, data_dir: Option<PathBuf>) -> Result<(Config, PathBuf)> {
-    let cfg = match (config, outpost::config::snap::SnapEnv::from_env()) {
+    let cfg = match (config, outpost::system::snap::SnapEnv::from_env()) {
         (Some(c), _) => Config::load(c)?,
         // Inside the snap: the daemon's own config (and so its data_dir, $SNAP_COMMON).
         (None, Some(snap)) => Config::load(&snap.config())?,
@@ -258,7 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.gateway.data_dir = d.clone();
             }
             outpost::system::logging::init(cfg.log.level.filter());
-            if let Some(snap) = outpost::config::snap::SnapEnv::from_env() {
+            if let Some(snap) = outpost::system::snap::SnapEnv::from_env() {
                 for note in
                     outpost::system::revert::restore_newer(&cfg.gateway.data_dir, &snap.data.join("pre-refresh"))?
                 {
@@ -330,14 +330,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut json = String::new();
             if from_snapctl {
-                json = outpost::config::snap::from_snapctl().map_err(anyhow::Error::msg)?;
+                json = outpost::system::snap::from_snapctl().map_err(anyhow::Error::msg)?;
             } else {
                 std::io::Read::read_to_string(&mut std::io::stdin(), &mut json)?;
             }
             let common = std::env::var_os("SNAP_COMMON").map(PathBuf::from);
-            match outpost::config::snap::apply(&json, &out, common.as_deref()) {
-                Ok(outpost::config::snap::Outcome::Changed) => println!("changed"),
-                Ok(outpost::config::snap::Outcome::Unchanged) => println!("unchanged"),
+            match outpost::system::snap::apply(&json, &out, common.as_deref()) {
+                Ok(outpost::system::snap::Outcome::Changed) => println!("changed"),
+                Ok(outpost::system::snap::Outcome::Unchanged) => println!("unchanged"),
                 Err(e) => {
                     eprintln!("{e}");
                     return Ok(ExitCode::from(1));
@@ -346,7 +346,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::SnapSaveState => {
-            let snap = outpost::config::snap::SnapEnv::from_env()
+            let snap = outpost::system::snap::SnapEnv::from_env()
                 .ok_or_else(|| anyhow::anyhow!("not inside the snap ($SNAP, $SNAP_DATA, $SNAP_COMMON)"))?;
             let (_, dir) = config_and_dir(None, None)?;
             for f in outpost::system::revert::save(&dir, &snap.data.join("pre-refresh"))? {

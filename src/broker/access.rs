@@ -30,7 +30,7 @@ pub enum Right {
 /// The grants the front door checks beside the static ACL.
 #[derive(Default)]
 pub struct GrantState {
-    pub list: Vec<crate::grants::Grant>,
+    pub list: Vec<super::grant::Grant>,
 }
 
 /// A device's MQTT login and what it may publish and subscribe to (filters already filled in).
@@ -150,7 +150,7 @@ impl Access {
             }
         }
         let now = crate::system::clock::now_secs();
-        let granted = |g: &crate::grants::Grant| match right {
+        let granted = |g: &super::grant::Grant| match right {
             Right::Publish => g.allows_publish(id, topic, now),
             Right::Subscribe | Right::Read => g.allows_subscribe(id, topic, now),
         };

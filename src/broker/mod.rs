@@ -15,6 +15,7 @@ pub mod codec;
 mod connection;
 pub mod events;
 mod expiry;
+pub mod grant;
 mod ingress;
 pub mod listener;
 pub mod metrics;

@@ -10,7 +10,6 @@ mod error;
 mod grants;
 mod plugs;
 pub mod rules;
-pub mod snap;
 mod units;
 
 pub use acl::Who;

@@ -9,4 +9,5 @@ pub mod logging;
 pub mod memory;
 pub mod notify;
 pub mod revert;
+pub mod snap;
 pub mod sqlite;

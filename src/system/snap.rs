@@ -6,7 +6,7 @@
 //! name (`bridges.cloud.url=...`) as well as lists. A bad value is refused naming the `snap set`
 //! key, and the config file is left as it was.
 
-use super::Config;
+use crate::config::Config;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -200,7 +200,7 @@ pub fn apply(json: &str, out: &Path, common: Option<&Path>) -> Result<Outcome, S
     if std::fs::read_to_string(out).ok().as_deref() == Some(text.as_str()) {
         return Ok(Outcome::Unchanged);
     }
-    crate::system::jsonfile::replace(out, text.as_bytes()).map_err(|e| format!("writing {}: {e:#}", out.display()))?;
+    super::jsonfile::replace(out, text.as_bytes()).map_err(|e| format!("writing {}: {e:#}", out.display()))?;
     Ok(Outcome::Changed)
 }
 
