@@ -10,5 +10,6 @@ pub mod grants;
 pub mod plugs;
 pub mod provision;
 pub mod status;
+pub mod status_doc;
 pub mod system;
 pub mod topic;

@@ -30,7 +30,9 @@ fn fam(fams: &mut Vec<Family>, name: &'static str, kind: &'static str, help: &'s
     fams.len() - 1
 }
 
-pub fn render(doc: &Value) -> String {
+pub fn render(doc: &crate::status_doc::StatusDoc) -> String {
+    // The typed document in its JSON form, until the exposition is built from the types.
+    let doc = &serde_json::to_value(doc).unwrap_or_default();
     let mut fams: Vec<Family> = vec![];
     let b = &doc["broker"];
     let mut scalar = vec![];
@@ -388,6 +390,7 @@ mod tests {
             "devices": {"kitchen": {"messages_in": 5, "commands_out": 0, "rejected": {"replay": 1}}},
             "plugs": [{"name": "fridge", "online": false, "last": {"power_w": 61.5}, "errors": {"timeout": 3}}],
         });
+        let doc: crate::status_doc::StatusDoc = serde_json::from_value(doc).unwrap();
         let text = render(&doc);
         for line in [
             "# TYPE outpost_messages_in_total counter",
