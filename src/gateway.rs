@@ -6,6 +6,7 @@ use crate::broker::{Broker, Bus};
 use crate::config::{Config, ROUTER_SILENCE_MS};
 use crate::devices::service::DeviceService;
 use crate::reload;
+use crate::status_doc::StatusDoc;
 use crate::system::notify;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -68,7 +69,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, data_dir: Option<Pat
     }
     // Only now do clients get in: every message they send passes the bridges' taps.
     broker.serve();
-    let latest = Arc::new(arc_swap::ArcSwap::from_pointee(serde_json::Value::Null));
+    let latest = Arc::new(arc_swap::ArcSwap::from_pointee(StatusDoc::default()));
     let stop_dashboard = tokio_util::sync::CancellationToken::new();
     let status_file = StatusFile {
         latest: latest.clone(),
@@ -88,6 +89,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, data_dir: Option<Pat
             router_contact: status.last_contact.clone(),
             spool_dir: cfg.gateway.data_dir.join("bridges"),
             info: crate::dashboard::info(&cfg, &broker.local_addrs, d.local),
+            settings: crate::dashboard::api::Settings::from_config(&cfg),
         });
         tokio::spawn(d.run(broker.front_door(), view, stop_dashboard.clone()));
     }
@@ -207,7 +209,7 @@ impl StatusTopic {
 /// `data_dir/status.json`, rewritten every 2 s: what `outpost status` shows.
 struct StatusFile {
     /// The last document written, for the dashboard.
-    latest: Arc<arc_swap::ArcSwap<serde_json::Value>>,
+    latest: Arc<arc_swap::ArcSwap<StatusDoc>>,
     devices: crate::devices::service::AllCounters,
     plugs: crate::plugs::AllPlugs,
     path: PathBuf,
@@ -222,34 +224,40 @@ impl StatusFile {
         v
     }
 
-    fn write(&self, broker: &Broker, bridges: &Bridges) {
-        let now = std::time::SystemTime::now();
+    /// The document now: each part from the component that owns it.
+    fn snapshot(&self, broker: &Broker, bridges: &Bridges) -> StatusDoc {
         let secs = |t| crate::system::clock::since_epoch(t).as_secs();
+        let router = broker.shared.router();
         let mut broker_counters = broker.shared.metrics().snapshot();
         // Withheld by access checks, at routing and when a queued message goes out.
-        broker_counters["delivery_denied"] = broker
-            .shared
-            .router()
-            .dropped_denied
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .into();
-        let doc = serde_json::json!({
-            "gateway": self.id,
-            "version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "started": secs(self.started),
-            "written": secs(now),
-            "listeners": broker.local_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "broker": broker_counters,
-            "router": broker.shared.router().snapshot(),
-            "stores": broker.shared.stores(),
-            "bridges": bridges.states(),
-            "devices": &*self.devices.lock().expect("counters lock"),
-            "clock_synchronized": crate::devices::clock_synchronized(),
-            "plugs": self.plug_list(),
-            "claims_refused": crate::grants::service::CLAIMS_REFUSED.load(std::sync::atomic::Ordering::Relaxed),
-            "provisioning_frames_refused": crate::provision::protocol::REFUSED.load(std::sync::atomic::Ordering::Relaxed),
-        });
+        broker_counters.delivery_denied = router.dropped_denied.load(Ordering::Relaxed);
+        StatusDoc {
+            gateway: self.id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            started: secs(self.started),
+            written: secs(std::time::SystemTime::now()),
+            listeners: broker.local_addrs.iter().map(|a| a.to_string()).collect(),
+            broker: broker_counters,
+            router: router.snapshot(),
+            stores: broker.shared.stores(),
+            bridges: bridges.states(),
+            devices: self
+                .devices
+                .lock()
+                .expect("counters lock")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            clock_synchronized: crate::devices::clock_synchronized(),
+            plugs: self.plug_list(),
+            claims_refused: crate::grants::service::CLAIMS_REFUSED.load(Ordering::Relaxed),
+            provisioning_frames_refused: crate::provision::protocol::REFUSED.load(Ordering::Relaxed),
+        }
+    }
+
+    fn write(&self, broker: &Broker, bridges: &Bridges) {
+        let doc = self.snapshot(broker, bridges);
         let bytes = serde_json::to_vec_pretty(&doc).unwrap_or_default();
         self.latest.store(Arc::new(doc));
         if let Err(e) = crate::system::jsonfile::replace(&self.path, &bytes) {

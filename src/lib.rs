@@ -11,5 +11,6 @@ pub mod plugs;
 pub mod provision;
 pub mod reload;
 pub mod status;
+pub mod status_doc;
 pub mod system;
 pub mod topic;

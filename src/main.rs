@@ -293,7 +293,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{text}");
             } else {
-                let doc: serde_json::Value = serde_json::from_str(&text)?;
+                let doc: outpost::status_doc::StatusDoc = serde_json::from_str(&text)?;
                 print!("{}", outpost::status::render(&doc, std::time::SystemTime::now()));
             }
             Ok(ExitCode::SUCCESS)
@@ -316,7 +316,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let path = dir.join("status.json");
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| anyhow::anyhow!("{}: {e} (is outpost running with this data_dir?)", path.display()))?;
-            let doc: serde_json::Value = serde_json::from_str(&text)?;
+            let doc: outpost::status_doc::StatusDoc = serde_json::from_str(&text)?;
             print!("{}", outpost::status::render_plugs(&doc));
             Ok(ExitCode::SUCCESS)
         }

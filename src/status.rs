@@ -1,6 +1,6 @@
 //! `outpost status`: the status file the gateway writes, as a table a person reads.
 
-use serde_json::Value;
+use crate::status_doc::{RouterStatus, StatusDoc};
 use std::fmt::Write;
 use std::time::SystemTime;
 
@@ -23,79 +23,41 @@ fn bytes(n: u64) -> String {
     }
 }
 
-pub fn render(doc: &Value, now: SystemTime) -> String {
+pub fn render(doc: &StatusDoc, now: SystemTime) -> String {
     let now_s = crate::system::clock::since_epoch(now).as_secs() as i64;
     let now_ms = now_s * 1000;
-    let u = |v: &Value| v.as_u64().unwrap_or(0);
     let mut out = String::new();
-    let written = doc["written"].as_i64().unwrap_or(0);
+    let written = doc.written as i64;
     let _ = writeln!(
         out,
         "outpost {} (gateway {}), pid {}, up {}, status written {} ago{}",
-        doc["version"].as_str().unwrap_or("?"),
-        doc["gateway"].as_str().unwrap_or("?"),
-        u(&doc["pid"]),
-        ago(written - doc["started"].as_i64().unwrap_or(written)),
+        doc.version,
+        doc.gateway,
+        doc.pid,
+        ago(written - doc.started as i64),
         ago(now_s - written),
         if now_s - written > 10 { " (not running?)" } else { "" }
     );
-    if doc["clock_synchronized"] == Value::Bool(false) {
+    if doc.clock_synchronized == Some(false) {
         let _ = writeln!(
             out,
             "WARNING: the system clock is not synchronized; mqtt-e2e packets may be refused as stale"
         );
     }
-    let listeners: Vec<&str> = doc["listeners"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    let _ = writeln!(out, "listeners: {}", listeners.join(", "));
-    let b = &doc["broker"];
+    let _ = writeln!(out, "listeners: {}", doc.listeners.join(", "));
+    let b = &doc.broker;
     let _ = writeln!(
         out,
         "clients: {} connected, {} since start, {} refused; denied: {} publishes, {} subscribes; closed for bad packets: {}",
-        u(&b["connections"]),
-        u(&b["connections_total"]),
-        u(&b["connects_refused"]),
-        u(&b["publish_denied"]),
-        u(&b["subscribe_denied"]),
-        u(&b["malformed_packets"]) + u(&b["oversized_packets"]),
+        b.connections,
+        b.connections_total,
+        b.connects_refused,
+        b.publish_denied,
+        b.subscribe_denied,
+        b.malformed_packets + b.oversized_packets,
     );
-    let r = &doc["router"];
-    if r.is_object() {
-        let d = &r["dropped"];
-        let _ = writeln!(
-            out,
-            "sessions: {} ({} connected), {} subscriptions, {} retained; queued {} of {} bytes; \
-             dropped: {} queue full, {} too large, {} expired, {} past the away share, {} denied; \
-             publishers paused {} times",
-            u(&r["sessions"]),
-            u(&r["sessions_connected"]),
-            u(&r["subscriptions"]),
-            u(&r["retained"]),
-            u(&r["queued_bytes"]),
-            u(&r["memory_budget"]),
-            u(&d["queue_full"]),
-            u(&d["too_large"]),
-            u(&d["expired"]),
-            u(&d["away_budget"]),
-            u(&d["denied"]),
-            u(&r["publisher_pauses"]),
-        );
-        for s in r["sessions_dropping"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                out,
-                "  session {} dropped {} (queue full), {} (too large), {} (expired); {} queued now",
-                s["session"].as_str().unwrap_or("?"),
-                u(&s["queue_full"]),
-                u(&s["too_large"]),
-                u(&s["expired"]),
-                u(&s["queued"]),
-            );
-        }
-    }
-    let bridges = doc["bridges"].as_array().cloned().unwrap_or_default();
-    if bridges.is_empty() {
+    render_router(&mut out, &doc.router);
+    if doc.bridges.is_empty() {
         let _ = writeln!(out, "bridges: none");
         return out;
     }
@@ -113,29 +75,25 @@ pub fn render(doc: &Value, now: SystemTime) -> String {
         "LAST ERROR",
     ]
     .map(String::from)];
-    for br in &bridges {
-        let dropped: u64 = br["dropped"].as_object().map(|o| o.values().map(u).sum()).unwrap_or(0);
+    for br in &doc.bridges {
         rows.push([
-            br["name"].as_str().unwrap_or("?").to_string(),
-            if br["stalled"].as_bool() == Some(true) {
+            br.name.clone(),
+            if br.stalled {
                 "stalled".into()
-            } else if br["connected"].as_bool() == Some(true) {
+            } else if br.connected {
                 "up".into()
             } else {
                 "down".into()
             },
-            ago((now_ms - br["since_ms"].as_i64().unwrap_or(now_ms)) / 1000),
-            u(&br["queued"]).to_string(),
-            bytes(u(&br["queued_bytes"])),
-            br["oldest_age_s"]
-                .as_f64()
-                .map(|s| ago(s as i64))
-                .unwrap_or_else(|| "-".into()),
-            u(&br["sent"]).to_string(),
-            u(&br["received"]).to_string(),
-            dropped.to_string(),
-            u(&br["reconnects"]).to_string(),
-            br["last_error"].as_str().unwrap_or("-").to_string(),
+            ago((now_ms - br.since_ms) / 1000),
+            br.queued.to_string(),
+            bytes(br.queued_bytes),
+            br.oldest_age_s.map(|s| ago(s as i64)).unwrap_or_else(|| "-".into()),
+            br.sent.to_string(),
+            br.received.to_string(),
+            br.dropped.total().to_string(),
+            br.reconnects.to_string(),
+            br.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     let widths: Vec<usize> = (0..11)
@@ -148,11 +106,40 @@ pub fn render(doc: &Value, now: SystemTime) -> String {
     out
 }
 
+/// The router's line, and one per session that dropped messages.
+fn render_router(out: &mut String, r: &RouterStatus) {
+    let d = &r.dropped;
+    let _ = writeln!(
+        out,
+        "sessions: {} ({} connected), {} subscriptions, {} retained; queued {} of {} bytes; \
+         dropped: {} queue full, {} too large, {} expired, {} past the away share, {} denied; \
+         publishers paused {} times",
+        r.sessions,
+        r.sessions_connected,
+        r.subscriptions,
+        r.retained,
+        r.queued_bytes,
+        r.memory_budget,
+        d.queue_full,
+        d.too_large,
+        d.expired,
+        d.away_budget,
+        d.denied,
+        r.publisher_pauses,
+    );
+    for s in &r.sessions_dropping {
+        let _ = writeln!(
+            out,
+            "  session {} dropped {} (queue full), {} (too large), {} (expired); {} queued now",
+            s.session, s.queue_full, s.too_large, s.expired, s.queued,
+        );
+    }
+}
+
 /// `outpost plugs list`.
-pub fn render_plugs(doc: &Value) -> String {
+pub fn render_plugs(doc: &StatusDoc) -> String {
     let mut out = String::new();
-    let plugs = doc["plugs"].as_array().cloned().unwrap_or_default();
-    if plugs.is_empty() {
+    if doc.plugs.is_empty() {
         return "no plugs configured or found\n".into();
     }
     let _ = writeln!(
@@ -160,24 +147,21 @@ pub fn render_plugs(doc: &Value) -> String {
         "{:<16} {:<22} {:<8} {:<8} {:<10} {:<9} {:<8} ERRORS",
         "PLUG", "ADDRESS", "MODEL", "ONLINE", "POWER W", "STATE", "MOVED"
     );
-    for p in plugs {
-        let errors: u64 = p["errors"]
-            .as_object()
-            .map(|o| o.values().filter_map(Value::as_u64).sum())
-            .unwrap_or(0);
+    for p in &doc.plugs {
+        let errors: u64 = p.errors.values().sum();
+        let last = p.last.as_ref();
         let _ = writeln!(
             out,
             "{:<16} {:<22} {:<8} {:<8} {:<10} {:<9} {:<8} {errors}",
-            p["name"].as_str().unwrap_or("?"),
-            format!("{}:{}", p["host"].as_str().unwrap_or("?"), p["port"]),
-            p["model"].as_str().unwrap_or("-"),
-            if p["online"] == true { "yes" } else { "no" },
-            p["last"]["power_w"]
-                .as_f64()
+            p.name,
+            format!("{}:{}", p.host, p.port),
+            p.model,
+            if p.online { "yes" } else { "no" },
+            last.and_then(|l| l.power_w)
                 .map(|w| format!("{w:.1}"))
                 .unwrap_or_else(|| "-".into()),
-            p["last"]["state"].as_str().unwrap_or("-"),
-            p["moved"].as_u64().unwrap_or(0),
+            last.map(|l| l.state.as_str()).unwrap_or("-"),
+            p.moved,
         );
     }
     out
@@ -197,6 +181,7 @@ mod tests {
                           "oldest_age_s": 42.0, "sent": 10, "received": 1, "reconnects": 2,
                           "dropped": {"expired": 1, "too_large": 2}, "last_error": "connection refused"}]
         });
+        let doc: StatusDoc = serde_json::from_value(doc).unwrap();
         let t = render(&doc, std::time::UNIX_EPOCH + std::time::Duration::from_secs(1101));
         assert!(t.contains("gateway gw") && t.contains("up 100s"), "{t}");
         let line = t.lines().find(|l| l.starts_with("cloud")).unwrap();

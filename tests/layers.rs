@@ -8,22 +8,38 @@ use std::path::Path;
 /// Each top-level module and the crate modules it may name. Leaves first.
 const MAY_TOUCH: &[(&str, &[&str])] = &[
     ("topic", &[]),
+    ("status_doc", &[]),
     ("config", &["topic"]),
     // revert.rs (snap refresh rollback) reads the device keystore and grants files: a known
     // upward reach, listed so it cannot grow.
-    ("system", &["config", "devices", "grants"]),
-    ("broker", &["config", "topic", "system"]),
-    ("bridge", &["broker", "config", "topic", "system"]),
-    ("devices", &["broker", "bridge", "config", "topic", "system"]),
-    ("grants", &["broker", "config", "devices", "topic", "system"]),
-    ("plugs", &["broker", "bridge", "config", "topic", "system"]),
-    ("provision", &["broker", "config", "devices", "topic", "system"]),
+    ("system", &["config", "devices", "grants", "status_doc"]),
+    ("broker", &["config", "topic", "system", "status_doc"]),
+    ("bridge", &["broker", "config", "topic", "system", "status_doc"]),
+    (
+        "devices",
+        &["broker", "bridge", "config", "topic", "system", "status_doc"],
+    ),
+    (
+        "grants",
+        &["broker", "config", "devices", "topic", "system", "status_doc"],
+    ),
+    (
+        "plugs",
+        &["broker", "bridge", "config", "topic", "system", "status_doc"],
+    ),
+    (
+        "provision",
+        &["broker", "config", "devices", "topic", "system", "status_doc"],
+    ),
     (
         "dashboard",
-        &["broker", "bridge", "config", "grants", "topic", "system"],
+        &["broker", "bridge", "config", "grants", "topic", "system", "status_doc"],
     ),
-    ("status", &["config", "topic", "system"]),
-    ("reload", &["broker", "bridge", "config", "topic", "system"]),
+    ("status", &["config", "topic", "system", "status_doc"]),
+    (
+        "reload",
+        &["broker", "bridge", "config", "topic", "system", "status_doc"],
+    ),
 ];
 
 /// `crate::name` paths in the code of `dir` (or `dir.rs`), with the first file naming each.

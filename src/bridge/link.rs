@@ -289,11 +289,11 @@ impl Link {
 
     /// The bridge's state on its local state topic, retained.
     pub(super) async fn publish_state(&self) {
-        let state = super::state_json(&self.cfg.name, &self.stats, &self.spool);
+        let state = super::state(&self.cfg.name, &self.stats, &self.spool);
         self.bus
             .publish(
                 &self.state_topic,
-                Bytes::from(state.to_string()),
+                Bytes::from(serde_json::to_vec(&state).unwrap_or_default()),
                 0,
                 true,
                 Some(&self.cfg.name),

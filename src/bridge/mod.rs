@@ -12,6 +12,7 @@ mod upstream;
 
 use crate::broker::{Bus, Incoming, Shared, Tap};
 use crate::config;
+use crate::status_doc::{BridgeDrops, BridgeState};
 use anyhow::Result;
 use config::rules::Rule;
 use link::{Link, Live};
@@ -57,43 +58,40 @@ pub struct LinkStats {
     pub kick: tokio::sync::Notify,
 }
 
-/// The bridge's state as JSON, for its local state topic and `outpost status`.
-pub fn state_json(name: &str, s: &LinkStats, spool: &Spool) -> serde_json::Value {
+/// The bridge's part of the status document, also published on its local state topic.
+pub fn state(name: &str, s: &LinkStats, spool: &Spool) -> BridgeState {
     let sp = &spool.stats;
     let oldest = sp.oldest_ms.load(Ordering::Relaxed);
-    let age = if oldest > 0 && sp.queued.load(Ordering::Relaxed) > 0 {
-        serde_json::json!(((crate::system::clock::now_ms() - oldest).max(0) as f64) / 1000.0)
-    } else {
-        serde_json::Value::Null
-    };
-    serde_json::json!({
-        "name": name,
-        "connected": s.connected.load(Ordering::Relaxed),
-        "stalled": s.stalled.load(Ordering::Relaxed),
-        "paused": s.paused.load(Ordering::Relaxed),
-        "since_ms": s.since_ms.load(Ordering::Relaxed),
-        "queued": sp.queued.load(Ordering::Relaxed),
-        "queued_bytes": sp.queued_bytes.load(Ordering::Relaxed),
-        "oldest_age_s": age,
-        "sent": s.sent.load(Ordering::Relaxed),
-        "received": s.received.load(Ordering::Relaxed),
-        "reconnects": s.reconnects.load(Ordering::Relaxed),
-        "url": s.url.lock().expect("stats lock").clone(),
-        "failovers": s.failovers.load(Ordering::Relaxed),
-        "echoes_dropped": s.echoes.load(Ordering::Relaxed),
-        "dropped": {
-            "spool_full_oldest": sp.dropped_full.load(Ordering::Relaxed),
-            "spool_full_rejected": sp.dropped_rejected.load(Ordering::Relaxed),
-            "expired": sp.dropped_expired.load(Ordering::Relaxed),
-            "too_large": s.dropped_too_large.load(Ordering::Relaxed),
-            "qos0_not_connected": s.dropped_qos0.load(Ordering::Relaxed),
-            "refused_upstream": s.dropped_refused.load(Ordering::Relaxed),
-            "unmappable": s.dropped_unmappable.load(Ordering::Relaxed),
+    let queued = sp.queued.load(Ordering::Relaxed);
+    let age = (oldest > 0 && queued > 0).then(|| ((crate::system::clock::now_ms() - oldest).max(0) as f64) / 1000.0);
+    BridgeState {
+        name: name.to_string(),
+        connected: s.connected.load(Ordering::Relaxed),
+        stalled: s.stalled.load(Ordering::Relaxed),
+        paused: s.paused.load(Ordering::Relaxed),
+        since_ms: s.since_ms.load(Ordering::Relaxed),
+        queued,
+        queued_bytes: sp.queued_bytes.load(Ordering::Relaxed),
+        oldest_age_s: age,
+        sent: s.sent.load(Ordering::Relaxed),
+        received: s.received.load(Ordering::Relaxed),
+        reconnects: s.reconnects.load(Ordering::Relaxed),
+        url: s.url.lock().expect("stats lock").clone(),
+        failovers: s.failovers.load(Ordering::Relaxed),
+        echoes_dropped: s.echoes.load(Ordering::Relaxed),
+        dropped: BridgeDrops {
+            spool_full_oldest: sp.dropped_full.load(Ordering::Relaxed),
+            spool_full_rejected: sp.dropped_rejected.load(Ordering::Relaxed),
+            expired: sp.dropped_expired.load(Ordering::Relaxed),
+            too_large: s.dropped_too_large.load(Ordering::Relaxed),
+            qos0_not_connected: s.dropped_qos0.load(Ordering::Relaxed),
+            refused_upstream: s.dropped_refused.load(Ordering::Relaxed),
+            unmappable: s.dropped_unmappable.load(Ordering::Relaxed),
         },
-        "spool_write_errors": sp.write_errors.load(Ordering::Relaxed),
-        "inbound_not_kept": s.inbound_not_kept.load(Ordering::Relaxed),
-        "last_error": s.last_error.lock().expect("stats lock").clone(),
-    })
+        spool_write_errors: sp.write_errors.load(Ordering::Relaxed),
+        inbound_not_kept: s.inbound_not_kept.load(Ordering::Relaxed),
+        last_error: s.last_error.lock().expect("stats lock").clone(),
+    }
 }
 
 /// The bridge's side of the local broker: picks the messages its `out` rules match.
@@ -369,13 +367,13 @@ impl Bridges {
     }
 
     /// Every bridge's state, for `outpost status`.
-    pub fn states(&self) -> Vec<serde_json::Value> {
+    pub fn states(&self) -> Vec<BridgeState> {
         let mut v: Vec<_> = self
             .running
             .values()
-            .map(|r| state_json(&r.cfg.name, &r.tap.stats, &r.tap.spool))
+            .map(|r| state(&r.cfg.name, &r.tap.stats, &r.tap.spool))
             .collect();
-        v.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 

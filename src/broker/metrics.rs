@@ -54,29 +54,31 @@ impl Metrics {
         c.load(Ordering::Relaxed)
     }
 
-    /// All counters as JSON, for `outpost status` (and later /metrics).
-    pub fn snapshot(&self) -> serde_json::Value {
+    /// All counters, for the status document (`outpost status`, `/metrics`); `delivery_denied`
+    /// is the router's and left at 0 here.
+    pub fn snapshot(&self) -> crate::status_doc::BrokerCounters {
         let g = Metrics::get;
-        serde_json::json!({
-            "connections": g(&self.connections),
-            "connections_total": g(&self.connections_total),
-            "connects_refused": g(&self.connects_refused),
-            "handshakes_failed": g(&self.handshakes_failed),
-            "publishes_in": g(&self.publishes_in),
-            "publishes_out": g(&self.publishes_out),
-            "bytes_in": g(&self.bytes_in),
-            "bytes_out": g(&self.bytes_out),
-            "publish_denied": g(&self.publish_denied),
-            "subscribe_denied": g(&self.subscribe_denied),
-            "malformed_packets": g(&self.malformed_packets),
-            "oversized_packets": g(&self.oversized_packets),
-            "inflight_exceeded": g(&self.inflight_exceeded),
-            "websocket_violations": g(&self.websocket_violations),
-            "session_panics": g(&self.session_panics),
-            "publishes_not_kept": g(&self.publishes_not_kept),
-            "logins_throttled": g(&self.logins_throttled),
-            "prelogin_evicted": g(&self.prelogin_evicted),
-            "password_checks": g(&self.password_checks),
-        })
+        crate::status_doc::BrokerCounters {
+            connections: g(&self.connections),
+            connections_total: g(&self.connections_total),
+            connects_refused: g(&self.connects_refused),
+            handshakes_failed: g(&self.handshakes_failed),
+            publishes_in: g(&self.publishes_in),
+            publishes_out: g(&self.publishes_out),
+            bytes_in: g(&self.bytes_in),
+            bytes_out: g(&self.bytes_out),
+            publish_denied: g(&self.publish_denied),
+            subscribe_denied: g(&self.subscribe_denied),
+            malformed_packets: g(&self.malformed_packets),
+            oversized_packets: g(&self.oversized_packets),
+            inflight_exceeded: g(&self.inflight_exceeded),
+            websocket_violations: g(&self.websocket_violations),
+            session_panics: g(&self.session_panics),
+            publishes_not_kept: g(&self.publishes_not_kept),
+            logins_throttled: g(&self.logins_throttled),
+            prelogin_evicted: g(&self.prelogin_evicted),
+            password_checks: g(&self.password_checks),
+            delivery_denied: 0,
+        }
     }
 }

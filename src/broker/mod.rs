@@ -97,14 +97,14 @@ impl Shared {
     }
 
     /// How the stores' writes go: for status and `/healthz`.
-    pub fn stores(&self) -> serde_json::Value {
+    pub fn stores(&self) -> crate::status_doc::Stores {
         let h = self.retained.health();
-        serde_json::json!({
-            "retained": {
-                "failing": h.failing.load(std::sync::atomic::Ordering::Relaxed),
-                "failures": h.failures.load(std::sync::atomic::Ordering::Relaxed),
-            }
-        })
+        crate::status_doc::Stores {
+            retained: crate::status_doc::StoreHealth {
+                failing: h.failing.load(std::sync::atomic::Ordering::Relaxed),
+                failures: h.failures.load(std::sync::atomic::Ordering::Relaxed),
+            },
+        }
     }
 
     /// Puts the taps in force (the bridges' spools): every message entering after this passes

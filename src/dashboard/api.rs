@@ -6,15 +6,17 @@
 use crate::broker::auth::Identity;
 use crate::broker::events::Event as SecurityEvent;
 use crate::broker::{topics, Right, Shared};
+use crate::status_doc::{BrokerCounters, StatusDoc};
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// What the dashboard needs from the config, taken once at start (see [`super::info`]).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// What the dashboard needs from the config, taken once at start and handed over as it is
+/// (`View::settings`): no trip through JSON, so nothing can decode to an empty default.
+#[derive(Clone, Debug, Default)]
 pub struct Settings {
     pub gateway: String,
     pub origins: Vec<String>,
@@ -197,7 +199,7 @@ pub fn readable(shared: &Shared, settings: &Settings, id: &Identity) -> Vec<Stri
 }
 
 /// `/api/me`.
-pub fn me(shared: &Shared, settings: &Settings, user: Option<&str>, bind: &str, status: &Value) -> Value {
+pub fn me(shared: &Shared, settings: &Settings, user: Option<&str>, bind: &str, status: &StatusDoc) -> Value {
     let id = identity(user, bind);
     let filters = readable(shared, settings, &id);
     let everything = filters.iter().any(|f| f == "#");
@@ -216,32 +218,29 @@ pub fn me(shared: &Shared, settings: &Settings, user: Option<&str>, bind: &str, 
         ))
     };
     // Plugs are those the plug service reports, under the topics it publishes them on.
-    let plugs: Vec<Value> = status["plugs"]
-        .as_array()
-        .map(|ps| {
-            ps.iter()
-                .filter_map(|p| p["name"].as_str())
-                .map(|n| {
-                    let fill = |t: &str| crate::config::PlugTopics::fill(t, n);
-                    json!({
-                        "name": n,
-                        "live": fill(&settings.plug_live),
-                        "state": fill(&settings.plug_state),
-                        "set": fill(&settings.plug_set),
-                        "may_set": shared.access().allows(&id, &fill(&settings.plug_set), Right::Publish),
-                    })
-                })
-                .filter(|p| {
-                    shared
-                        .access()
-                        .allows(&id, p["state"].as_str().unwrap_or(""), Right::Read)
-                        || shared
-                            .access()
-                            .allows(&id, p["live"].as_str().unwrap_or(""), Right::Read)
-                })
-                .collect()
+    let plugs: Vec<Value> = status
+        .plugs
+        .iter()
+        .map(|p| p.name.as_str())
+        .map(|n| {
+            let fill = |t: &str| crate::config::PlugTopics::fill(t, n);
+            json!({
+                "name": n,
+                "live": fill(&settings.plug_live),
+                "state": fill(&settings.plug_state),
+                "set": fill(&settings.plug_set),
+                "may_set": shared.access().allows(&id, &fill(&settings.plug_set), Right::Publish),
+            })
         })
-        .unwrap_or_default();
+        .filter(|p| {
+            shared
+                .access()
+                .allows(&id, p["state"].as_str().unwrap_or(""), Right::Read)
+                || shared
+                    .access()
+                    .allows(&id, p["live"].as_str().unwrap_or(""), Right::Read)
+        })
+        .collect();
     json!({
         "user": user,
         "gateway": settings.gateway,
@@ -276,12 +275,19 @@ pub struct Problems {
 
 const KEEP: usize = 20;
 
+/// Reads one broker counter from the status document.
+pub type Counter = fn(&BrokerCounters) -> u64;
+
 /// The broker counters shown as problems, with how the page names them.
-pub const COUNTERS: [(&str, &str); 4] = [
-    ("connects_refused", "refused logins"),
-    ("publish_denied", "publishes denied by the ACL"),
-    ("subscribe_denied", "subscriptions denied by the ACL"),
-    ("delivery_denied", "deliveries withheld by the ACL"),
+pub const COUNTERS: [(&str, &str, Counter); 4] = [
+    ("connects_refused", "refused logins", |b| b.connects_refused),
+    ("publish_denied", "publishes denied by the ACL", |b| b.publish_denied),
+    ("subscribe_denied", "subscriptions denied by the ACL", |b| {
+        b.subscribe_denied
+    }),
+    ("delivery_denied", "deliveries withheld by the ACL", |b| {
+        b.delivery_denied
+    }),
 ];
 
 impl Problems {
@@ -299,12 +305,10 @@ impl Problems {
     }
 
     /// Compares the status document with the last one seen.
-    pub fn sample(&self, status: &Value) {
+    pub fn sample(&self, status: &StatusDoc) {
         let mut last = self.last.lock().expect("problems lock");
-        for (key, what) in COUNTERS {
-            let Some(now) = status["broker"][key].as_u64() else {
-                continue;
-            };
+        for (key, what, get) in COUNTERS {
+            let now = get(&status.broker);
             let before = last.insert(key.to_string(), now);
             if let Some(b) = before.filter(|b| now > *b) {
                 self.note(key, now - b, format!("{} {what}", now - b));
@@ -312,12 +316,10 @@ impl Problems {
         }
         drop(last);
         let mut seen = self.bridges.lock().expect("problems lock");
-        for b in status["bridges"].as_array().into_iter().flatten() {
-            let (Some(name), Some(up)) = (b["name"].as_str(), b["connected"].as_bool()) else {
-                continue;
-            };
-            if seen.insert(name.to_string(), up) != Some(up) && !up {
-                let err = b["last_error"].as_str().unwrap_or("not connected yet");
+        for b in &status.bridges {
+            let (name, up) = (&b.name, b.connected);
+            if seen.insert(name.clone(), up) != Some(up) && !up {
+                let err = b.last_error.as_deref().unwrap_or("not connected yet");
                 self.note("bridge_down", 1, format!("bridge {name} down: {err}"));
             }
         }
@@ -326,34 +328,28 @@ impl Problems {
     /// `/api/problems` for `user`. The broker's security events (`events`, newest first) name
     /// other users and addresses: an admin sees them all, anyone else only those under their
     /// own user name.
-    pub fn doc(&self, status: &Value, events: &[SecurityEvent], user: Option<&str>, admin: bool) -> Value {
+    pub fn doc(&self, status: &StatusDoc, events: &[SecurityEvent], user: Option<&str>, admin: bool) -> Value {
         let counts: serde_json::Map<String, Value> = COUNTERS
             .iter()
-            .map(|(k, what)| {
-                (
-                    k.to_string(),
-                    json!({ "what": what, "count": status["broker"][k].as_u64().unwrap_or(0) }),
-                )
-            })
+            .map(|(k, what, get)| (k.to_string(), json!({ "what": what, "count": get(&status.broker) })))
             .collect();
         let now = crate::system::clock::now_ms();
-        let bridges: Vec<Value> = status["bridges"]
-            .as_array()
-            .into_iter()
-            .flatten()
+        let bridges: Vec<Value> = status
+            .bridges
+            .iter()
             .map(|b| {
                 // A bridge that never connected has been down since the gateway started.
-                let since = match b["since_ms"].as_i64().unwrap_or(0) {
-                    0 => status["started"].as_i64().unwrap_or(0) * 1000,
+                let since = match b.since_ms {
+                    0 => status.started as i64 * 1000,
                     s => s,
                 };
                 json!({
-                    "name": b["name"],
-                    "connected": b["connected"],
-                    "paused": b["paused"],
-                    "down_for_s": if b["connected"] == true || since == 0 { Value::Null } else { json!((now - since).max(0) / 1000) },
-                    "last_error": b["last_error"],
-                    "queued": b["queued"],
+                    "name": b.name,
+                    "connected": b.connected,
+                    "paused": b.paused,
+                    "down_for_s": if b.connected || since == 0 { Value::Null } else { json!((now - since).max(0) / 1000) },
+                    "last_error": b.last_error,
+                    "queued": b.queued,
                 })
             })
             .collect();
@@ -364,7 +360,7 @@ impl Problems {
             .filter(|e| admin || (user.is_some() && e.username.as_deref() == user))
             .collect();
         json!({
-            "since": status["started"],
+            "since": status.started,
             "counts": counts,
             "bridges": bridges,
             "recent": recent,

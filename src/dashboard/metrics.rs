@@ -1,396 +1,352 @@
 //! `/metrics`: the status document in the Prometheus text exposition format (version 0.0.4).
+//! Each scrape builds a `prometheus-client` registry from the typed document and encodes it;
+//! the metric names, types, help texts and labels are those /metrics has always exposed.
 
-use serde_json::Value;
-use std::fmt::Write;
+use crate::status_doc::{BridgeState, PlugStatus, RouterStatus, StatusDoc};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
-/// One metric family: its samples as (labels, value).
-struct Family {
-    name: &'static str,
-    kind: &'static str,
-    help: &'static str,
-    samples: Vec<(Vec<(&'static str, String)>, f64)>,
+/// A sample's labels, in the order they are written.
+type Labels = Vec<(&'static str, String)>;
+
+/// One scrape's registry. Names are given as exposed: prometheus-client writes a counter's
+/// name with `_total` after it, so the suffix is taken off before registering; and it ends
+/// every help text with a full stop, so that is taken off too.
+struct Scrape(Registry);
+
+fn counter_name(name: &'static str) -> &'static str {
+    name.strip_suffix("_total").expect("a counter's name ends in _total")
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+fn help_text(help: &'static str) -> &'static str {
+    help.strip_suffix('.').unwrap_or(help)
 }
 
-fn num(v: &Value) -> Option<f64> {
-    v.as_f64().or_else(|| v.as_bool().map(|b| b as u8 as f64))
+impl Scrape {
+    fn counter(&mut self, name: &'static str, help: &'static str, v: u64) {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        self.0.register(counter_name(name), help_text(help), c);
+    }
+
+    fn gauge(&mut self, name: &'static str, help: &'static str, v: u64) {
+        let g = Gauge::<i64>::default();
+        g.set(v as i64);
+        self.0.register(name, help_text(help), g);
+    }
+
+    /// A family with one sample per label set; without samples it is left out.
+    fn counters(&mut self, name: &'static str, help: &'static str, samples: impl IntoIterator<Item = (Labels, u64)>) {
+        let family = Family::<Labels, Counter>::default();
+        for (labels, v) in samples {
+            family.get_or_create(&labels).inc_by(v);
+        }
+        self.0.register(counter_name(name), help_text(help), family);
+    }
+
+    fn gauges(&mut self, name: &'static str, help: &'static str, samples: impl IntoIterator<Item = (Labels, u64)>) {
+        let family = Family::<Labels, Gauge>::default();
+        for (labels, v) in samples {
+            family.get_or_create(&labels).set(v as i64);
+        }
+        self.0.register(name, help_text(help), family);
+    }
+
+    /// Gauges whose values have fractions (ages, watts).
+    fn float_gauges(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        samples: impl IntoIterator<Item = (Labels, f64)>,
+    ) {
+        let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for (labels, v) in samples {
+            family.get_or_create(&labels).set(v);
+        }
+        self.0.register(name, help_text(help), family);
+    }
 }
 
-/// Adds an empty family and returns its index.
-fn fam(fams: &mut Vec<Family>, name: &'static str, kind: &'static str, help: &'static str) -> usize {
-    fams.push(Family {
-        name,
-        kind,
-        help,
-        samples: vec![],
-    });
-    fams.len() - 1
+pub fn render(doc: &StatusDoc) -> String {
+    let mut m = Scrape(Registry::default());
+    broker(&mut m, doc);
+    router(&mut m, &doc.router, doc.broker.delivery_denied);
+    bridges(&mut m, &doc.bridges);
+    devices(&mut m, doc);
+    plugs(&mut m, &doc.plugs);
+    let mut out = String::new();
+    // Writing to a String does not fail.
+    let _ = prometheus_text::encode(&mut out, &m.0);
+    out
 }
 
-pub fn render(doc: &Value) -> String {
-    let mut fams: Vec<Family> = vec![];
-    let b = &doc["broker"];
-    let mut scalar = vec![];
-    for (name, kind, help, v) in [
-        (
-            "outpost_start_time_seconds",
-            "gauge",
-            "When the gateway started (Unix time).",
-            &doc["started"],
-        ),
-        (
-            "outpost_connections",
-            "gauge",
-            "Clients logged in now.",
-            &b["connections"],
-        ),
+/// The gateway's and the broker's counters.
+fn broker(m: &mut Scrape, doc: &StatusDoc) {
+    let b = &doc.broker;
+    m.gauge(
+        "outpost_start_time_seconds",
+        "When the gateway started (Unix time).",
+        doc.started,
+    );
+    m.gauge("outpost_connections", "Clients logged in now.", b.connections);
+    for (name, help, v) in [
         (
             "outpost_connections_total",
-            "counter",
             "Clients logged in since start.",
-            &b["connections_total"],
+            b.connections_total,
         ),
         (
             "outpost_connects_refused_total",
-            "counter",
             "CONNECTs refused (credentials, limits).",
-            &b["connects_refused"],
+            b.connects_refused,
         ),
         (
             "outpost_handshakes_failed_total",
-            "counter",
             "TLS or WebSocket handshakes that failed.",
-            &b["handshakes_failed"],
+            b.handshakes_failed,
         ),
         (
             "outpost_messages_in_total",
-            "counter",
             "PUBLISH packets received from clients.",
-            &b["publishes_in"],
+            b.publishes_in,
         ),
         (
             "outpost_messages_out_total",
-            "counter",
             "PUBLISH packets delivered to clients.",
-            &b["publishes_out"],
+            b.publishes_out,
         ),
-        (
-            "outpost_bytes_in_total",
-            "counter",
-            "Bytes received from clients.",
-            &b["bytes_in"],
-        ),
-        (
-            "outpost_bytes_out_total",
-            "counter",
-            "Bytes sent to clients.",
-            &b["bytes_out"],
-        ),
+        ("outpost_bytes_in_total", "Bytes received from clients.", b.bytes_in),
+        ("outpost_bytes_out_total", "Bytes sent to clients.", b.bytes_out),
         (
             "outpost_inflight_exceeded_total",
-            "counter",
             "Clients that exceeded the inflight limit.",
-            &b["inflight_exceeded"],
+            b.inflight_exceeded,
         ),
         (
             "outpost_session_panics_total",
-            "counter",
             "Connections ended by an internal error (caught; other clients unaffected).",
-            &b["session_panics"],
+            b.session_panics,
         ),
         (
             "outpost_logins_throttled_total",
-            "counter",
             "Logins refused without a password check: that address and user name were in back-off.",
-            &b["logins_throttled"],
+            b.logins_throttled,
         ),
         (
             "outpost_prelogin_evicted_total",
-            "counter",
             "Sockets closed while logging in to make room for a newer one (all pre-login slots taken).",
-            &b["prelogin_evicted"],
+            b.prelogin_evicted,
         ),
         (
             "outpost_password_checks_total",
-            "counter",
             "Password hashes checked (argon2).",
-            &b["password_checks"],
+            b.password_checks,
         ),
         (
             "outpost_publishes_not_kept_total",
-            "counter",
             "QoS 1/2 publishes not acknowledged because a copy could not be kept (a full disk).",
-            &b["publishes_not_kept"],
+            b.publishes_not_kept,
         ),
         (
             "outpost_retained_store_write_failures_total",
-            "counter",
             "Batches the retained store could not write.",
-            &doc["stores"]["retained"]["failures"],
+            doc.stores.retained.failures,
         ),
         (
             "outpost_claims_refused_total",
-            "counter",
             "Grant claims refused.",
-            &doc["claims_refused"],
+            doc.claims_refused,
         ),
         (
             "outpost_provisioning_frames_refused_total",
-            "counter",
             "Provisioning frames refused.",
-            &doc["provisioning_frames_refused"],
+            doc.provisioning_frames_refused,
         ),
     ] {
-        if let Some(x) = num(v) {
-            scalar.push((fam(&mut fams, name, kind, help), x));
-        }
+        m.counter(name, help, v);
     }
-    for (i, x) in scalar {
-        fams[i].samples.push((vec![], x));
-    }
-    let denied = fam(
-        &mut fams,
+    m.counters(
         "outpost_denied_total",
-        "counter",
         "Packets denied by the ACL, by kind.",
+        [("publish", b.publish_denied), ("subscribe", b.subscribe_denied)].map(|(k, v)| (vec![("kind", k.into())], v)),
     );
-    let refused = fam(
-        &mut fams,
+    m.counters(
         "outpost_packets_refused_total",
-        "counter",
         "Connections closed for a bad packet, by reason.",
+        [
+            ("malformed", b.malformed_packets),
+            ("oversized", b.oversized_packets),
+            ("websocket", b.websocket_violations),
+        ]
+        .map(|(r, v)| (vec![("reason", r.into())], v)),
     );
-    for (kind, key) in [("publish", "publish_denied"), ("subscribe", "subscribe_denied")] {
-        fams[denied]
-            .samples
-            .push((vec![("kind", kind.into())], num(&b[key]).unwrap_or(0.0)));
-    }
-    for (reason, key) in [
-        ("malformed", "malformed_packets"),
-        ("oversized", "oversized_packets"),
-        ("websocket", "websocket_violations"),
-    ] {
-        fams[refused]
-            .samples
-            .push((vec![("reason", reason.into())], num(&b[key]).unwrap_or(0.0)));
-    }
+}
 
-    let r = &doc["router"];
+/// Sessions, queues and drops. `delivery_denied` is the broker's count of the `denied` drops.
+fn router(m: &mut Scrape, r: &RouterStatus, delivery_denied: u64) {
     for (name, help, v) in [
         (
             "outpost_sessions",
             "Sessions the broker holds (connected or kept).",
-            &r["sessions"],
+            r.sessions,
         ),
         (
             "outpost_subscriptions",
             "Subscriptions held by all sessions.",
-            &r["subscriptions"],
+            r.subscriptions,
         ),
-        ("outpost_retained_messages", "Retained messages.", &r["retained"]),
+        ("outpost_retained_messages", "Retained messages.", r.retained),
         (
             "outpost_queued_bytes",
             "Bytes queued for delivery in all sessions.",
-            &r["queued_bytes"],
+            r.queued_bytes,
         ),
         (
             "outpost_memory_budget_bytes",
             "Bytes all queues may hold before publishers are paused.",
-            &r["memory_budget"],
+            r.memory_budget,
         ),
     ] {
-        if let Some(x) = num(v) {
-            let i = fam(&mut fams, name, "gauge", help);
-            fams[i].samples.push((vec![], x));
-        }
+        m.gauge(name, help, v);
     }
-    if r.is_object() {
-        let i = fam(
-            &mut fams,
-            "outpost_publisher_pauses_total",
-            "counter",
-            "Times publishers were paused because the queues held the memory budget.",
-        );
-        fams[i]
-            .samples
-            .push((vec![], num(&r["publisher_pauses"]).unwrap_or(0.0)));
-        let i = fam(
-            &mut fams,
-            "outpost_messages_dropped_total",
-            "counter",
-            "Messages not delivered to a session, by reason (queue_full, too_large, expired, away_budget, user_share, denied).",
-        );
-        for reason in ["queue_full", "too_large", "expired", "away_budget", "user_share"] {
-            fams[i].samples.push((
-                vec![("reason", reason.into())],
-                num(&r["dropped"][reason]).unwrap_or(0.0),
-            ));
-        }
-        fams[i].samples.push((
-            vec![("reason", "denied".into())],
-            num(&b["delivery_denied"]).unwrap_or(0.0),
-        ));
-        let i = fam(
-            &mut fams,
-            "outpost_session_messages_dropped_total",
-            "counter",
-            "Messages dropped for one session, by reason (the sessions that dropped most).",
-        );
-        for s in r["sessions_dropping"].as_array().into_iter().flatten() {
-            let key = s["session"].as_str().unwrap_or("?").to_string();
-            for reason in ["queue_full", "too_large", "expired", "away_budget", "denied"] {
-                fams[i].samples.push((
-                    vec![("session", key.clone()), ("reason", reason.into())],
-                    num(&s[reason]).unwrap_or(0.0),
-                ));
-            }
-        }
-    }
-    let connected = fam(
-        &mut fams,
+    m.counter(
+        "outpost_publisher_pauses_total",
+        "Times publishers were paused because the queues held the memory budget.",
+        r.publisher_pauses,
+    );
+    let d = &r.dropped;
+    m.counters(
+        "outpost_messages_dropped_total",
+        "Messages not delivered to a session, by reason (queue_full, too_large, expired, away_budget, user_share, denied).",
+        [
+            ("queue_full", d.queue_full),
+            ("too_large", d.too_large),
+            ("expired", d.expired),
+            ("away_budget", d.away_budget),
+            ("user_share", d.user_share),
+            ("denied", delivery_denied),
+        ]
+        .map(|(reason, v)| (vec![("reason", reason.into())], v)),
+    );
+    m.counters(
+        "outpost_session_messages_dropped_total",
+        "Messages dropped for one session, by reason (the sessions that dropped most).",
+        r.sessions_dropping.iter().flat_map(|s| {
+            [
+                ("queue_full", s.queue_full),
+                ("too_large", s.too_large),
+                ("expired", s.expired),
+                ("away_budget", s.away_budget),
+                ("denied", s.denied),
+            ]
+            .map(|(reason, v)| (vec![("session", s.session.clone()), ("reason", reason.into())], v))
+        }),
+    );
+}
+
+fn bridges(m: &mut Scrape, bridges: &[BridgeState]) {
+    let l = |b: &BridgeState| vec![("bridge", b.name.clone())];
+    let each = |f: fn(&BridgeState) -> u64| bridges.iter().map(move |b| (l(b), f(b)));
+    m.gauges(
         "outpost_bridge_connected",
-        "gauge",
         "1 while the bridge's upstream link is up.",
+        each(|b| b.connected.into()),
     );
-    let queued = fam(
-        &mut fams,
+    m.gauges(
         "outpost_bridge_queued_messages",
-        "gauge",
         "Messages in the bridge's spool.",
+        each(|b| b.queued),
     );
-    let qbytes = fam(
-        &mut fams,
+    m.gauges(
         "outpost_bridge_queued_bytes",
-        "gauge",
         "Bytes in the bridge's spool.",
+        each(|b| b.queued_bytes),
     );
-    let oldest = fam(
-        &mut fams,
+    m.float_gauges(
         "outpost_bridge_oldest_age_seconds",
-        "gauge",
         "Age of the oldest spooled message.",
+        bridges.iter().filter_map(|b| Some((l(b), b.oldest_age_s?))),
     );
-    let sent = fam(
-        &mut fams,
+    m.counters(
         "outpost_bridge_sent_total",
-        "counter",
         "Messages delivered upstream.",
+        each(|b| b.sent),
     );
-    let received = fam(
-        &mut fams,
+    m.counters(
         "outpost_bridge_received_total",
-        "counter",
         "Messages received from upstream.",
+        each(|b| b.received),
     );
-    let reconnects = fam(
-        &mut fams,
+    m.counters(
         "outpost_bridge_reconnects_total",
-        "counter",
         "Upstream reconnects.",
+        each(|b| b.reconnects),
     );
-    let dropped = fam(
-        &mut fams,
+    m.counters(
         "outpost_bridge_dropped_total",
-        "counter",
         "Messages the bridge dropped, by reason.",
+        bridges.iter().flat_map(|b| {
+            b.dropped.by_reason().map(|(reason, n)| {
+                let mut labels = l(b);
+                labels.push(("reason", reason.into()));
+                (labels, n)
+            })
+        }),
     );
-    for br in doc["bridges"].as_array().into_iter().flatten() {
-        let name = br["name"].as_str().unwrap_or("?").to_string();
-        let l = || vec![("bridge", name.clone())];
-        for (i, key) in [
-            (connected, "connected"),
-            (queued, "queued"),
-            (qbytes, "queued_bytes"),
-            (oldest, "oldest_age_s"),
-            (sent, "sent"),
-            (received, "received"),
-            (reconnects, "reconnects"),
-        ] {
-            if let Some(x) = num(&br[key]) {
-                fams[i].samples.push((l(), x));
-            }
-        }
-        for (reason, n) in br["dropped"].as_object().into_iter().flatten() {
-            let mut labels = l();
-            labels.push(("reason", reason.clone()));
-            fams[dropped].samples.push((labels, num(n).unwrap_or(0.0)));
-        }
-    }
+}
 
-    let dev_in = fam(
-        &mut fams,
+fn devices(m: &mut Scrape, doc: &StatusDoc) {
+    let l = |id: &String| vec![("device", id.clone())];
+    m.counters(
         "outpost_device_messages_in_total",
-        "counter",
         "mqtt-e2e messages accepted from the device.",
+        doc.devices.iter().map(|(id, d)| (l(id), d.messages_in)),
     );
-    let dev_out = fam(
-        &mut fams,
+    m.counters(
         "outpost_device_commands_out_total",
-        "counter",
         "Commands encrypted and sent to the device.",
+        doc.devices.iter().map(|(id, d)| (l(id), d.commands_out)),
     );
-    let dev_rej = fam(
-        &mut fams,
+    m.counters(
         "outpost_device_rejected_total",
-        "counter",
         "mqtt-e2e packets refused, by reason.",
+        doc.devices.iter().flat_map(|(id, d)| {
+            d.rejected.iter().map(move |(reason, n)| {
+                let mut labels = l(id);
+                labels.push(("reason", reason.clone()));
+                (labels, *n)
+            })
+        }),
     );
-    for (id, d) in doc["devices"].as_object().into_iter().flatten() {
-        let l = || vec![("device", id.clone())];
-        fams[dev_in].samples.push((l(), num(&d["messages_in"]).unwrap_or(0.0)));
-        fams[dev_out]
-            .samples
-            .push((l(), num(&d["commands_out"]).unwrap_or(0.0)));
-        for (reason, n) in d["rejected"].as_object().into_iter().flatten() {
-            let mut labels = l();
-            labels.push(("reason", reason.clone()));
-            fams[dev_rej].samples.push((labels, num(n).unwrap_or(0.0)));
-        }
-    }
+}
 
-    let online = fam(&mut fams, "outpost_plug_online", "gauge", "1 while the plug answers.");
-    let power = fam(
-        &mut fams,
+fn plugs(m: &mut Scrape, plugs: &[PlugStatus]) {
+    let l = |p: &PlugStatus| vec![("plug", p.name.clone())];
+    m.gauges(
+        "outpost_plug_online",
+        "1 while the plug answers.",
+        plugs.iter().map(|p| (l(p), p.online.into())),
+    );
+    m.float_gauges(
         "outpost_plug_power_watts",
-        "gauge",
         "The plug's last live power reading.",
+        plugs.iter().filter_map(|p| Some((l(p), p.last.as_ref()?.power_w?))),
     );
-    let errors = fam(
-        &mut fams,
+    m.counters(
         "outpost_plug_poll_errors_total",
-        "counter",
         "Failed polls of the plug, by kind.",
+        plugs.iter().flat_map(|p| {
+            p.errors.iter().map(move |(kind, n)| {
+                let mut labels = l(p);
+                labels.push(("kind", kind.clone()));
+                (labels, *n)
+            })
+        }),
     );
-    for p in doc["plugs"].as_array().into_iter().flatten() {
-        let name = p["name"].as_str().unwrap_or("?").to_string();
-        let l = || vec![("plug", name.clone())];
-        fams[online].samples.push((l(), num(&p["online"]).unwrap_or(0.0)));
-        if let Some(w) = num(&p["last"]["power_w"]) {
-            fams[power].samples.push((l(), w));
-        }
-        for (kind, n) in p["errors"].as_object().into_iter().flatten() {
-            let mut labels = l();
-            labels.push(("kind", kind.clone()));
-            fams[errors].samples.push((labels, num(n).unwrap_or(0.0)));
-        }
-    }
-
-    let mut out = String::new();
-    for f in fams.iter().filter(|f| !f.samples.is_empty()) {
-        let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}", f.name, f.help, f.name, f.kind);
-        for (labels, v) in &f.samples {
-            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
-            if labels.is_empty() {
-                let _ = writeln!(out, "{} {v}", f.name);
-            } else {
-                let _ = writeln!(out, "{}{{{}}} {v}", f.name, labels.join(","));
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -406,8 +362,16 @@ mod tests {
             "devices": {"kitchen": {"messages_in": 5, "commands_out": 0, "rejected": {"replay": 1}}},
             "plugs": [{"name": "fridge", "online": false, "last": {"power_w": 61.5}, "errors": {"timeout": 3}}],
         });
+        let doc: crate::status_doc::StatusDoc = serde_json::from_value(doc).unwrap();
         let text = render(&doc);
         for line in [
+            "# HELP outpost_start_time_seconds When the gateway started (Unix time).",
+            "# TYPE outpost_start_time_seconds gauge",
+            "outpost_start_time_seconds 1000",
+            "# TYPE outpost_connections gauge",
+            "outpost_connections 2",
+            "# HELP outpost_connections_total Clients logged in since start.",
+            "# TYPE outpost_connections_total counter",
             "# TYPE outpost_messages_in_total counter",
             "outpost_messages_in_total 7",
             "outpost_denied_total{kind=\"publish\"} 1",

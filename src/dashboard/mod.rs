@@ -15,6 +15,7 @@ pub mod gate;
 pub mod metrics;
 
 use crate::broker::FrontDoor;
+use crate::status_doc::StatusDoc;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use async_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -39,21 +40,22 @@ use tokio_util::sync::CancellationToken;
 /// What the endpoints read.
 pub struct View {
     /// The status document (`status.json`), replaced every status tick.
-    pub status: Arc<ArcSwap<Value>>,
+    pub status: Arc<ArcSwap<StatusDoc>>,
     /// When the router last delivered the gateway's probe (ms since epoch).
     pub router_contact: Arc<AtomicI64>,
     /// Where the bridges' spools live; must stay writable.
     pub spool_dir: PathBuf,
     /// `/info.json`: what the page shows before login (gateway id, version, how to connect).
     pub info: Value,
+    /// What the dashboard needs from the config.
+    pub settings: api::Settings,
 }
 
 /// The page, compiled in: no request leaves the gateway.
 const INDEX_HTML: &str = include_str!("page/index.html");
 const APP_JS: &str = include_str!("page/app.js");
 
-/// The `/info.json` document: gateway id, version, start time and every way to connect. It also
-/// carries the dashboard's settings under `_settings`, taken off before it is served.
+/// The `/info.json` document: gateway id, version, start time and every way to connect.
 pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard: SocketAddr) -> Value {
     let ws = if cfg.dashboard.tls.is_some() { "wss" } else { "ws" };
     let mut listeners: Vec<Value> = cfg
@@ -81,7 +83,6 @@ pub fn info(cfg: &crate::config::Config, broker_addrs: &[SocketAddr], dashboard:
         "version": env!("CARGO_PKG_VERSION"),
         "started": started,
         "listeners": listeners,
-        "_settings": serde_json::to_value(api::Settings::from_config(cfg)).unwrap_or_default(),
     })
 }
 
@@ -98,15 +99,12 @@ impl View {
             ));
         }
         let status = self.status.load();
-        if status["stores"]["retained"]["failing"] == true {
+        if status.stores.retained.failing {
             problems.push(
                 "retained store: its last write failed (a full disk?); QoS 1/2 retained publishes are refused".into(),
             );
         }
-        let bridges: Vec<&str> = status["bridges"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|b| b["name"].as_str()).collect())
-            .unwrap_or_default();
+        let bridges: Vec<&str> = status.bridges.iter().map(|b| b.name.as_str()).collect();
         if !bridges.is_empty() {
             let probe = self.spool_dir.join(".healthz-probe");
             let res = std::fs::write(&probe, b"ok").and_then(|_| std::fs::remove_file(&probe));
@@ -167,12 +165,8 @@ impl Dashboard {
     pub async fn run(self, door: FrontDoor, view: Arc<View>, stop: CancellationToken) {
         let local = self.local;
         let tcp = self.tcp;
-        let mut info = view.info.clone();
-        let settings: api::Settings = info
-            .as_object_mut()
-            .and_then(|o| o.remove("_settings"))
-            .and_then(|s| serde_json::from_value(s).ok())
-            .unwrap_or_default();
+        let info = view.info.clone();
+        let settings = view.settings.clone();
         // Bridge requests are for the dashboard's admins alone, whatever the ACL says.
         door.shared
             .access()

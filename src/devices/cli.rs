@@ -57,8 +57,11 @@ pub fn run(action: Action, cfg: &Config, data_dir: &Path) -> Result<()> {
             print!("{}", describe(d, cfg, show_secret)?);
             println!("state:       {}", if d.revoked { "revoked" } else { "active" });
             let status = std::fs::read_to_string(data_dir.join("status.json")).ok();
-            match status.and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok()) {
-                Some(doc) => println!("counters:    {}", doc["devices"].get(&id).cloned().unwrap_or_default()),
+            match status.and_then(|s| serde_json::from_str::<crate::status_doc::StatusDoc>(&s).ok()) {
+                Some(doc) => match doc.devices.get(&id) {
+                    Some(c) => println!("counters:    {}", serde_json::to_string(c).unwrap_or_default()),
+                    None => println!("counters:    null"),
+                },
                 None => println!("counters:    (the gateway is not running with this data_dir)"),
             }
         }

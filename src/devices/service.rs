@@ -15,15 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// One device's counters, shown on its state topic and by `outpost devices show`.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Counters {
-    pub messages_in: u64,
-    pub commands_out: u64,
-    pub rejected: HashMap<&'static str, u64>,
-    /// ms since the epoch.
-    pub last_seen_ms: Option<i64>,
-}
+/// One device's counters, shown on its state topic and by `outpost devices show`: the
+/// status document's type.
+pub use crate::status_doc::DeviceCounters as Counters;
 
 /// Counters of every device, shared with the status file.
 pub type AllCounters = Arc<Mutex<HashMap<String, Counters>>>;
@@ -217,7 +211,7 @@ impl DeviceService {
             Ok(plain) => {
                 // Never let a device's message come back as a command for it.
                 if suffix == "cmd" || suffix.starts_with("cmd/") {
-                    self.count(&id, |c| *c.rejected.entry("reserved_topic").or_default() += 1);
+                    self.count(&id, |c| *c.rejected.entry("reserved_topic".into()).or_default() += 1);
                     return;
                 }
                 let to = if suffix.is_empty() {
@@ -237,7 +231,7 @@ impl DeviceService {
                 if matches!(why, Reject::BadTag | Reject::Replay | Reject::Stale) {
                     log::debug!("device {id}: packet refused: {}", why.name());
                 }
-                self.count(&id, |c| *c.rejected.entry(why.name()).or_default() += 1);
+                self.count(&id, |c| *c.rejected.entry(why.name().into()).or_default() += 1);
             }
         }
     }

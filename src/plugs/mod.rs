@@ -22,21 +22,9 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use wemo::{PlugState, Setup};
 
-/// What `outpost plugs list` and the status file show of a plug.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct PlugStatus {
-    pub name: String,
-    pub host: String,
-    pub port: u16,
-    pub udn: String,
-    pub model: String,
-    pub online: bool,
-    pub last: Option<serde_json::Value>,
-    pub polls: u64,
-    /// Failed polls by reason.
-    pub errors: HashMap<String, u64>,
-    pub moved: u64,
-}
+use crate::status_doc::PlugReading;
+/// What `outpost plugs list` and the status file show of a plug: the status document's type.
+pub use crate::status_doc::PlugStatus;
 
 pub type AllPlugs = Arc<Mutex<HashMap<String, PlugStatus>>>;
 
@@ -317,12 +305,18 @@ impl Plug {
         let (state, doc) = match r {
             Reading::Insight(i) => {
                 avg.add(Instant::now(), i.power_w);
-                let doc = serde_json::json!({ "ts": now_ms, "power_w": round(i.power_w), "state": i.state.name(), "today_kwh": i.today_kwh, "total_kwh": i.total_kwh });
+                let doc = PlugReading {
+                    ts: now_ms,
+                    power_w: Some(round(i.power_w)),
+                    state: i.state.name().to_string(),
+                    today_kwh: Some(i.today_kwh),
+                    total_kwh: Some(i.total_kwh),
+                };
                 self.ctx
                     .bus
                     .publish(
                         &PlugTopics::fill(&topics.live, &self.name),
-                        Bytes::from(doc.to_string()),
+                        Bytes::from(serde_json::to_vec(&doc).unwrap_or_default()),
                         0,
                         false,
                         None,
@@ -330,7 +324,14 @@ impl Plug {
                     .await;
                 (i.state, doc)
             }
-            Reading::Switch(s) => (s, serde_json::json!({ "ts": now_ms, "state": s.name() })),
+            Reading::Switch(s) => (
+                s,
+                PlugReading {
+                    ts: now_ms,
+                    state: s.name().to_string(),
+                    ..Default::default()
+                },
+            ),
         };
         {
             let mut all = self.ctx.status.lock().expect("plugs lock");

@@ -756,21 +756,28 @@ impl Router {
     /// The router's state for `status.json` (and so `outpost status` and `/metrics`): sessions,
     /// subscriptions, queues against their bounds, and every drop by reason, in total and for
     /// the sessions that dropped most.
-    pub fn snapshot(&self) -> serde_json::Value {
+    pub fn snapshot(&self) -> crate::status_doc::RouterStatus {
         let (subs, nodes) = self.subscription_count();
         let sessions = self.sessions();
         let online = sessions.iter().filter(|s| s.online.load(Ordering::Relaxed)).count();
-        let mut dropping: Vec<(u64, serde_json::Value)> = sessions
+        let mut dropping: Vec<(u64, crate::status_doc::SessionDrops)> = sessions
             .iter()
             .filter(|s| !s.internal)
             .filter_map(|s| {
                 let d = s.drops();
                 let total: u64 = d.values().sum();
+                let n = |r: session::DropReason| d.get(&r).copied().unwrap_or(0);
                 (total > 0).then(|| {
-                    let mut v = serde_json::json!({ "session": &*s.key, "queued": s.pending.load(Ordering::Relaxed) });
-                    for r in session::DropReason::ALL {
-                        v[r.name()] = d.get(&r).copied().unwrap_or(0).into();
-                    }
+                    let v = crate::status_doc::SessionDrops {
+                        session: s.key.to_string(),
+                        queued: s.pending.load(Ordering::Relaxed) as u64,
+                        queue_full: n(session::DropReason::QueueFull),
+                        too_large: n(session::DropReason::TooLarge),
+                        expired: n(session::DropReason::Expired),
+                        away_budget: n(session::DropReason::AwayBudget),
+                        denied: n(session::DropReason::Denied),
+                        user_share: n(session::DropReason::UserShare),
+                    };
                     (total, v)
                 })
             })
@@ -778,32 +785,36 @@ impl Router {
         dropping.sort_by_key(|d| std::cmp::Reverse(d.0));
         dropping.truncate(20);
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::json!({
-            "sessions": sessions.iter().filter(|s| !s.internal).count(),
-            "sessions_connected": sessions.iter().filter(|s| !s.internal && s.online.load(Ordering::Relaxed)).count(),
-            "internal_clients": sessions.len() - sessions.iter().filter(|s| !s.internal).count(),
-            "online": online,
-            "subscriptions": subs,
-            "index_nodes": nodes,
-            "retained": self.retained_count(),
-            "queued_bytes": self.queued_bytes(),
-            "away_bytes": self.away_bytes(),
-            "memory_budget": self.budget,
-            "away_budget": self.limits.away_bytes,
-            "user_budget": self.limits.user_bytes,
-            "max_queued_messages": self.limits.max_messages,
-            "max_queued_bytes": self.limits.max_bytes,
-            "publisher_pauses": g(&self.paused),
-            "dropped": {
-                "queue_full": g(&self.dropped_queue_full),
-                "too_large": g(&self.dropped_too_large),
-                "expired": g(&self.dropped_expired),
-                "away_budget": g(&self.dropped_away_budget),
-                "user_share": g(&self.dropped_user_share),
-                "denied": g(&self.dropped_denied),
+        let external = sessions.iter().filter(|s| !s.internal).count();
+        crate::status_doc::RouterStatus {
+            sessions: external as u64,
+            sessions_connected: sessions
+                .iter()
+                .filter(|s| !s.internal && s.online.load(Ordering::Relaxed))
+                .count() as u64,
+            internal_clients: (sessions.len() - external) as u64,
+            online: online as u64,
+            subscriptions: subs as u64,
+            index_nodes: nodes as u64,
+            retained: self.retained_count() as u64,
+            queued_bytes: self.queued_bytes() as u64,
+            away_bytes: self.away_bytes() as u64,
+            memory_budget: self.budget as u64,
+            away_budget: self.limits.away_bytes as u64,
+            user_budget: self.limits.user_bytes as u64,
+            max_queued_messages: self.limits.max_messages as u64,
+            max_queued_bytes: self.limits.max_bytes as u64,
+            publisher_pauses: g(&self.paused),
+            dropped: crate::status_doc::RouterDrops {
+                queue_full: g(&self.dropped_queue_full),
+                too_large: g(&self.dropped_too_large),
+                expired: g(&self.dropped_expired),
+                away_budget: g(&self.dropped_away_budget),
+                user_share: g(&self.dropped_user_share),
+                denied: g(&self.dropped_denied),
             },
-            "sessions_dropping": dropping.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
-        })
+            sessions_dropping: dropping.into_iter().map(|(_, v)| v).collect(),
+        }
     }
 
     pub fn session(&self, key: &str) -> Option<Arc<Session>> {
