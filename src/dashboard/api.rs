@@ -7,6 +7,8 @@ use crate::broker::auth::Identity;
 use crate::broker::events::Event as SecurityEvent;
 use crate::broker::{topics, Right, Shared};
 use crate::status_doc::{BrokerCounters, StatusDoc};
+use headers::authorization::{Basic, Bearer, Credentials};
+use headers::{Authorization, Header};
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -103,28 +105,22 @@ impl Logins {
         &self,
         shared: &Shared,
         settings: &Settings,
-        header: Option<&str>,
+        header: Option<&hyper::header::HeaderValue>,
         peer: std::net::IpAddr,
     ) -> Result<Caller, ()> {
         let Some(h) = header else {
             return Ok(Caller::Nobody);
         };
-        if let Some(t) = h.strip_prefix("Bearer ") {
+        // The header's schemes are decoded by `headers` (RFC 7617 Basic, RFC 6750 Bearer).
+        if let Some(Authorization(bearer)) = credentials::<Bearer>(h) {
             use subtle::ConstantTimeEq;
             return match &settings.token {
-                Some(want) if bool::from(want.as_bytes().ct_eq(t.trim().as_bytes())) => Ok(Caller::Token),
+                Some(want) if bool::from(want.as_bytes().ct_eq(bearer.token().as_bytes())) => Ok(Caller::Token),
                 _ => Err(()),
             };
         }
-        let Some(b64) = h.strip_prefix("Basic ") else {
-            return Err(());
-        };
-        use base64::Engine;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .map_err(|_| ())?;
-        let text = String::from_utf8(raw).map_err(|_| ())?;
-        let (user, pass) = text.split_once(':').ok_or(())?;
+        let Authorization(basic) = credentials::<Basic>(h).ok_or(())?;
+        let (user, pass) = (basic.username(), basic.password());
         let tag = self.tag(user, pass);
         let policy = shared.access().policy();
         {
@@ -367,5 +363,27 @@ impl Problems {
             "security": security,
             "security_scope": if admin { "all" } else { "own" },
         })
+    }
+}
+/// The `Authorization` header's credentials of scheme `C`, if it is that scheme and well formed.
+pub fn credentials<C: Credentials>(h: &hyper::header::HeaderValue) -> Option<Authorization<C>> {
+    Authorization::<C>::decode(&mut std::iter::once(h)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorization_headers_are_decoded_by_scheme_and_never_panic() {
+        let h = |v: &str| hyper::header::HeaderValue::from_str(v).unwrap();
+        let basic = credentials::<Basic>(&h("Basic YWxpY2U6cHc6d2l0aDpjb2xvbnM=")).unwrap();
+        assert_eq!((basic.0.username(), basic.0.password()), ("alice", "pw:with:colons"));
+        assert_eq!(credentials::<Bearer>(&h("Bearer t0ken")).unwrap().0.token(), "t0ken");
+        assert!(credentials::<Bearer>(&h("Basic YWxpY2U6cHc=")).is_none());
+        assert!(credentials::<Basic>(&h("Bearer t0ken")).is_none());
+        for junk in ["Basic", "Basic !!!", "Basic YWxpY2U=", "Digest x", ""] {
+            assert!(credentials::<Basic>(&h(junk)).is_none(), "{junk:?}");
+        }
     }
 }

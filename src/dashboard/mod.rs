@@ -305,7 +305,7 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
     let needs_caller = matches!(path.as_str(), "/api/me" | "/api/problems")
         || (!ctx.open && matches!(path.as_str(), "/metrics" | "/info.json"));
     let caller = if needs_caller {
-        let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let header = req.headers().get(AUTHORIZATION);
         match ctx
             .logins
             .caller(&ctx.door.shared, &ctx.settings, header, peer.ip())
@@ -314,13 +314,8 @@ async fn route(req: Request<Incoming>, ctx: &Ctx, peer: SocketAddr) -> Reply {
             Ok(c) => c,
             Err(()) => {
                 let user = header
-                    .and_then(|h| h.strip_prefix("Basic "))
-                    .and_then(|b| {
-                        use base64::Engine;
-                        base64::engine::general_purpose::STANDARD.decode(b.trim()).ok()
-                    })
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .and_then(|t| t.split_once(':').map(|(u, _)| u.to_string()))
+                    .and_then(api::credentials::<headers::authorization::Basic>)
+                    .map(|a| a.0.username().to_string())
                     .unwrap_or_default();
                 ctx.door.shared.events().login_refused(
                     peer,
