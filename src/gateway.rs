@@ -19,6 +19,32 @@ use tokio::signal::unix::{signal, SignalKind};
 /// (the command line's `--data-dir`) over the file's, as at start.
 pub async fn run(cfg: Config, config_path: Option<PathBuf>, data_dir: Option<PathBuf>) -> Result<()> {
     let started = std::time::Instant::now();
+    let (mut serving, addrs) = start(&cfg).await?;
+    let source = reload::Source {
+        path: config_path,
+        data_dir,
+    };
+    let mut running = cfg.clone();
+    // Caught from before READY on, so a stop sent at once is not lost.
+    let mut signals = Signals::new()?;
+    log::info!(
+        "outpost {} ready in {:?}: broker on {}",
+        env!("CARGO_PKG_VERSION"),
+        started.elapsed(),
+        addrs.join(", ")
+    );
+    notify::ready(&format!("serving MQTT on {}", addrs.join(", ")));
+    if let Some(every) = notify::watchdog_interval() {
+        spawn_watchdog(every, serving.status.last_contact.clone());
+    }
+    serving.serve(&mut signals, &source, &mut running).await;
+    serving.stop(cfg.gateway.shutdown_timeout.0).await;
+    Ok(())
+}
+
+/// Starts everything, in order, and lets clients in. Returns what runs and the addresses it
+/// serves on (the broker's listeners, then the dashboard).
+async fn start(cfg: &Config) -> Result<(Serving, Vec<String>)> {
     crate::system::memory::return_large_blocks();
     crate::system::fds::check(cfg.broker.limits.max_connections)?;
     std::fs::create_dir_all(&cfg.gateway.data_dir)
@@ -29,11 +55,67 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, data_dir: Option<Pat
         Some(b) => crate::dashboard::Dashboard::bind(b.0, cfg.dashboard.tls.as_ref()).await?,
         None => None,
     };
-    let broker = Broker::start(&cfg).await?;
+    let broker = Broker::start(cfg).await?;
     let bus = Bus::start(broker.shared.clone());
     let status = StatusTopic::start(&broker, bus.clone(), &cfg.gateway.id).await;
     let mut bridges = Bridges::new(broker.shared.clone(), bus.clone(), &cfg.gateway);
     bridges.apply(&cfg.bridges).await?;
+    let Services { stops, plugs, devices } = start_services(cfg, &broker, bus).await?;
+    // Only now do clients get in: every message they send passes the bridges' taps.
+    broker.serve();
+    let latest = Arc::new(arc_swap::ArcSwap::from_pointee(StatusDoc::default()));
+    let stop_dashboard = tokio_util::sync::CancellationToken::new();
+    let status_file = StatusFile {
+        latest: latest.clone(),
+        devices,
+        plugs,
+        path: cfg.gateway.data_dir.join("status.json"),
+        id: cfg.gateway.id.clone(),
+        started: std::time::SystemTime::now(),
+    };
+    status_file.write(&broker, &bridges);
+    let mut addrs: Vec<String> = broker.local_addrs.iter().map(|a| a.to_string()).collect();
+    if let Some(d) = dashboard {
+        log::info!("dashboard: listening on http://{}", d.local);
+        addrs.push(format!("dashboard http://{}", d.local));
+        let view = Arc::new(crate::dashboard::View {
+            status: latest,
+            router_contact: status.last_contact.clone(),
+            spool_dir: cfg.gateway.data_dir.join("bridges"),
+            info: crate::dashboard::info(cfg, &broker.local_addrs, d.local),
+            settings: crate::dashboard::api::Settings::from_config(cfg),
+        });
+        tokio::spawn(d.run(broker.front_door(), view, stop_dashboard.clone()));
+    }
+    let serving = Serving {
+        broker,
+        bridges,
+        status,
+        status_file,
+        stops,
+        stop_dashboard,
+    };
+    Ok((serving, addrs))
+}
+
+/// The services beside the broker (grants, provisioning, plugs, devices), started, with the
+/// parts of the status document they keep.
+struct Services {
+    stops: Stops,
+    plugs: crate::plugs::AllPlugs,
+    devices: crate::devices::service::AllCounters,
+}
+
+/// What stops the services beside the broker.
+struct Stops {
+    /// Grants and provisioning.
+    grants: tokio_util::sync::CancellationToken,
+    plugs: tokio_util::sync::CancellationToken,
+    devices: tokio_util::sync::CancellationToken,
+}
+
+/// Starts grants, provisioning, plugs and devices on the broker, before it lets clients in.
+async fn start_services(cfg: &Config, broker: &Broker, bus: Bus) -> Result<Services> {
     let stop_grants = tokio_util::sync::CancellationToken::new();
     let grant_service =
         crate::grants::service::GrantService::new(broker.shared.clone(), bus.clone(), cfg.grants.clone(), &cfg.gateway);
@@ -43,7 +125,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, data_dir: Option<Pat
     let provision_service = std::sync::Arc::new(crate::provision::service::ProvisionService::new(
         broker.shared.clone(),
         bus.clone(),
-        &cfg,
+        cfg,
     ));
     let provision_link = provision_service.connect().await?;
     tokio::spawn(provision_service.run(provision_link, stop_grants.clone()));
@@ -67,93 +149,94 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, data_dir: Option<Pat
             cfg.devices.window
         );
     }
-    // Only now do clients get in: every message they send passes the bridges' taps.
-    broker.serve();
-    let latest = Arc::new(arc_swap::ArcSwap::from_pointee(StatusDoc::default()));
-    let stop_dashboard = tokio_util::sync::CancellationToken::new();
-    let status_file = StatusFile {
-        latest: latest.clone(),
-        devices: device_counters,
+    Ok(Services {
+        stops: Stops {
+            grants: stop_grants,
+            plugs: stop_plugs,
+            devices: stop_devices,
+        },
         plugs,
-        path: cfg.gateway.data_dir.join("status.json"),
-        id: cfg.gateway.id.clone(),
-        started: std::time::SystemTime::now(),
-    };
-    status_file.write(&broker, &bridges);
-    let mut addrs: Vec<String> = broker.local_addrs.iter().map(|a| a.to_string()).collect();
-    if let Some(d) = dashboard {
-        log::info!("dashboard: listening on http://{}", d.local);
-        addrs.push(format!("dashboard http://{}", d.local));
-        let view = Arc::new(crate::dashboard::View {
-            status: latest,
-            router_contact: status.last_contact.clone(),
-            spool_dir: cfg.gateway.data_dir.join("bridges"),
-            info: crate::dashboard::info(&cfg, &broker.local_addrs, d.local),
-            settings: crate::dashboard::api::Settings::from_config(&cfg),
-        });
-        tokio::spawn(d.run(broker.front_door(), view, stop_dashboard.clone()));
-    }
-    let mut status_tick = tokio::time::interval(Duration::from_secs(2));
-    let source = reload::Source {
-        path: config_path,
-        data_dir,
-    };
-    let mut running = cfg.clone();
+        devices: device_counters,
+    })
+}
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    log::info!(
-        "outpost {} ready in {:?}: broker on {}",
-        env!("CARGO_PKG_VERSION"),
-        started.elapsed(),
-        addrs.join(", ")
-    );
-    notify::ready(&format!("serving MQTT on {}", addrs.join(", ")));
-    if let Some(every) = notify::watchdog_interval() {
-        // Only while the router routes: a stuck router gets the service restarted.
-        let contact = status.last_contact.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every / 2);
-            loop {
-                tick.tick().await;
-                if crate::system::clock::now_ms() - contact.load(Ordering::Relaxed) < ROUTER_SILENCE_MS {
-                    notify::watchdog();
-                } else {
-                    log::error!(
-                        "the router has not routed the probe for {ROUTER_SILENCE_MS} ms; not feeding the watchdog"
-                    );
-                }
+/// Feeds the systemd watchdog every `every / 2`, but only while the router routes: a stuck
+/// router gets the service restarted.
+fn spawn_watchdog(every: Duration, contact: Arc<AtomicI64>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every / 2);
+        loop {
+            tick.tick().await;
+            if crate::system::clock::now_ms() - contact.load(Ordering::Relaxed) < ROUTER_SILENCE_MS {
+                notify::watchdog();
+            } else {
+                log::error!("the router has not routed the probe for {ROUTER_SILENCE_MS} ms; not feeding the watchdog");
             }
-        });
-    }
+        }
+    });
+}
 
-    loop {
-        tokio::select! {
-            _ = status_tick.tick() => status_file.write(&broker, &bridges),
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
-                notify::reloading();
-                let outcome = reload::reload(&source, &mut running, &broker, &mut bridges).await;
-                reload::report(&source, &outcome);
+/// SIGTERM and SIGINT stop the gateway; SIGHUP reloads its config.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// The running gateway: what [`Serving::serve`] tends and [`Serving::stop`] takes down.
+struct Serving {
+    broker: Broker,
+    bridges: Bridges,
+    status: StatusTopic,
+    status_file: StatusFile,
+    stops: Stops,
+    stop_dashboard: tokio_util::sync::CancellationToken,
+}
+
+impl Serving {
+    /// Until SIGTERM or SIGINT: status.json every 2 s, a reload on each SIGHUP.
+    async fn serve(&mut self, signals: &mut Signals, source: &reload::Source, running: &mut Config) {
+        let mut status_tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = status_tick.tick() => self.status_file.write(&self.broker, &self.bridges),
+                _ = signals.term.recv() => break,
+                _ = signals.int.recv() => break,
+                _ = signals.hup.recv() => {
+                    notify::reloading();
+                    let outcome = reload::reload(source, running, &self.broker, &mut self.bridges).await;
+                    reload::report(source, &outcome);
+                }
             }
         }
     }
 
-    log::info!("stopping");
-    notify::stopping();
-    status.offline().await;
-    stop_dashboard.cancel();
-    // Clients go first, while the bridges' taps still spool what they send.
-    broker.shutdown(cfg.gateway.shutdown_timeout.0).await;
-    bridges.stop_all().await;
-    stop_devices.cancel();
-    stop_plugs.cancel();
-    stop_grants.cancel();
-    status_file.write(&broker, &bridges);
-    log::info!("stopped");
-    Ok(())
+    /// Says `offline`, lets clients go within `shutdown_timeout`, then stops the bridges and
+    /// the services, and writes status.json a last time.
+    async fn stop(mut self, shutdown_timeout: Duration) {
+        log::info!("stopping");
+        notify::stopping();
+        self.status.offline().await;
+        self.stop_dashboard.cancel();
+        // Clients go first, while the bridges' taps still spool what they send.
+        self.broker.shutdown(shutdown_timeout).await;
+        self.bridges.stop_all().await;
+        self.stops.devices.cancel();
+        self.stops.plugs.cancel();
+        self.stops.grants.cancel();
+        self.status_file.write(&self.broker, &self.bridges);
+        log::info!("stopped");
+    }
 }
 
 /// How often the router is sent a probe message; the watchdog wants one back within

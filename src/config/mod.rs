@@ -422,189 +422,10 @@ impl Config {
     /// Checks what the types alone cannot, and keeps what checking made (each bridge's compiled
     /// rules). Returns the key path and the reason.
     fn validate(&mut self) -> Result<(), (String, String)> {
-        let err = |key: String, reason: String| Err((key, reason));
-        let id = &self.gateway.id;
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-            return err(
-                "gateway.id".into(),
-                format!("`{id}` must be non-empty and use only letters, digits, `.`, `_` and `-`"),
-            );
-        }
-        if self.gateway.data_dir.as_os_str().is_empty() {
-            return err("gateway.data_dir".into(), "must not be empty".into());
-        }
-        let b = &self.broker;
-        if let Some(bind) = &self.dashboard.bind {
-            if !bind.0.ip().is_loopback() && b.users.is_empty() {
-                return err(
-                    "dashboard.bind".into(),
-                    format!(
-                        "{} is reachable from the network and no users are configured: add broker.users",
-                        bind.0
-                    ),
-                );
-            }
-            if let Some(tls) = &self.dashboard.tls {
-                tls.files_readable("dashboard.tls")?;
-            }
-            for (i, o) in self.dashboard.origins.iter().enumerate() {
-                let ok = (o.starts_with("http://") || o.starts_with("https://"))
-                    && !o.ends_with('/')
-                    && o.split("://").nth(1).is_some_and(|h| !h.is_empty() && !h.contains('/'));
-                if !ok {
-                    return err(
-                        format!("dashboard.origins[{i}]"),
-                        format!(
-                            "`{o}` is not a web origin: write scheme://host[:port], e.g. `https://ops.example.com`"
-                        ),
-                    );
-                }
-            }
-            if self.dashboard.token.as_ref().is_some_and(|t| t.len() < 16) {
-                return err("dashboard.token".into(), "a token needs at least 16 characters".into());
-            }
-            if b.listeners.iter().any(|l| l.bind.0 == bind.0 && bind.0.port() != 0) {
-                return err(
-                    "dashboard.bind".into(),
-                    format!("{} is already a broker listener", bind.0),
-                );
-            }
-        }
-        if b.listeners.is_empty() {
-            return err("broker.listeners".into(), "at least one listener is needed".into());
-        }
-        for (i, l) in b.listeners.iter().enumerate() {
-            let key = format!("broker.listeners[{i}]");
-            if l.protocol.needs_tls() && l.tls.is_none() {
-                return err(
-                    format!("{key}.tls"),
-                    format!("protocol {:?} needs `tls: {{ cert, key }}`", l.protocol).to_lowercase(),
-                );
-            }
-            if !l.protocol.needs_tls() && l.tls.is_some() {
-                return err(
-                    format!("{key}.tls"),
-                    "TLS settings on a plain listener: use protocol mqtts or wss".into(),
-                );
-            }
-            if let Some(tls) = &l.tls {
-                tls.files_readable(&format!("{key}.tls"))?;
-            }
-            if !l.bind.0.ip().is_loopback() && l.anonymous.is_none() && b.users.is_empty() {
-                return err(
-                    format!("{key}.bind"),
-                    format!(
-                        "{} is reachable from the network and no users are configured: add broker.users, \
-                         or set `anonymous: true` on this listener to open it on purpose",
-                        l.bind.0
-                    ),
-                );
-            }
-            if let Some(j) = b.listeners[..i]
-                .iter()
-                .position(|o| o.bind.0 == l.bind.0 && l.bind.0.port() != 0)
-            {
-                return err(
-                    format!("{key}.bind"),
-                    format!("{} is already used by broker.listeners[{j}]", l.bind.0),
-                );
-            }
-        }
-        for (i, u) in b.users.iter().enumerate() {
-            let key = format!("broker.users[{i}]");
-            if u.name.is_empty() {
-                return err(format!("{key}.name"), "must not be empty".into());
-            }
-            if b.users[..i].iter().any(|o| o.name == u.name) {
-                return err(format!("{key}.name"), format!("user `{}` is listed twice", u.name));
-            }
-            if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
-                return err(
-                    format!("{key}.password_hash"),
-                    format!("not an argon2 PHC string ({e}); make one with `outpost passwd`"),
-                );
-            }
-        }
-        for (i, r) in b.acl.iter().enumerate() {
-            let key = format!("broker.acl[{i}]");
-            for (j, on) in r.on.iter().enumerate() {
-                let addr = on.parse::<std::net::SocketAddr>().ok();
-                if !b.listeners.iter().any(|l| Some(l.bind.0) == addr) {
-                    return err(
-                        format!("{key}.on[{j}]"),
-                        format!("`{on}` is not the bind address of a listener"),
-                    );
-                }
-            }
-            for (kind, filters) in [
-                ("allow.publish", &r.allow.publish),
-                ("allow.subscribe", &r.allow.subscribe),
-                ("deny.publish", &r.deny.publish),
-                ("deny.subscribe", &r.deny.subscribe),
-            ] {
-                for (j, f) in filters.iter().enumerate() {
-                    if !crate::topic::valid_filter(f) {
-                        return err(
-                            format!("{key}.{kind}[{j}]"),
-                            format!("`{f}` is not a valid MQTT topic filter"),
-                        );
-                    }
-                }
-            }
-        }
-        let lim = &b.limits;
-        if lim.max_connections == 0 {
-            return err("broker.limits.max_connections".into(), "must be at least 1".into());
-        }
-        if lim.max_packet_size.0 < 64 || lim.max_packet_size.0 > 256 * 1024 * 1024 {
-            return err(
-                "broker.limits.max_packet_size".into(),
-                "must be between 64B and 256MiB (the MQTT maximum)".into(),
-            );
-        }
-        if lim.max_inflight == 0 {
-            return err("broker.limits.max_inflight".into(), "must be at least 1".into());
-        }
-        if lim.filter_log.is_some() {
-            return err(
-                "broker.limits.filter_log".into(),
-                "no longer exists: outpost routes its own messages, and each session's queue is bounded by \
-                 broker.sessions.max_queued_messages and max_queued_bytes, all queues by broker.sessions.memory_budget; \
-                 remove this key"
-                    .into(),
-            );
-        }
-        let sc = &b.sessions;
-        if sc.max_queued_messages == 0 {
-            return err(
-                "broker.sessions.max_queued_messages".into(),
-                "must be at least 1".into(),
-            );
-        }
-        if sc.max_queued_bytes.0 < 1024 {
-            return err(
-                "broker.sessions.max_queued_bytes".into(),
-                "must be at least 1KiB".into(),
-            );
-        }
-        if sc.memory_budget.0 < sc.max_queued_bytes.0.min(1024 * 1024) {
-            return err(
-                "broker.sessions.memory_budget".into(),
-                "must be at least 1MiB (or max_queued_bytes, if smaller)".into(),
-            );
-        }
-        if sc
-            .max_user_bytes
-            .is_some_and(|u| u.0 < 1024 || u.0 > sc.memory_budget.0)
-        {
-            return err(
-                "broker.sessions.max_user_bytes".into(),
-                "must be at least 1KiB and at most memory_budget".into(),
-            );
-        }
-        if lim.connect_timeout.0.is_zero() {
-            return err("broker.limits.connect_timeout".into(), "must be longer than 0".into());
-        }
+        // Section by section, in this order: the first error a file gets stays the same.
+        validate_gateway(&self.gateway)?;
+        validate_dashboard(&self.dashboard, &self.broker)?;
+        validate_broker(&self.broker)?;
         devices::validate(&self.devices)?;
         plugs::validate(&self.plugs)?;
         grants::validate(&self.grants)?;
@@ -614,6 +435,237 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The key path and the reason, as an `Err`: what each validator below returns.
+fn err(key: String, reason: String) -> Result<(), (String, String)> {
+    Err((key, reason))
+}
+
+/// `gateway`: the id (it names topics and files) and the data folder.
+fn validate_gateway(g: &Gateway) -> Result<(), (String, String)> {
+    let id = &g.id;
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        return err(
+            "gateway.id".into(),
+            format!("`{id}` must be non-empty and use only letters, digits, `.`, `_` and `-`"),
+        );
+    }
+    if g.data_dir.as_os_str().is_empty() {
+        return err("gateway.data_dir".into(), "must not be empty".into());
+    }
+    Ok(())
+}
+
+/// `dashboard`, when it has an address: not open to the network without users, its TLS files,
+/// origins and token, and not on a broker listener's address.
+fn validate_dashboard(d: &Dashboard, b: &Broker) -> Result<(), (String, String)> {
+    let Some(bind) = &d.bind else {
+        return Ok(());
+    };
+    if !bind.0.ip().is_loopback() && b.users.is_empty() {
+        return err(
+            "dashboard.bind".into(),
+            format!(
+                "{} is reachable from the network and no users are configured: add broker.users",
+                bind.0
+            ),
+        );
+    }
+    if let Some(tls) = &d.tls {
+        tls.files_readable("dashboard.tls")?;
+    }
+    for (i, o) in d.origins.iter().enumerate() {
+        let ok = (o.starts_with("http://") || o.starts_with("https://"))
+            && !o.ends_with('/')
+            && o.split("://").nth(1).is_some_and(|h| !h.is_empty() && !h.contains('/'));
+        if !ok {
+            return err(
+                format!("dashboard.origins[{i}]"),
+                format!("`{o}` is not a web origin: write scheme://host[:port], e.g. `https://ops.example.com`"),
+            );
+        }
+    }
+    if d.token.as_ref().is_some_and(|t| t.len() < 16) {
+        return err("dashboard.token".into(), "a token needs at least 16 characters".into());
+    }
+    if b.listeners.iter().any(|l| l.bind.0 == bind.0 && bind.0.port() != 0) {
+        return err(
+            "dashboard.bind".into(),
+            format!("{} is already a broker listener", bind.0),
+        );
+    }
+    Ok(())
+}
+
+/// `broker`: listeners, users, acl, limits, sessions, then the connect timeout (last, as it
+/// always was checked).
+fn validate_broker(b: &Broker) -> Result<(), (String, String)> {
+    validate_listeners(b)?;
+    validate_users(&b.users)?;
+    validate_acl(b)?;
+    validate_limits(&b.limits)?;
+    validate_sessions(&b.sessions)?;
+    if b.limits.connect_timeout.0.is_zero() {
+        return err("broker.limits.connect_timeout".into(), "must be longer than 0".into());
+    }
+    Ok(())
+}
+
+/// `broker.listeners`: at least one; TLS exactly where the protocol needs it; none open to the
+/// network by accident; no address twice.
+fn validate_listeners(b: &Broker) -> Result<(), (String, String)> {
+    if b.listeners.is_empty() {
+        return err("broker.listeners".into(), "at least one listener is needed".into());
+    }
+    for (i, l) in b.listeners.iter().enumerate() {
+        let key = format!("broker.listeners[{i}]");
+        if l.protocol.needs_tls() && l.tls.is_none() {
+            return err(
+                format!("{key}.tls"),
+                format!("protocol {:?} needs `tls: {{ cert, key }}`", l.protocol).to_lowercase(),
+            );
+        }
+        if !l.protocol.needs_tls() && l.tls.is_some() {
+            return err(
+                format!("{key}.tls"),
+                "TLS settings on a plain listener: use protocol mqtts or wss".into(),
+            );
+        }
+        if let Some(tls) = &l.tls {
+            tls.files_readable(&format!("{key}.tls"))?;
+        }
+        if !l.bind.0.ip().is_loopback() && l.anonymous.is_none() && b.users.is_empty() {
+            return err(
+                format!("{key}.bind"),
+                format!(
+                    "{} is reachable from the network and no users are configured: add broker.users, \
+                     or set `anonymous: true` on this listener to open it on purpose",
+                    l.bind.0
+                ),
+            );
+        }
+        if let Some(j) = b.listeners[..i]
+            .iter()
+            .position(|o| o.bind.0 == l.bind.0 && l.bind.0.port() != 0)
+        {
+            return err(
+                format!("{key}.bind"),
+                format!("{} is already used by broker.listeners[{j}]", l.bind.0),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `broker.users`: named, each once, with an argon2 hash.
+fn validate_users(users: &[User]) -> Result<(), (String, String)> {
+    for (i, u) in users.iter().enumerate() {
+        let key = format!("broker.users[{i}]");
+        if u.name.is_empty() {
+            return err(format!("{key}.name"), "must not be empty".into());
+        }
+        if users[..i].iter().any(|o| o.name == u.name) {
+            return err(format!("{key}.name"), format!("user `{}` is listed twice", u.name));
+        }
+        if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
+            return err(
+                format!("{key}.password_hash"),
+                format!("not an argon2 PHC string ({e}); make one with `outpost passwd`"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `broker.acl`: each `on` names a listener, each filter is a valid MQTT filter.
+fn validate_acl(b: &Broker) -> Result<(), (String, String)> {
+    for (i, r) in b.acl.iter().enumerate() {
+        let key = format!("broker.acl[{i}]");
+        for (j, on) in r.on.iter().enumerate() {
+            let addr = on.parse::<std::net::SocketAddr>().ok();
+            if !b.listeners.iter().any(|l| Some(l.bind.0) == addr) {
+                return err(
+                    format!("{key}.on[{j}]"),
+                    format!("`{on}` is not the bind address of a listener"),
+                );
+            }
+        }
+        for (kind, filters) in [
+            ("allow.publish", &r.allow.publish),
+            ("allow.subscribe", &r.allow.subscribe),
+            ("deny.publish", &r.deny.publish),
+            ("deny.subscribe", &r.deny.subscribe),
+        ] {
+            for (j, f) in filters.iter().enumerate() {
+                if !crate::topic::valid_filter(f) {
+                    return err(
+                        format!("{key}.{kind}[{j}]"),
+                        format!("`{f}` is not a valid MQTT topic filter"),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `broker.limits`, but for `connect_timeout` (see [`validate_broker`]).
+fn validate_limits(lim: &Limits) -> Result<(), (String, String)> {
+    if lim.max_connections == 0 {
+        return err("broker.limits.max_connections".into(), "must be at least 1".into());
+    }
+    if lim.max_packet_size.0 < 64 || lim.max_packet_size.0 > 256 * 1024 * 1024 {
+        return err(
+            "broker.limits.max_packet_size".into(),
+            "must be between 64B and 256MiB (the MQTT maximum)".into(),
+        );
+    }
+    if lim.max_inflight == 0 {
+        return err("broker.limits.max_inflight".into(), "must be at least 1".into());
+    }
+    if lim.filter_log.is_some() {
+        return err(
+            "broker.limits.filter_log".into(),
+            "no longer exists: outpost routes its own messages, and each session's queue is bounded by \
+             broker.sessions.max_queued_messages and max_queued_bytes, all queues by broker.sessions.memory_budget; \
+             remove this key"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// `broker.sessions`: the queue bounds, each within the next.
+fn validate_sessions(sc: &Sessions) -> Result<(), (String, String)> {
+    if sc.max_queued_messages == 0 {
+        return err(
+            "broker.sessions.max_queued_messages".into(),
+            "must be at least 1".into(),
+        );
+    }
+    if sc.max_queued_bytes.0 < 1024 {
+        return err(
+            "broker.sessions.max_queued_bytes".into(),
+            "must be at least 1KiB".into(),
+        );
+    }
+    if sc.memory_budget.0 < sc.max_queued_bytes.0.min(1024 * 1024) {
+        return err(
+            "broker.sessions.memory_budget".into(),
+            "must be at least 1MiB (or max_queued_bytes, if smaller)".into(),
+        );
+    }
+    if sc
+        .max_user_bytes
+        .is_some_and(|u| u.0 < 1024 || u.0 > sc.memory_budget.0)
+    {
+        return err(
+            "broker.sessions.max_user_bytes".into(),
+            "must be at least 1KiB and at most memory_budget".into(),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
