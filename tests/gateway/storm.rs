@@ -114,3 +114,67 @@ async fn a_crowd_reconnecting_with_the_same_ids_gets_in_every_round_and_loses_no
         gw.status()["broker"]
     );
 }
+
+/// One login with a password; the CONNACK code, or `None` if the socket closed first.
+async fn login(port: u16, id: &str, user: &str, pw: &str) -> Option<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xc2, 0, 60];
+    for f in [id, user, pw] {
+        body.extend((f.len() as u16).to_be_bytes());
+        body.extend(f.as_bytes());
+    }
+    let mut c = vec![0x10, body.len() as u8];
+    c.extend(body);
+    s.write_all(&c).await.ok()?;
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut ack))
+        .await
+        .ok()?
+        .ok()?;
+    Some(ack[3])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_logging_in_with_passwords_is_told_busy_never_wrong_and_gets_in() {
+    // The attack review (A11): with passwords, a crowd waits for the few argon2 checks; the
+    // sockets evicted or out of time were refused as wrong passwords, and those failures put
+    // the user in back-off. Now they are told the server is busy (3), and they retry.
+    let _heavy = heavy_async().await;
+    let devices = if soak() { 2000 } else { 800 };
+    let port = free_port();
+    let hash = passwd("fleet-pw");
+    let _gw = Gateway::start(&format!(
+        "broker:\n  listeners:\n    - {{ bind: \"127.0.0.1:{port}\", protocol: mqtt, anonymous: false }}\n  users:\n    - {{ name: fleet, password_hash: \"{hash}\" }}\n  limits: {{ max_connections: {} }}\n",
+        devices + 100
+    ));
+    let wrong = Arc::new(AtomicUsize::new(0));
+    let busy = Arc::new(AtomicUsize::new(0));
+    let crowd: Vec<_> = (0..devices)
+        .map(|i| {
+            let (wrong, busy) = (wrong.clone(), busy.clone());
+            tokio::spawn(async move {
+                let end = tokio::time::Instant::now() + Duration::from_secs(90);
+                while tokio::time::Instant::now() < end {
+                    match login(port, &format!("fleet-{i}"), "fleet", "fleet-pw").await {
+                        Some(0) => return true,
+                        Some(3) | None => busy.fetch_add(1, Ordering::Relaxed),
+                        Some(_) => wrong.fetch_add(1, Ordering::Relaxed),
+                    };
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                false
+            })
+        })
+        .collect();
+    let mut got_in = 0;
+    for c in crowd {
+        got_in += c.await.unwrap() as usize;
+    }
+    assert_eq!(
+        wrong.load(Ordering::Relaxed),
+        0,
+        "right passwords refused as wrong ({} busy answers)",
+        busy.load(Ordering::Relaxed)
+    );
+    assert_eq!(got_in, devices, "devices that never got in within 90 s");
+}

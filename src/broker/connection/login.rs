@@ -205,7 +205,7 @@ async fn authenticate(
         // one costs a password check all the same (no timing tells which names exist).
         let ok = shared.access.device_login(user, &pass) == Some(true);
         if !ok {
-            password_check(door, policy, String::new(), pass, prelogin).await;
+            let _ = password_check(door, policy, String::new(), pass, prelogin).await;
         }
         shared.admission.login_result(source, user, ok);
         return match ok {
@@ -213,7 +213,11 @@ async fn authenticate(
             false => Err((Refusal::BadCredentials, format!("wrong password for device {user:?}"))),
         };
     }
-    let ok = password_check(door, policy, user.clone(), pass, prelogin).await;
+    // No check could be made (the socket was evicted, or its deadline came first): the
+    // server is busy, the password is not wrong, and no failure counts against it.
+    let Some(ok) = password_check(door, policy, user.clone(), pass, prelogin).await else {
+        return Err((Refusal::ServerBusy, "no password check could be made in time".into()));
+    };
     shared.admission.login_result(source, user, ok);
     match ok {
         true => Ok(false),
@@ -227,13 +231,14 @@ async fn authenticate(
 /// A password check on the blocking pool, a few at once (argon2 is slow on purpose). An
 /// unknown user costs the same as a wrong password. Waiting for a slot counts as logging in:
 /// an evicted socket (see `admission`) stops waiting and gives its pre-login slot back at once.
+/// `None` when no check was made (evicted, or the deadline came first).
 async fn password_check(
     door: &Door<'_>,
     policy: &Arc<Policy>,
     user: String,
     pass: String,
     prelogin: &PreLogin,
-) -> bool {
+) -> Option<bool> {
     let shared = door.shared;
     let Ok(Some(_slot)) = before_login(
         door.deadline,
@@ -242,17 +247,17 @@ async fn password_check(
     )
     .await
     else {
-        return false;
+        return None;
     };
     Metrics::inc(&shared.metrics.password_checks);
     let policy = policy.clone();
-    tokio::task::spawn_blocking(move || {
+    let checked = tokio::task::spawn_blocking(move || {
         let ok = policy.verify_password(&user, &pass);
         crate::system::memory::trim();
         ok
     })
-    .await
-    .unwrap_or(false)
+    .await;
+    Some(checked.unwrap_or(false))
 }
 
 /// The client's identity (an id assigned when it sent none), checked against the client-id

@@ -18,8 +18,11 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-/// Deliveries the writer takes from the session per round.
+/// Deliveries the writer takes from the session per round, and the bytes they may cost (one
+/// delivery at least): a round is written before the next is taken, so what one connection
+/// holds outside its session's queue stays near this.
 const TAKE_BATCH: usize = 256;
+const TAKE_BYTES: usize = 256 * 1024;
 
 /// Why the writer stops: the goodbye to send first (MQTT 5), and how the connection ended.
 type Closing = (Option<Goodbye>, End);
@@ -36,6 +39,9 @@ struct Writer<'a, W> {
     write_timeout: Duration,
     /// The session's delivered count when it last moved, and when that was.
     progress: (u64, tokio::time::Instant),
+    /// Bytes of QoS 0 (and dropped) deliveries taken but not yet written: they go back to the
+    /// budget once the write is done, so what sits in this connection's buffer is counted.
+    unreleased: usize,
 }
 
 /// Runs the writer until the connection ends; returns how.
@@ -53,6 +59,7 @@ pub(super) async fn writer<W: AsyncWrite + Unpin>(
         aliases: HashMap::new(),
         write_timeout: Duration::from_secs((ctx.keep_alive as u64 * 3 / 2).max(30)),
         progress: (0, tokio::time::Instant::now()),
+        unreleased: 0,
     };
     if !w.resume() {
         return End::TakenOver;
@@ -79,7 +86,10 @@ pub(super) async fn writer<W: AsyncWrite + Unpin>(
             return w.close(why, end).await;
         }
         // Deliveries, as many as the window allows, in rounds so one write stays bounded.
-        match ctx.session.take(ctx.gen, ctx.receive_max, TAKE_BATCH, |d| ctx.check(d)) {
+        match ctx
+            .session
+            .take_bytes(ctx.gen, ctx.receive_max, (TAKE_BATCH, TAKE_BYTES), |d| ctx.check(d))
+        {
             // A newer connection holds the session (tell this client why it is closed), or the
             // session ended under a closing connection (DISCONNECT with expiry 0).
             None if taken_over.load(Ordering::Relaxed) => {
@@ -92,6 +102,13 @@ pub(super) async fn writer<W: AsyncWrite + Unpin>(
         if let Err(e) = w.flush().await {
             return End::ClientGone(format!("write: {e}"));
         }
+    }
+}
+
+impl<W> Drop for Writer<'_, W> {
+    /// A writer dropped mid-write (the connection's task ended) gives back what it held.
+    fn drop(&mut self) {
+        self.ctx.shared.router.release(std::mem::take(&mut self.unreleased));
     }
 }
 
@@ -182,11 +199,12 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
     fn deliver(&mut self, t: Taken) {
         let ctx = self.ctx;
         let router = &ctx.shared.router;
-        router.release(t.freed);
+        self.unreleased += t.freed;
         router.dropped_too_large.fetch_add(t.too_large, Ordering::Relaxed);
         router.dropped_expired.fetch_add(t.expired, Ordering::Relaxed);
         router.dropped_denied.fetch_add(t.denied, Ordering::Relaxed);
-        let more = t.out.len() + t.again.len() == TAKE_BATCH;
+        let taken: usize = t.out.iter().chain(&t.again).map(|(_, d)| d.msg.cost()).sum();
+        let more = t.out.len() + t.again.len() == TAKE_BATCH || taken >= TAKE_BYTES;
         let now = now_ms();
         for (pkid, d) in &t.again {
             self.encode(d, *pkid, true, now);
@@ -252,6 +270,13 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.write_out().await;
+        // Written, or given up on (the connection ends): either way no longer held here.
+        self.ctx.shared.router.release(std::mem::take(&mut self.unreleased));
+        r
+    }
+
+    async fn write_out(&mut self) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }

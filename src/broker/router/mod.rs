@@ -1103,6 +1103,35 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_takes_a_bounded_number_of_bytes_per_round() {
+        // The attack review's defect 1: 256 deliveries of 256 KiB each were taken in one round
+        // and sat in the connection's buffer, outside every bound.
+        let r = router(1000);
+        let a = attach(&r, ":big", true, 0);
+        r.subscribe(&a.session, "big", opts(0, None), 0);
+        let big = Arc::new(Message {
+            topic: Arc::from("big"),
+            payload: Bytes::from(vec![1u8; 100 * 1024]),
+            qos: 0,
+            retain: false,
+            props: None,
+            expires_ms: None,
+            origin: None,
+            from: 0,
+        });
+        for _ in 0..10 {
+            publish(&r, &big);
+        }
+        let t = a
+            .session
+            .take_bytes(a.gen, usize::MAX, (256, 256 * 1024), |_| None)
+            .unwrap();
+        assert_eq!(t.out.len(), 3, "stops once 256 KiB are taken (the third passes it)");
+        let one = a.session.take_bytes(a.gen, usize::MAX, (256, 1), |_| None).unwrap();
+        assert_eq!(one.out.len(), 1, "one at least, whatever its size");
+    }
+
+    #[test]
     fn away_sessions_hold_their_share_and_never_pause_the_live_ones() {
         let cost = msg("t", 1).cost();
         // Room for 100 messages in all, 50 of them for clients that are away.

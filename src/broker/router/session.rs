@@ -375,6 +375,19 @@ impl Session {
         max: usize,
         check: impl Fn(&Delivery) -> Option<DropReason>,
     ) -> Option<Taken> {
+        self.take_bytes(gen, window, (max, usize::MAX), check)
+    }
+
+    /// As [`Session::take`], stopping also once the deliveries taken cost `max_bytes` (one at
+    /// least): what a writer takes is bounded in bytes as well as in number, so a batch never
+    /// sits in one connection's buffer uncounted for long.
+    pub fn take_bytes(
+        &self,
+        gen: u64,
+        window: usize,
+        (max, max_bytes): (usize, usize),
+        check: impl Fn(&Delivery) -> Option<DropReason>,
+    ) -> Option<Taken> {
         let mut st = self.lock();
         if st.gen != gen {
             return None;
@@ -392,7 +405,8 @@ impl Session {
             in_window += 1;
             t.again.push((f.pkid, f.d.clone()));
         }
-        while t.out.len() + t.again.len() < max {
+        let mut bytes: usize = t.again.iter().map(|(_, d)| d.msg.cost()).sum();
+        while t.out.len() + t.again.len() < max && bytes < max_bytes {
             let Some(front) = st.queue.front() else { break };
             if front.qos > 0 && in_window >= window {
                 break;
@@ -418,6 +432,7 @@ impl Session {
                 }
                 continue;
             }
+            bytes += d.msg.cost();
             if d.qos == 0 {
                 let c = d.msg.cost();
                 self.shrink(&mut st, c);
