@@ -77,7 +77,10 @@ fn pick_member(
         let load = s.pending.load(Ordering::Relaxed);
         let window = s.window.load(Ordering::Relaxed).min(router.limits.max_messages);
         let online = s.online.load(Ordering::Relaxed);
-        if online && load < window {
+        // A member whose user holds its share would only drop the message: it is not ready,
+        // and scores behind every member that could still take it.
+        let at_share = s.user_bytes() >= router.limits.user_bytes;
+        if online && load < window && !at_share {
             best = Some((i, 0));
             break;
         }
@@ -87,7 +90,9 @@ fn pick_member(
         let stale = session::ROOM
             .load(Ordering::Relaxed)
             .saturating_sub(s.room_at.load(Ordering::Relaxed)) as usize;
-        let score = if online {
+        let score = if at_share {
+            usize::MAX - 1
+        } else if online {
             stale.min(usize::MAX / 8) * 4 + past.min(3)
         } else {
             usize::MAX / 2 + past.min(usize::MAX / 4)
@@ -1129,6 +1134,43 @@ mod tests {
         assert_eq!(t.out.len(), 3, "stops once 256 KiB are taken (the third passes it)");
         let one = a.session.take_bytes(a.gen, usize::MAX, (256, 1), |_| None).unwrap();
         assert_eq!(one.out.len(), 1, "one at least, whatever its size");
+    }
+
+    #[test]
+    fn a_shared_group_passes_over_a_member_whose_user_is_at_its_share() {
+        // The attack review (A5): a member whose user's share was full was still picked, and
+        // the message was dropped for it.
+        let cost = msg("t", 1).cost();
+        let r = Router::new(
+            QueueLimits {
+                max_messages: 1000,
+                max_bytes: 1 << 30,
+                away_bytes: 1 << 29,
+                user_bytes: 10 * cost,
+            },
+            1 << 30,
+            None,
+        );
+        let hog = attach_as(&r, "mallory", "hog");
+        r.subscribe(&hog.session, "hog/#", opts(1, None), 0);
+        for _ in 0..10 {
+            publish(&r, &msg("hog/x", 1));
+        }
+        let member_m = attach_as(&r, "mallory", "member");
+        let member_a = attach_as(&r, "alice", "member");
+        for m in [&member_m, &member_a] {
+            r.subscribe(&m.session, "$share/g/jobs", opts(1, None), 0);
+        }
+        for _ in 0..100 {
+            assert_eq!(publish(&r, &msg("jobs", 1)), 1, "a job was dropped");
+            // alice reads and acknowledges: her share never fills.
+            for (pkid, _) in take_all(&member_a) {
+                let (freed, _) = member_a.session.acked(member_a.gen, pkid, false).unwrap();
+                r.release(freed);
+            }
+        }
+        assert_eq!(member_a.session.delivered.load(Ordering::Relaxed), 100);
+        assert_eq!(member_m.session.pending.load(Ordering::Relaxed), 0);
     }
 
     #[test]

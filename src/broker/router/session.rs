@@ -324,6 +324,11 @@ impl Session {
         Ok(cost)
     }
 
+    /// Bytes the sessions of this session's user hold together.
+    pub fn user_bytes(&self) -> usize {
+        self.user_total.load(Ordering::Relaxed)
+    }
+
     fn had_room(&self) {
         self.room_at
             .store(ROOM.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
