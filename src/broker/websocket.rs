@@ -264,7 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsBytes<S> {
 }
 
 /// The socket under tungstenite, counting the bytes written to it: progress a reader shows.
-pub struct Counted<S> {
+struct Counted<S> {
     inner: S,
     written: Arc<AtomicU64>,
 }

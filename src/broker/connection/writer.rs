@@ -203,8 +203,7 @@ impl<W: AsyncWrite + Unpin> Writer<'_, W> {
         router.dropped_too_large.fetch_add(t.too_large, Ordering::Relaxed);
         router.dropped_expired.fetch_add(t.expired, Ordering::Relaxed);
         router.dropped_denied.fetch_add(t.denied, Ordering::Relaxed);
-        let taken: usize = t.out.iter().chain(&t.again).map(|(_, d)| d.msg.cost()).sum();
-        let more = t.out.len() + t.again.len() == TAKE_BATCH || taken >= TAKE_BYTES;
+        let more = t.out.len() + t.again.len() == TAKE_BATCH || t.bytes >= TAKE_BYTES;
         let now = now_ms();
         for (pkid, d) in &t.again {
             self.encode(d, *pkid, true, now);

@@ -862,6 +862,18 @@ mod tests {
         )
     }
 
+    /// A router with room for 1000 messages per session and the given away share, user share
+    /// and budget (bytes).
+    fn shares(away_bytes: usize, user_bytes: usize, budget: usize) -> Router {
+        let limits = QueueLimits {
+            max_messages: 1000,
+            max_bytes: 1 << 30,
+            away_bytes,
+            user_bytes,
+        };
+        Router::new(limits, budget, None)
+    }
+
     fn attach(r: &Router, key: &str, clean: bool, expiry: u32) -> Attached {
         attach_with_window(r, key, clean, expiry, usize::MAX)
     }
@@ -1029,16 +1041,7 @@ mod tests {
     fn one_users_stalled_sessions_hold_its_share_and_never_pause_another_user() {
         let cost = msg("t", 1).cost();
         // Room for 100 messages in all; a quarter for any one user.
-        let r = Router::new(
-            QueueLimits {
-                max_messages: 1000,
-                max_bytes: 1 << 30,
-                away_bytes: 50 * cost,
-                user_bytes: 25 * cost,
-            },
-            100 * cost,
-            None,
-        );
+        let r = shares(50 * cost, 25 * cost, 100 * cost);
         // Issue 29, point 2: many sessions of one user that never read.
         let stalled: Vec<Attached> = (0..10)
             .map(|i| {
@@ -1141,16 +1144,7 @@ mod tests {
         // The attack review (A5): a member whose user's share was full was still picked, and
         // the message was dropped for it.
         let cost = msg("t", 1).cost();
-        let r = Router::new(
-            QueueLimits {
-                max_messages: 1000,
-                max_bytes: 1 << 30,
-                away_bytes: 1 << 29,
-                user_bytes: 10 * cost,
-            },
-            1 << 30,
-            None,
-        );
+        let r = shares(1 << 29, 10 * cost, 1 << 30);
         let hog = attach_as(&r, "mallory", "hog");
         r.subscribe(&hog.session, "hog/#", opts(1, None), 0);
         for _ in 0..10 {
@@ -1177,16 +1171,7 @@ mod tests {
     fn away_sessions_hold_their_share_and_never_pause_the_live_ones() {
         let cost = msg("t", 1).cost();
         // Room for 100 messages in all, 50 of them for clients that are away.
-        let r = Router::new(
-            QueueLimits {
-                max_messages: 1000,
-                max_bytes: 1 << 30,
-                away_bytes: 50 * cost,
-                user_bytes: usize::MAX,
-            },
-            100 * cost,
-            None,
-        );
+        let r = shares(50 * cost, usize::MAX, 100 * cost);
         let mut dead = vec![];
         for i in 0..4 {
             let a = attach(&r, &format!(":dead{i}"), false, NEVER);

@@ -121,6 +121,8 @@ pub struct Taken {
     pub denied: u64,
     /// Store rows of deliveries dropped here (expired, too large), to delete.
     pub dropped_ids: Vec<u64>,
+    /// What `out` and `again` cost together.
+    pub bytes: usize,
 }
 
 /// What a resumed connection resends, and what it dropped.
@@ -462,6 +464,7 @@ impl Session {
         if t.out.iter().any(|(pkid, _)| *pkid == 0) {
             self.had_room();
         }
+        t.bytes = bytes;
         Some(t)
     }
 
